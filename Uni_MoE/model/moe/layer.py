@@ -1,0 +1,83 @@
+"""MoELayer: the mixture-of-experts MLP that replaces a LLaMA decoder layer's MLP."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import MoEExperts
+from .reference import experts_reference
+from .router import balance_loss, route_tokens
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MoEExperts], torch.Tensor]
+EXPERT_IMPLEMENTATIONS: dict[str, ExpertFn] = {"reference": experts_reference}
+
+
+def register_expert_implementation(name: str, fn: ExpertFn) -> None:
+    """Make ``fn(x, weights, indices, experts)`` selectable as ``moe_implementation=name``."""
+    EXPERT_IMPLEMENTATIONS[name] = fn
+
+
+def resolve_expert_implementation(name: str) -> ExpertFn:
+    if name == "auto":
+        name = "grouped" if "grouped" in EXPERT_IMPLEMENTATIONS else "reference"
+    if name not in EXPERT_IMPLEMENTATIONS:
+        raise ValueError(f"unknown moe_implementation {name!r}; available: {sorted(EXPERT_IMPLEMENTATIONS)}")
+    return EXPERT_IMPLEMENTATIONS[name]
+
+
+class MoELayer(nn.Module):
+    """Router + experts. Input and output [B, S, H].
+
+    After each forward the layer keeps ``aux_loss`` (scalar balance loss of this call) and
+    ``routing`` ([B, S, k] chosen experts, detached) for the model to collect and for logging.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        hidden_act: str = "silu",
+        expert_type: str = "mlp",
+        lora_r: int = 0,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        router_jitter: float = 0.0,
+        second_expert_sampling: bool = False,
+        implementation: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router_jitter = router_jitter
+        self.second_expert_sampling = second_expert_sampling
+        self.implementation = implementation
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = MoEExperts(
+            num_experts, hidden_size, intermediate_size, hidden_act, expert_type, lora_r, lora_alpha, lora_dropout
+        )
+        self.aux_loss: torch.Tensor | None = None
+        self.routing: torch.Tensor | None = None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits [T, E]; multiplicative input jitter in training when configured."""
+        if self.training and self.router_jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+        return F.linear(x.float(), self.router.weight.float())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        logits = self.router_logits(x)
+        weights, indices = route_tokens(
+            logits, self.top_k, second_expert_sampling=self.second_expert_sampling and self.training
+        )
+        self.aux_loss = balance_loss(logits, indices, self.num_experts)
+        self.routing = indices.detach().view(*shape[:-1], self.top_k)
+        out = resolve_expert_implementation(self.implementation)(x, weights.to(x.dtype), indices, self.experts)
+        return out.view(shape)

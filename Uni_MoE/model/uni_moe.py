@@ -1,0 +1,291 @@
+"""UniMoEForCausalLM: a LLaMA backbone with mixture-of-experts MLPs, fed by image, video, speech and
+sound encoders whose connector outputs replace the placeholder tokens of the prompt.
+
+The prompt already holds one placeholder token per modality feature row (the data pipeline expands
+``<image>`` to as many tokens as the image yields), so splicing is a masked scatter, sequence lengths
+are known before the model runs, and KV-cached batched generation works unchanged: media inputs are
+consumed on the prefill step only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, GenerationMixin, LlamaModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from ..config import UniMoEConfig
+from .connectors import AudioQFormer, SpeechQFormer, build_projector
+from .moe import MoEExperts, MoELayer
+
+
+@dataclass
+class UniMoECausalLMOutput(CausalLMOutputWithPast):
+    """Causal-LM output plus the MoE balance loss (summed over layers) and the LM loss alone."""
+
+    aux_loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+
+
+class UniMoEPreTrainedModel(PreTrainedModel):
+    config_class = UniMoEConfig
+    config: UniMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, MoEExperts):
+            module.reset_parameters(std)
+        elif isinstance(module, (SpeechQFormer, AudioQFormer)):
+            # N(0, 0.02) rather than the original's zeros: identical zero queries in the BLIP-2
+            # Q-Former (which has no query position embedding) would receive identical gradients.
+            init.normal_(module.query_tokens, mean=0.0, std=0.02)
+
+
+def make_moe_layer(config: UniMoEConfig) -> MoELayer:
+    tc = config.text_config
+    return MoELayer(
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        hidden_act=tc.hidden_act,
+        expert_type=config.expert_type,
+        lora_r=config.expert_lora_r,
+        lora_alpha=config.expert_lora_alpha,
+        lora_dropout=config.expert_lora_dropout,
+        router_jitter=config.router_jitter,
+        second_expert_sampling=config.router_second_expert_sampling,
+        implementation=config.moe_implementation,
+    )
+
+
+class UniMoEModel(UniMoEPreTrainedModel):
+    """Encoders, connectors and the MoE language model (without the LM head)."""
+
+    def __init__(self, config: UniMoEConfig) -> None:
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.language_model = LlamaModel(config.text_config)
+        for idx in config.moe_layer_indices():
+            self.language_model.layers[idx].mlp = make_moe_layer(config)
+
+        self.vision_tower = self.mm_projector = None
+        if config.vision_config is not None:
+            self.vision_tower = CLIPVisionModel(config.vision_config)
+            self.mm_projector = build_projector(config.mm_projector_type, config.vision_config.hidden_size, hidden)
+
+        self.speech_encoder = self.speech_aligner = None
+        if config.speech_config is not None:
+            self.speech_encoder = WhisperEncoder(config.speech_config)
+            self.speech_aligner = SpeechQFormer(
+                config.speech_config, config.query_tokens_size, hidden, config.audio_projector_type
+            )
+
+        self.audio_encoder = self.audio_aligner = None
+        if config.audio_config is not None:
+            from .encoders.beats import BEATs, BEATsConfig
+
+            self.audio_encoder = BEATs(BEATsConfig.from_dict(config.audio_config))
+            self.audio_aligner = AudioQFormer(
+                config.audio_qformer_config, config.query_tokens_size, hidden, config.audio_projector_type
+            )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.language_model.layers if isinstance(layer.mlp, MoELayer)]
+
+    @staticmethod
+    def _encoder_grad(module: nn.Module) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> projected patch features [N, P, hidden]."""
+        with torch.set_grad_enabled(self._encoder_grad(self.vision_tower)):
+            out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+            feats = out.hidden_states[self.config.mm_vision_select_layer]
+            if self.config.mm_vision_select_feature == "patch":
+                feats = feats[:, 1:]
+        return self.mm_projector(feats.to(self.mm_projector_dtype()))
+
+    def mm_projector_dtype(self) -> torch.dtype:
+        return next(self.mm_projector.parameters()).dtype
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, S, S] -> [N, P, hidden]: CLIP (penultimate layer, patch tokens) + projector."""
+        return self._vision_features(pixel_values)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Videos [N, F, 3, S, S] -> [N, P, hidden]: every frame encoded and projected, then the frames
+        averaged (the original's mean pooling, so a video costs as many tokens as one image)."""
+        n, f = pixel_values_videos.shape[:2]
+        feats = self._vision_features(pixel_values_videos.flatten(0, 1))
+        return feats.view(n, f, *feats.shape[1:]).mean(dim=1)
+
+    def get_speech_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Whisper log-mel windows [n, mel, frames] -> [n, Q, hidden] (one row of Q per 30 s window)."""
+        with torch.set_grad_enabled(self._encoder_grad(self.speech_encoder)):
+            states = self.speech_encoder(input_features.to(self.speech_encoder.dtype)).last_hidden_state
+        return self.speech_aligner(states.to(self.speech_aligner.query_tokens.dtype))
+
+    def get_audio_features(self, input_values: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Waveform windows [n, samples] (+ padding mask) -> [n, Q, hidden] via BEATs + Q-Former."""
+        with torch.set_grad_enabled(self._encoder_grad(self.audio_encoder)):
+            feats, feat_mask = self.audio_encoder(input_values, padding_mask)
+        return self.audio_aligner(feats.to(self.audio_aligner.query_tokens.dtype), feat_mask)
+
+    def splice_modality_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, modality: str, features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write features [n, t, hidden] (in order) over the placeholder tokens of ``modality``."""
+        token_id = self.config.placeholder_token_ids()[modality]
+        mask = input_ids == token_id
+        n_tokens, n_rows = int(mask.sum()), features.shape[0] * features.shape[1]
+        if n_tokens != n_rows:
+            raise ValueError(
+                f"{modality}: the prompt has {n_tokens} placeholder tokens but the {modality} inputs give "
+                f"{n_rows} feature rows ({features.shape[0]} items x {features.shape[1]} tokens)"
+            )
+        flat = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
+
+    def embed_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with every modality's features spliced in at its placeholders."""
+        embeds = self.get_input_embeddings()(input_ids)
+        items = {
+            "image": (pixel_values, self.vision_tower, lambda: self.get_image_features(pixel_values)),
+            "video": (pixel_values_videos, self.vision_tower, lambda: self.get_video_features(pixel_values_videos)),
+            "speech": (input_features, self.speech_encoder, lambda: self.get_speech_features(input_features)),
+            "audio": (
+                input_values,
+                self.audio_encoder,
+                lambda: self.get_audio_features(input_values, padding_mask),
+            ),
+        }
+        for modality, (inputs, encoder, encode) in items.items():
+            if inputs is None or inputs.shape[0] == 0:
+                token_id = self.config.placeholder_token_ids()[modality]
+                if bool((input_ids == token_id).any()):
+                    raise ValueError(f"{modality}: the prompt has placeholder tokens but no {modality} inputs")
+                continue
+            if encoder is None:
+                raise ValueError(f"{modality} inputs were given but this model has no {modality} encoder")
+            embeds = self.splice_modality_features(input_ids, embeds, modality, encode())
+        return embeds
+
+
+class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
+    """Uni-MoE: multimodal inputs, MoE language model, LM head; loss = LM loss + coef * balance loss."""
+
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: UniMoEConfig) -> None:
+        super().__init__(config)
+        self.model = UniMoEModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def moe_layers(self) -> list[MoELayer]:
+        return self.model.moe_layers()
+
+    def routing(self) -> list[torch.Tensor]:
+        """Experts chosen in the last forward, one [B, S, k] tensor per MoE layer."""
+        return [layer.routing for layer in self.moe_layers()]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> UniMoECausalLMOutput:
+        """input_ids [B, S] with expanded placeholders; media tensors are consumed only when given.
+
+        pixel_values [N_img, 3, S, S]; pixel_values_videos [N_vid, F, 3, S, S]; input_features
+        [N_speech_windows, mel, frames]; input_values / padding_mask [N_audio_windows, samples].
+        """
+        kwargs.pop("past_key_values", None)
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_multimodal(
+                input_ids, pixel_values, pixel_values_videos, input_features, input_values, padding_mask
+            )
+        out = self.model.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+
+        moe = self.moe_layers()
+        aux_loss = torch.stack([m.aux_loss for m in moe]).sum() if moe else None
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+            loss = lm_loss
+            if aux_loss is not None and self.config.aux_balance_loss_coef > 0:
+                loss = loss + self.config.aux_balance_loss_coef * aux_loss
+        return UniMoECausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            aux_loss=aux_loss,
+            lm_loss=lm_loss,
+        )
