@@ -58,6 +58,7 @@ class MoEExperts(nn.Module):
             self.up_lora_B = nn.Parameter(torch.empty(e, i, r))
             self.down_lora_A = nn.Parameter(torch.empty(e, r, i))
             self.down_lora_B = nn.Parameter(torch.empty(e, h, r))
+        self.reset_parameters()
 
     @property
     def has_lora(self) -> bool:

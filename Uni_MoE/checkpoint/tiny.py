@@ -1,0 +1,74 @@
+"""Build the tiny default checkpoint offline: a locally trained tokenizer and a randomly initialised
+few-MB Uni-MoE with every encoder, saved with ``save_pretrained``.
+
+    python -m Uni_MoE.checkpoint.tiny --out checkpoint/tiny            # dense LLM (stage-1 start)
+    python -m Uni_MoE.checkpoint.tiny --out checkpoint/tiny-moe --moe  # 4 experts in every layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+from pathlib import Path
+
+import torch
+
+from .. import presets
+from ..data.conversation import ROLES, SYSTEM
+from ..data.tokenizer import train_tokenizer
+from ..model.uni_moe import UniMoEForCausalLM
+
+WORDS = (
+    "the a an is are was what which who where when how many much colour color shape picture image video "
+    "audio sound speech spoken word say said hear heard see seen in on of to and or not yes no it this that "
+    "there one two three four five six seven eight nine ten red green blue yellow black white orange purple "
+    "circle square triangle star cat dog bird fish cow horse sheep tone high low noise beep beeps hum music "
+    "moving move moves left right up down answer question describe please tell me about first last short "
+    "long letter option choose best following is correct true false"
+)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the template, common words and the synthetic tasks."""
+    texts = [SYSTEM, " ".join(ROLES.values()), WORDS, string.printable]
+    try:
+        from ..data import synthetic
+
+        texts += list(getattr(synthetic, "corpus_texts", lambda: [])())
+    except ImportError:
+        pass
+    return texts * 4
+
+
+def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, vocab_size: int = 1024) -> Path:
+    """Write a tiny checkpoint (config, safetensors weights, tokenizer) to ``out``."""
+    out = Path(out)
+    tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
+    ids = {f"{m}_token_index": tokenizer.convert_tokens_to_ids(f"<{m}>") for m in ("image", "video", "audio", "speech")}
+    config = presets.tiny(vocab_size=len(tokenizer), placeholder_ids=ids, moe_layers="all" if moe else "none")
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = UniMoEForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="checkpoint/tiny")
+    parser.add_argument("--moe", action="store_true", help="mixture of 4 experts in every layer")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = build_tiny(args.out, moe=args.moe, seed=args.seed)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    print(f"tiny checkpoint written to {path} ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The vicuna_v1 conversation template and its tokenisation with answer-only labels.
+
+Prompt: ``{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`` (the original's template).
+Each piece is tokenised on its own, so labels line up exactly: prompt pieces are masked with
+IGNORE_INDEX and each answer plus its ``</s>`` is the target. Placeholders become runs of their
+token, as long as their modality's feature rows.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from .schema import PLACEHOLDER_RE, TOKEN_TO_MODALITY
+
+IGNORE_INDEX = -100
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = {"human": "USER", "gpt": "ASSISTANT"}
+
+
+def prompt_pieces(turns: list[dict[str, str]], for_generation: bool = False) -> list[tuple[str, bool]]:
+    """Split a conversation into (text, is_target) pieces of the vicuna_v1 template.
+
+    With ``for_generation`` the last gpt turn (if any) is dropped and the text ends in ``ASSISTANT:``.
+    """
+    if for_generation and turns and turns[-1]["from"] == "gpt":
+        turns = turns[:-1]
+    pieces: list[tuple[str, bool]] = []
+    prefix = SYSTEM + " "
+    for turn in turns:
+        if turn["from"] == "human":
+            pieces.append((f"{prefix}USER: {turn['value']} ASSISTANT:", False))
+            prefix = ""
+        else:
+            pieces.append((" " + turn["value"], True))
+    if not for_generation and (not pieces or not pieces[-1][1]):
+        raise ValueError("a training conversation must end with a gpt answer")
+    return pieces
+
+
+def render_prompt(turns: list[dict[str, str]], for_generation: bool = True) -> str:
+    """The template as one string (``</s>`` after each answer), for logs and prediction files."""
+    return "".join(text + ("</s>" if target else "") for text, target in prompt_pieces(turns, for_generation))
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: list[dict[str, str]],
+    placeholder_lengths: dict[str, list[int]],
+    placeholder_ids: dict[str, int],
+    for_generation: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels; ``placeholder_lengths[m][j]`` is the token count of the j-th item of m."""
+    queues = {m: list(v) for m, v in placeholder_lengths.items()}
+    ids: list[int] = [tokenizer.bos_token_id]
+    labels: list[int] = [IGNORE_INDEX]
+    for text, is_target in prompt_pieces(turns, for_generation):
+        piece: list[int] = []
+        for part in PLACEHOLDER_RE.split(text):
+            if part in TOKEN_TO_MODALITY:
+                modality = TOKEN_TO_MODALITY[part]
+                if not queues.get(modality):
+                    raise ValueError(f"more {part} placeholders than {modality} items")
+                piece += [placeholder_ids[modality]] * queues[modality].pop(0)
+            elif part:
+                piece += tokenizer(part, add_special_tokens=False)["input_ids"]
+        if is_target:
+            piece.append(tokenizer.eos_token_id)
+        ids += piece
+        media_ids = set(placeholder_ids.values())
+        labels += [t if is_target and t not in media_ids else IGNORE_INDEX for t in piece]
+    leftover = {m: len(q) for m, q in queues.items() if q}
+    if leftover:
+        raise ValueError(f"media items without placeholders: {leftover}")
+    return ids, labels

@@ -1,0 +1,141 @@
+"""The training/eval JSON schema of the original release, parsed into ``Sample`` records.
+
+A record is a dict with ``conversations`` ([{"from": "human"|"gpt", "value": str}, ...]) and optional
+media: ``image`` (a file, or a list of files), ``video`` (a list of frame files or one video file),
+``voice`` (the original's key: audio files, one per ``<audio>`` placeholder, whose meaning — speech or
+sound — is the model's ``voice_modality``), and our explicit ``speech`` / ``audio`` lists. Everything
+else (``id``, ``question_id``, ``answer``, ``gt``, ``category``, ``task`` ...) is kept in ``meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import PLACEHOLDERS
+
+MEDIA_KEYS = ("image", "video", "voice", "speech", "audio")
+PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(t) for t in PLACEHOLDERS.values()) + ")")
+TOKEN_TO_MODALITY = {t: m for m, t in PLACEHOLDERS.items()}
+
+
+class SampleError(ValueError):
+    """A record that cannot be used; the message names the file, index, id and reason."""
+
+
+@dataclass
+class Sample:
+    index: int
+    id: str
+    conversations: list[dict[str, str]]
+    images: list[str] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)  # each: list of frame files, or one video file
+    speech: list[str] = field(default_factory=list)
+    audio: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def media(self, modality: str) -> list[Any]:
+        return {"image": self.images, "video": self.videos, "speech": self.speech, "audio": self.audio}[modality]
+
+    @property
+    def modality(self) -> str:
+        """Short label of the sample's media mix (``text``, ``image``, ``image+speech`` ...)."""
+        on = [m for m in ("image", "video", "speech", "audio") if self.media(m)]
+        return "+".join(on) if on else "text"
+
+
+def _as_list(value: Any, key: str, where: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise SampleError(f"{where}: field '{key}' must be a string or a list of strings, got {type(value).__name__}")
+
+
+def parse_sample(record: Any, index: int, voice_modality: str = "speech", source: str = "<memory>") -> Sample:
+    """Check one record and normalise it; placeholders missing from the text are put in front of the
+    first human turn (as LLaVA does for images), and ``<audio>`` becomes ``<speech>`` for speech."""
+    where = f"{source} sample {index}"
+    if not isinstance(record, dict):
+        raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    sid = str(record.get("id", record.get("question_id", index)))
+    where = f"{source} sample {index} (id {sid})"
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise SampleError(f"{where}: 'conversations' must be a non-empty list")
+    turns = []
+    for t, turn in enumerate(convs):
+        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(
+            turn.get("value"), str
+        ):
+            raise SampleError(f"{where}: conversations[{t}] must be {{'from': 'human'|'gpt', 'value': str}}")
+        turns.append({"from": turn["from"], "value": turn["value"]})
+    if turns[0]["from"] != "human":
+        raise SampleError(f"{where}: the first turn must be from 'human'")
+
+    images = _as_list(record.get("image"), "image", where)
+    video = record.get("video")
+    videos = [] if video is None else [video] if isinstance(video, (str, list)) else None
+    if videos is None:
+        raise SampleError(f"{where}: field 'video' must be a list of frame files or a video file")
+    if videos and isinstance(videos[0], list) and not videos[0]:
+        raise SampleError(f"{where}: field 'video' is an empty frame list")
+    speech = _as_list(record.get("speech"), "speech", where)
+    audio = _as_list(record.get("audio"), "audio", where)
+    voice = _as_list(record.get("voice"), "voice", where)
+    if voice and voice_modality == "speech":
+        if speech:
+            raise SampleError(f"{where}: has both 'voice' and 'speech'; use one")
+        speech = voice
+        for turn in turns:
+            turn["value"] = turn["value"].replace(PLACEHOLDERS["audio"], PLACEHOLDERS["speech"])
+    elif voice:
+        audio = audio + voice
+
+    sample = Sample(index, sid, turns, images, videos, speech, audio,
+                    {k: v for k, v in record.items() if k not in MEDIA_KEYS and k != "conversations"})
+    _check_placeholders(sample, where)
+    return sample
+
+
+def _check_placeholders(sample: Sample, where: str) -> None:
+    text = "".join(t["value"] for t in sample.conversations)
+    for modality, token in PLACEHOLDERS.items():
+        n_text, n_media = text.count(token), len(sample.media(modality))
+        if n_text == 0 and n_media:
+            first = sample.conversations[0]
+            first["value"] = (token + "\n") * n_media + first["value"]
+        elif n_text != n_media:
+            raise SampleError(f"{where}: {n_text} '{token}' placeholders but {n_media} {modality} file(s)")
+
+
+def load_samples(path: str | Path, voice_modality: str = "speech") -> list[Sample]:
+    """Read a JSON list (or JSON-lines file) of records and parse each one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SampleError(f"{path}: cannot read data file ({err})") from err
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SampleError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(records, list):
+        raise SampleError(f"{path}: expected a JSON list of samples")
+    return [parse_sample(r, i, voice_modality, str(path)) for i, r in enumerate(records)]
+
+
+def resolve_media_path(path: str, data_root: str | Path | None) -> Path:
+    """Absolute paths stay; relative ones are taken under ``data_root``."""
+    p = Path(path)
+    if p.is_absolute() or data_root is None:
+        return p
+    return Path(data_root) / p

@@ -1,0 +1,52 @@
+"""Tokenizer helpers: placeholder tokens, loading, and a small tokenizer trained locally.
+
+Placeholders (``<image>``, ``<video>``, ``<speech>``, ``<audio>``) are real vocabulary tokens; the
+data pipeline repeats each one as many times as its modality yields feature rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..config import PLACEHOLDERS
+
+BASE_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def add_placeholder_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Add the four placeholder tokens (if missing) and return their ids by modality."""
+    missing = [t for t in PLACEHOLDERS.values() if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return {m: tokenizer.convert_tokens_to_ids(t) for m, t in PLACEHOLDERS.items()}
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer folder (LLaMA's, or ours) and make sure placeholders and padding exist."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    add_placeholder_tokens(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train a SentencePiece-style BPE (metaspace) on ``texts``: ids 0-2 are <unk>, <s>, </s> as in
+    LLaMA, and the four placeholders are the last ids."""
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.NFKC()
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(PLACEHOLDERS), special_tokens=BASE_SPECIALS, show_progress=False
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    add_placeholder_tokens(tokenizer)
+    return tokenizer

@@ -1,0 +1,80 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from Uni_MoE.model.moe import MoELayer, balance_loss, experts_reference, route_tokens
+
+
+def test_route_tokens_on_a_hand_made_example():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, 3.0 - math.log(3.0), 0.0]])
+    weights, indices = route_tokens(logits, top_k=2)
+    assert indices.tolist() == [[0, 2], [1, 2]]
+    # softmax over the two chosen logits: e^2/(e^2+e^1) and e^3/(e^3+e^3/3) = 3/4
+    assert torch.allclose(weights[0], torch.tensor([math.e / (math.e + 1), 1 / (math.e + 1)]))
+    assert torch.allclose(weights[1], torch.tensor([0.75, 0.25]))
+    # equals the full softmax renormalised over the chosen pair
+    full = F.softmax(logits, -1).gather(-1, indices)
+    assert torch.allclose(weights, full / full.sum(-1, keepdim=True))
+
+
+def test_second_expert_sampling_keeps_top1_and_picks_another():
+    logits = torch.randn(500, 8)
+    _, idx = route_tokens(logits, 2, second_expert_sampling=True)
+    assert torch.equal(idx[:, 0], logits.argmax(-1))
+    assert (idx[:, 0] != idx[:, 1]).all()
+
+
+def test_balance_loss_hand_worked():
+    # 2 experts, 2 tokens; token probs (0.75, 0.25) and (0.5, 0.5) -> me = (0.625, 0.375)
+    # top-1 of both tokens is expert 0 (the tie breaks to the lower index) -> ce = (1, 0)
+    # loss = mean(me * ce) * E * E = (0.625 / 2) * 4 = 1.25
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    indices = torch.tensor([[0, 1], [0, 1]])
+    assert torch.isclose(balance_loss(logits, indices, 2), torch.tensor(1.25))
+    # a uniform router over evenly split tokens gives exactly 1
+    uniform = torch.zeros(4, 4)
+    assert torch.isclose(balance_loss(uniform, torch.tensor([[0], [1], [2], [3]]), 4), torch.tensor(1.0))
+
+
+def _dense_mlp(x, gate, up, down):
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def test_reference_matches_per_token_brute_force():
+    layer = MoELayer(16, 32, num_experts=4, top_k=2, lora_r=4, lora_alpha=8)
+    layer.experts.reset_parameters(0.1)
+    for p in layer.experts.lora_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(3, 5, 16)
+    y = layer(x).reshape(-1, 16)
+    ex = layer.experts
+    logits = x.reshape(-1, 16) @ layer.router.weight.T
+    w, idx = route_tokens(logits, 2)
+    for t, xt in enumerate(x.reshape(-1, 16)):
+        want = torch.zeros(16)
+        for j in range(2):
+            e = int(idx[t, j])
+            g = xt @ ex.gate_proj[e].T + 2.0 * xt @ ex.gate_lora_A[e].T @ ex.gate_lora_B[e].T
+            u = xt @ ex.up_proj[e].T + 2.0 * xt @ ex.up_lora_A[e].T @ ex.up_lora_B[e].T
+            h = F.silu(g) * u
+            want += w[t, j] * (h @ ex.down_proj[e].T + 2.0 * h @ ex.down_lora_A[e].T @ ex.down_lora_B[e].T)
+        assert torch.allclose(y[t], want, atol=1e-5)
+    assert layer.routing.shape == (3, 5, 2)
+    assert layer.aux_loss.ndim == 0
+
+
+def test_identical_experts_without_lora_equal_the_dense_mlp():
+    layer = MoELayer(16, 32, num_experts=4, top_k=2)
+    gate, up, down = torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 32)
+    layer.experts.load_dense_mlps([{"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}] * 4)
+    x = torch.randn(10, 16)
+    assert torch.allclose(layer(x[None])[0], _dense_mlp(x, gate, up, down), atol=1e-5)
+
+
+def test_reference_skips_experts_without_tokens():
+    layer = MoELayer(8, 16, num_experts=4, top_k=1, expert_type="shared", lora_r=2)
+    x = torch.randn(6, 8)
+    indices = torch.zeros(6, 1, dtype=torch.long)
+    out = experts_reference(x, torch.ones(6, 1), indices, layer.experts)
+    assert torch.allclose(out, layer.experts.expert_forward(0, x))
