@@ -1,0 +1,377 @@
+"""Media files to model-ready arrays: images, video frames, soundtracks, speech and audio chunks.
+
+Every reader checks its file first and raises `MediaError` naming the path and what is wrong, so a bad
+sample stops a run with a message (or is counted when the caller chooses to skip) instead of crashing deep
+inside a decoder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image, UnidentifiedImageError
+from scipy.signal import resample_poly
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAMPLE_RATE = 16000
+WHISPER_HOP = 160
+MIN_BASE64_LEN = 200  # the original treats image strings at least this long as base64
+
+
+class MediaError(ValueError):
+    """A media file is missing, empty, corrupt, of the wrong kind, or unusable (e.g. zero duration)."""
+
+
+def _checked_file(path: str | Path) -> Path:
+    """The path, after checking that it names a non-empty regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"{p}: file not found")
+    if not p.is_file():
+        raise MediaError(f"{p}: not a regular file")
+    if p.stat().st_size == 0:
+        raise MediaError(f"{p}: file is empty")
+    return p
+
+
+# ---------------------------------------------------------------- images
+
+
+def _open_image(source: io.BytesIO | Path, name: str) -> Image.Image:
+    try:
+        with Image.open(source) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise MediaError(f"{name}: not a readable image ({err})") from err
+
+
+def _is_base64_candidate(text: str) -> bool:
+    if len(text) < MIN_BASE64_LEN:
+        return False
+    try:
+        return not Path(text).exists()
+    except OSError:  # e.g. name too long for a path
+        return True
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file, or from a base64 string (the original's rule: strings >= 200 chars)."""
+    if isinstance(path, str) and _is_base64_candidate(path):
+        payload = path.split(",", 1)[1] if path.startswith("data:") else path
+        short = f"base64 image '{path[:40]}...'"
+        try:
+            raw = base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise MediaError(f"{short}: not a file and not valid base64 ({err})") from err
+        return _open_image(io.BytesIO(raw), short)
+    p = _checked_file(path)
+    return _open_image(p, str(p))
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's expand2square: pad the short side evenly with `fill` so the image becomes square."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+@dataclass
+class ImageTransform:
+    """CLIP preprocessing: resize the shortest side (bicubic), centre-crop, rescale to [0, 1], normalise.
+
+    `aspect="pad"` first pads to a square with the mean colour (LLaVA's expand2square). `resize` is the
+    shortest-side length before the crop; it defaults to `size`, as in every CLIP release.
+    """
+
+    size: int = 336
+    mean: Sequence[float] = CLIP_MEAN
+    std: Sequence[float] = CLIP_STD
+    aspect: str = "square"
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ("square", "pad"):
+            raise ValueError(f"aspect must be 'square' or 'pad', got {self.aspect!r}")
+        if self.resize is None:
+            self.resize = self.size
+        if self.resize < self.size:
+            raise ValueError(f"resize ({self.resize}) must be at least the crop size ({self.size})")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, aspect: str = "square") -> "ImageTransform":
+        """Read crop_size / size / image_mean / image_std from a CLIP folder's preprocessor_config.json."""
+        cfg_path = Path(folder) / "preprocessor_config.json"
+        if not cfg_path.is_file():
+            return cls(aspect=aspect)
+        cfg = json.loads(cfg_path.read_text())
+        crop = cfg.get("crop_size", cls.size)
+        crop = crop["height"] if isinstance(crop, dict) else crop
+        short = cfg.get("size", crop)
+        short = short.get("shortest_edge", short.get("height")) if isinstance(short, dict) else short
+        return cls(
+            size=int(crop),
+            mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
+            std=tuple(cfg.get("image_std", CLIP_STD)),
+            aspect=aspect,
+            resize=int(short),
+        )
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """[3, size, size] float32 pixel values."""
+        img = img.convert("RGB")
+        if self.aspect == "pad":
+            img = expand_to_square(img, tuple(int(m * 255) for m in self.mean))
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.resize * long / short)
+        new_size = (self.resize, new_long) if w <= h else (new_long, self.resize)
+        img = img.resize(new_size, Image.Resampling.BICUBIC)
+        left = (new_size[0] - self.size) // 2
+        top = (new_size[1] - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = np.asarray(img, dtype=np.float32) / 255.0
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+# ---------------------------------------------------------------- video
+
+
+def frame_indices(total: int, num_frames: int) -> list[int]:
+    """The original's rule, i * (total // num_frames); with fewer frames than wanted, each repeats evenly."""
+    if total >= num_frames:
+        step = total // num_frames
+        return [i * step for i in range(num_frames)]
+    return [i * total // num_frames for i in range(num_frames)]
+
+
+def _open_container(p: Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(p))
+    except (av.error.FFmpegError, UnicodeDecodeError) as err:
+        raise MediaError(f"{p}: not a readable media container ({err})") from err
+
+
+def _decode_frames(p: Path, wanted: list[int]) -> list[Image.Image]:
+    """Frames at the (sorted, possibly repeated) indices `wanted`, in one decoding pass."""
+    keep: dict[int, Image.Image] = {}
+    targets = set(wanted)
+    with _open_container(p) as container:
+        if not container.streams.video:
+            raise MediaError(f"{p}: has no video stream")
+        try:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in targets:
+                    keep[i] = frame.to_image().convert("RGB")
+                    if len(keep) == len(targets):
+                        break
+        except av.error.FFmpegError as err:
+            raise MediaError(f"{p}: corrupt video ({err})") from err
+    return [keep[i] for i in wanted if i in keep]
+
+
+def _count_frames(p: Path, trust_header: bool = True) -> int:
+    """Frames in the first video stream: the container's count if it declares one, else by decoding."""
+    with _open_container(p) as container:
+        if not container.streams.video:
+            raise MediaError(f"{p}: has no video stream")
+        declared = container.streams.video[0].frames
+        if trust_header and declared > 0:
+            return declared
+        try:
+            return sum(1 for _ in container.decode(video=0))
+        except av.error.FFmpegError as err:
+            raise MediaError(f"{p}: corrupt video ({err})") from err
+
+
+def load_video_frames(source: str | Path | list[str | Path], num_frames: int = 8) -> list[Image.Image]:
+    """Exactly `num_frames` RGB frames from a list of frame files (original format) or a video file.
+
+    Both sources use `frame_indices`: the original's i * (total // num_frames), so a list of 8 frames is
+    used as given; a shorter list repeats each frame evenly (the mean over frames is then unchanged).
+    """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise MediaError("video: empty list of frame files")
+        return [load_image(source[i]) for i in frame_indices(len(source), num_frames)]
+    p = _checked_file(source)
+    frames = _decode_frames(p, frame_indices(_count_frames(p), num_frames))
+    if len(frames) < num_frames:  # the declared frame count was too high
+        total = _count_frames(p, trust_header=False)
+        if total == 0:
+            raise MediaError(f"{p}: video has no frames")
+        frames = _decode_frames(p, frame_indices(total, num_frames))
+    return frames
+
+
+# ---------------------------------------------------------------- audio
+
+
+def _mono_resampled(data: np.ndarray, rate: int, sample_rate: int, name: str) -> np.ndarray:
+    """[channels, n] or [n] float audio at `rate` -> mono float32 at `sample_rate` (exact rational ratio)."""
+    wave = data.mean(axis=0) if data.ndim == 2 else data
+    if wave.size == 0:
+        raise MediaError(f"{name}: audio has zero duration")
+    if rate != sample_rate:
+        g = math.gcd(int(rate), int(sample_rate))
+        wave = resample_poly(wave, sample_rate // g, int(rate) // g)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _decode_audio_av(p: Path) -> tuple[np.ndarray, int] | None:
+    """[channels, n] float32 audio of the first audio stream and its rate, or None without one."""
+    with _open_container(p) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp")
+        parts, rate = [], stream.rate
+        try:
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray())
+                    rate = out.sample_rate
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray())
+        except av.error.FFmpegError as err:
+            raise MediaError(f"{p}: corrupt audio stream ({err})") from err
+    if not parts:
+        return np.zeros((1, 0), np.float32), rate
+    return np.concatenate(parts, axis=1), rate
+
+
+def load_audio_track(video_path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
+    """The soundtrack of a video file as mono float32 at `sample_rate`, or None if it has none."""
+    p = _checked_file(video_path)
+    decoded = _decode_audio_av(p)
+    if decoded is None:
+        return None
+    return _mono_resampled(decoded[0], decoded[1], sample_rate, str(p))
+
+
+def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 audio at `sample_rate`: soundfile for wav/flac/ogg/mp3, PyAV for other containers."""
+    p = _checked_file(path)
+    try:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+        return _mono_resampled(data.T, rate, sample_rate, str(p))
+    except sf.SoundFileError as sf_err:
+        try:
+            decoded = _decode_audio_av(p)
+        except MediaError as av_err:
+            raise MediaError(f"{p}: not a readable audio file (soundfile: {sf_err}; {av_err})") from av_err
+    if decoded is None:
+        raise MediaError(f"{p}: has no audio stream")
+    return _mono_resampled(decoded[0], decoded[1], sample_rate, str(p))
+
+
+def num_chunks(n_samples: int, chunk_samples: int) -> int:
+    """How many chunks `split_into_chunks` makes of `n_samples` (before any cap)."""
+    return max(1, math.ceil(n_samples / chunk_samples))
+
+
+def split_into_chunks(
+    wave: np.ndarray,
+    chunk_samples: int,
+    max_chunks: int | None = None,
+    *,
+    truncate: bool = False,
+    source: str | Path = "audio",
+) -> list[np.ndarray]:
+    """The original's speech chunking of 16 kHz `wave`: full chunks while more than one chunk remains,
+    then the remainder (never an empty extra chunk).
+
+    More than `max_chunks` chunks raises MediaError naming `source` and its duration; with
+    `truncate=True` the first `max_chunks` are kept and a warning says how many were dropped.
+    """
+    if wave.size == 0:
+        raise MediaError(f"{source}: audio has zero duration")
+    chunks, start = [], 0
+    while wave.size - start > chunk_samples:
+        chunks.append(wave[start : start + chunk_samples])
+        start += chunk_samples
+    chunks.append(wave[start:])
+    if max_chunks is not None and len(chunks) > max_chunks:
+        seconds = wave.size / SAMPLE_RATE
+        limit = max_chunks * chunk_samples / SAMPLE_RATE
+        message = (
+            f"{source}: audio lasts {seconds:.1f} s ({len(chunks)} chunks of {chunk_samples / SAMPLE_RATE:g} s), "
+            f"more than the {max_chunks} chunks ({limit:g} s) allowed"
+        )
+        if not truncate:
+            raise MediaError(message)
+        warnings.warn(f"{message}; kept the first {max_chunks}, dropped {len(chunks) - max_chunks}", stacklevel=2)
+        chunks = chunks[:max_chunks]
+    return chunks
+
+
+def _check_chunk_samples(chunk_samples: int) -> None:
+    if chunk_samples <= 0 or chunk_samples % SAMPLE_RATE:
+        raise ValueError(f"chunk_samples must be a positive multiple of {SAMPLE_RATE}, got {chunk_samples}")
+
+
+@lru_cache(maxsize=8)
+def _whisper_extractor(num_mel_bins: int, chunk_samples: int):
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(
+        feature_size=num_mel_bins,
+        sampling_rate=SAMPLE_RATE,
+        hop_length=WHISPER_HOP,
+        chunk_length=chunk_samples // SAMPLE_RATE,
+        n_fft=400,
+    )
+
+
+def speech_features(chunks: list[np.ndarray], chunk_samples: int, num_mel_bins: int = 80) -> torch.Tensor:
+    """Whisper log-mel features, [n_chunks, num_mel_bins, chunk_samples // 160]; each chunk zero-padded."""
+    _check_chunk_samples(chunk_samples)
+    frames = chunk_samples // WHISPER_HOP
+    if not chunks:
+        return torch.zeros(0, num_mel_bins, frames)
+    extractor = _whisper_extractor(num_mel_bins, chunk_samples)
+    out = extractor(
+        [np.asarray(c, dtype=np.float32) for c in chunks],
+        sampling_rate=SAMPLE_RATE,
+        padding="max_length",
+        max_length=chunk_samples,
+        truncation=True,
+        return_tensors="np",
+    )
+    return torch.from_numpy(np.ascontiguousarray(out["input_features"], dtype=np.float32))
+
+
+def audio_chunks(chunks: list[np.ndarray], chunk_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BEATs input: chunks padded to `chunk_samples` by repeating the last sample (the original's rule).
+
+    Returns waveforms [n, chunk_samples] float32 and a padding mask [n, chunk_samples], True where padded.
+    """
+    waves = torch.zeros(len(chunks), chunk_samples)
+    mask = torch.zeros(len(chunks), chunk_samples, dtype=torch.bool)
+    for i, chunk in enumerate(chunks):
+        n = len(chunk)
+        if n == 0 or n > chunk_samples:
+            raise ValueError(f"chunk {i} has {n} samples; expected 1..{chunk_samples}")
+        waves[i, :n] = torch.from_numpy(np.asarray(chunk, dtype=np.float32))
+        waves[i, n:] = float(chunk[-1])
+        mask[i, n:] = True
+    return waves, mask
