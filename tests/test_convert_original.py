@@ -1,0 +1,368 @@
+"""Converting original-layout releases: tiny fake releases written with the original's file names and
+parameter names, converted, and checked against the original's arithmetic computed by hand here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    WhisperConfig,
+    WhisperForConditionalGeneration,
+)
+from transformers.models.whisper.modeling_whisper import WhisperDecoder
+
+from Uni_MoE.checkpoint.convert_original import V2_EXPERT_FILES, convert_original, load_original
+from Uni_MoE.checkpoint.state_writer import ConversionError
+
+V, H, I, LAYERS, HEADS, Q = 64, 32, 48, 4, 4, 4
+R, ALPHA = 4, 8  # LoRA rank / alpha -> scaling 2
+LM = "model.language_model"
+
+
+def rand(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape) * 0.2
+
+
+def whisper_config() -> WhisperConfig:
+    return WhisperConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+        max_source_positions=20, max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1, begin_suppress_tokens=None, suppress_tokens=None,
+    )
+
+
+def make_encoders(root: Path) -> tuple[Path, Path]:
+    """CLIP (full CLIPModel, as released) and Whisper (WhisperForConditionalGeneration) tiny folders."""
+    torch.manual_seed(1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=16, patch_size=8)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(root / "clip")
+    WhisperForConditionalGeneration(whisper_config()).save_pretrained(root / "whisper")
+    return root / "clip", root / "whisper"
+
+
+def llava_config(clip: Path, whisper: Path, **extra) -> dict:
+    return dict(
+        model_type="llava", architectures=["LlavaLlamaForCausalLM"], vocab_size=V, hidden_size=H,
+        intermediate_size=I, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+        max_position_embeddings=128, rms_norm_eps=1e-5, hidden_act="silu", pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False, mm_vision_tower=str(clip), mm_audio_tower=str(whisper),
+        mm_projector_type="mlp2x_gelu", mm_hidden_size=16, mm_audio_hidden_size=16, mm_vision_select_layer=-2,
+        mm_audio_select_layer=0, mm_query_tokens=True, query_tokens_size=Q, moe=True, num_experts=4,
+        num_experts_per_tok=2, image_aspect_ratio="square", **extra,
+    )
+
+
+def aligner_state() -> dict[str, torch.Tensor]:
+    """Speech aligner as the original names it: whole Whisper decoder, projector, query tokens."""
+    decoder = WhisperDecoder(whisper_config()).state_dict()
+    state = {f"model.mm_audio_aligner.decoder.audio_decoder.{k}": rand(*v.shape) for k, v in decoder.items()}
+    state.update({"model.mm_audio_aligner.projector.weight": rand(H, 16),
+                  "model.mm_audio_aligner.projector.bias": rand(H), "model.query_tokens": rand(1, Q, 16)})
+    return state
+
+
+def base_state(moe_layers: list[int], num_experts: int = 4) -> dict[str, torch.Tensor]:
+    """A v1 base checkpoint's tensors, towers and dead Whisper-subclass weights included."""
+    s = {"model.embed_tokens.weight": rand(V, H), "model.norm.weight": 1 + rand(H), "lm_head.weight": rand(V, H),
+         "model.mm_projector.0.weight": rand(H, 16), "model.mm_projector.0.bias": rand(H),
+         "model.mm_projector.2.weight": rand(H, H), "model.mm_projector.2.bias": rand(H),
+         "model.vision_tower.vision_tower.vision_model.post_layernorm.weight": rand(16),
+         "model.audio_tower.encoder.layer_norm.weight": rand(16),
+         "model.audio_tower.decoder.layer_norm.weight": rand(16)}
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}."
+        s.update({f"{p}self_attn.{n}_proj.weight": rand(H, H) for n in "qkvo"})
+        s.update({f"{p}input_layernorm.weight": 1 + rand(H), f"{p}post_attention_layernorm.weight": 1 + rand(H),
+                  f"{p}self_attn.rotary_emb.inv_freq": torch.rand(H // HEADS // 2)})
+        if layer in moe_layers:
+            s[f"{p}mlp.gate.weight"] = rand(num_experts, H)
+            for e in range(num_experts):
+                s.update({f"{p}mlp.experts.{e}.gate_proj.weight": rand(I, H),
+                          f"{p}mlp.experts.{e}.up_proj.weight": rand(I, H),
+                          f"{p}mlp.experts.{e}.down_proj.weight": rand(H, I)})
+        else:
+            s.update({f"{p}mlp.gate_proj.weight": rand(I, H), f"{p}mlp.up_proj.weight": rand(I, H),
+                      f"{p}mlp.down_proj.weight": rand(H, I)})
+    s.update(aligner_state())
+    return s
+
+
+def save_shards(folder: Path, state: dict[str, torch.Tensor], config: dict, n: int = 2) -> None:
+    """pytorch_model-0000i-of-0000n.bin + index json + config.json, as the releases are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(state)
+    weight_map = {}
+    for i in range(n):
+        name = f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
+        part = {k: state[k] for k in keys[i::n]}
+        torch.save(part, folder / name)
+        weight_map.update({k: name for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def save_adapter(folder: Path, modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT 0.4 adapter files; returns module -> (A, B)."""
+    pairs, state = {}, {}
+    for module in modules:
+        out_dim, in_dim = (I, H) if module.endswith(("gate_proj", "up_proj")) else (H, I) if module.endswith(
+            "down_proj") else (4, H) if module.endswith("mlp.gate") else (H, H)
+        pairs[module] = (rand(R, in_dim), rand(out_dim, R))
+        state[f"base_model.model.{module}.lora_A.weight"] = pairs[module][0]
+        state[f"base_model.model.{module}.lora_B.weight"] = pairs[module][1]
+    torch.save(state, folder / "adapter_model.bin")
+    (folder / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=R, lora_alpha=ALPHA, lora_dropout=0.05, bias="none", fan_in_fan_out=False,
+        task_type="CAUSAL_LM", target_modules=modules)))
+    return pairs
+
+
+def merged(weights: dict, pairs: dict) -> dict:
+    """Original's merge_and_unload by hand: W + (alpha / r) B @ A."""
+    out = dict(weights)
+    for module, (a, b) in pairs.items():
+        out[f"{module}.weight"] = out[f"{module}.weight"] + (ALPHA / R) * b @ a
+    return out
+
+
+def write_v1_release(root: Path, clip: Path, whisper: Path, moe_layers: list[int], router_lora: bool) -> dict:
+    """Base + e2 folders; returns the original's final weights (original names), computed by hand."""
+    torch.manual_seed(0)
+    base = base_state(moe_layers)
+    save_shards(root / "base", base, llava_config(clip, whisper))
+    e2 = root / "e2"
+    e2.mkdir()
+    (e2 / "config.json").write_text(json.dumps(llava_config(clip, whisper)))
+    modules = [f"model.layers.{l}.self_attn.{n}_proj" for l in range(LAYERS) for n in "qv"]
+    modules += [f"model.layers.{l}.mlp.experts.1.up_proj" for l in moe_layers]
+    modules += [f"model.layers.{l}.mlp.experts.3.down_proj" for l in moe_layers]
+    dense = [l for l in range(LAYERS) if l not in moe_layers]
+    modules += [f"model.layers.{l}.mlp.gate_proj" for l in dense]
+    modules += [f"model.layers.{l}.mlp.gate" for l in moe_layers] if router_lora else []
+    pairs = save_adapter(e2, modules)
+    projector = {k: rand(*v.shape) for k, v in base.items() if "mm_projector" in k}
+    torch.save({f"base_model.model.{k}": v for k, v in projector.items()}, e2 / "non_lora_trainables.bin")
+    aligner = aligner_state()
+    torch.save(aligner, e2 / "mm_audio_aligner.bin")
+    gates = {f"model.layers.{l}.mlp.gate.weight": rand(4, H) for l in moe_layers}
+    saved_gates = dict(gates)
+    for l in moe_layers if router_lora else []:
+        saved_gates[f"model.layers.{l}.mlp.gate.lora_A.default.weight"] = pairs[f"model.layers.{l}.mlp.gate"][0]
+        saved_gates[f"model.layers.{l}.mlp.gate.lora_B.default.weight"] = pairs[f"model.layers.{l}.mlp.gate"][1]
+    torch.save(saved_gates, e2 / "mlp_gates.bin")
+    final = merged({**base, **projector}, pairs)
+    final.update(aligner)
+    final.update(gates)  # after the merge: any router LoRA delta is overwritten (the original's order)
+    return final
+
+
+class OriginalMoE(nn.Module):
+    """The original's MoE arithmetic: top-k router logits, softmax over the chosen, full SwiGLU experts
+    (v1), or each expert its own MLP plus LoRA on gate/up/down with the down LoRA on h (v2)."""
+
+    def __init__(self, w: dict, prefix: str, experts: int, lora: bool) -> None:
+        super().__init__()
+        self.w, self.p, self.experts, self.lora = w, prefix, experts, lora
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        w = lambda name: self.w[self.p + name.format(e=e)]  # noqa: E731
+        if not self.lora:
+            h = F.silu(x @ w("experts.{e}.gate_proj.weight").T) * (x @ w("experts.{e}.up_proj.weight").T)
+            return h @ w("experts.{e}.down_proj.weight").T
+        s = ALPHA / R
+        lin = lambda v, p: v @ w(f"e{{e}}.{p}_proj.weight").T + s * v @ w(f"e{{e}}.{p}_A").T @ w(f"e{{e}}.{p}_B").T  # noqa: E731
+        h = F.silu(lin(x, "gate")) * lin(x, "up")
+        return lin(h, "down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = flat @ self.w[self.p + "gate.weight"].T
+        top, idx = logits.topk(2, dim=-1)
+        weights = top.softmax(dim=-1)
+        out = torch.zeros_like(flat)
+        for e in range(self.experts):
+            tok, slot = torch.where(idx == e)
+            out[tok] += weights[tok, slot, None] * self.expert(e, flat[tok])
+        return out.view_as(x)
+
+
+def reference_logits(final: dict, moe_layers: list[int], ids: torch.Tensor, experts: int = 4, lora: bool = False):
+    """A transformers LlamaForCausalLM over the hand-merged weights, MoE MLPs computed as the original."""
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=128,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    ref = LlamaForCausalLM(cfg).eval()
+    dense = {k: v for k, v in final.items() if k in ref.state_dict()}
+    ref.load_state_dict(dense, strict=False)
+    for layer in moe_layers:
+        ref.model.layers[layer].mlp = OriginalMoE(final, f"model.layers.{layer}.mlp.", experts, lora)
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> tuple[Path, Path]:
+    return make_encoders(tmp_path_factory.mktemp("encoders"))
+
+
+def check_logits(model, final, moe_layers, experts=4, lora=False) -> None:
+    ids = torch.tensor([[1, 5, 9, 33, 17, 60, 2, 41, 8, 12]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[..., :V]
+    torch.testing.assert_close(ours, reference_logits(final, moe_layers, ids, experts, lora), atol=1e-4, rtol=1e-4)
+
+
+def test_speech_e2_matches_hand_merged_original(tmp_path, encoders) -> None:
+    clip, whisper = encoders
+    final = write_v1_release(tmp_path, clip, whisper, moe_layers=list(range(LAYERS)), router_lora=False)
+    model = convert_original(tmp_path / "base", tmp_path / "e2", clip_dir=clip, whisper_dir=whisper,
+                             dtype=torch.float32)
+    sd = model.state_dict()
+    assert model.config.moe_layer_indices() == list(range(LAYERS))
+    torch.testing.assert_close(sd[f"{LM}.layers.2.self_attn.q_proj.weight"], final["model.layers.2.self_attn.q_proj.weight"])
+    torch.testing.assert_close(sd[f"{LM}.layers.1.mlp.experts.up_proj"][1], final["model.layers.1.mlp.experts.1.up_proj.weight"])
+    torch.testing.assert_close(sd[f"{LM}.layers.1.mlp.experts.down_proj"][3], final["model.layers.1.mlp.experts.3.down_proj.weight"])
+    torch.testing.assert_close(sd[f"{LM}.layers.3.mlp.router.weight"], final["model.layers.3.mlp.gate.weight"])
+    torch.testing.assert_close(sd["model.mm_projector.2.weight"], final["model.mm_projector.2.weight"])
+    torch.testing.assert_close(sd["model.speech_aligner.query_tokens"], final["model.query_tokens"])
+    torch.testing.assert_close(sd["model.speech_aligner.decoder.layers.0.fc1.weight"],
+                               final["model.mm_audio_aligner.decoder.audio_decoder.layers.0.fc1.weight"])
+    whisper_enc = WhisperForConditionalGeneration.from_pretrained(whisper).model.encoder.state_dict()
+    torch.testing.assert_close(sd["model.speech_encoder.layers.0.fc1.weight"], whisper_enc["layers.0.fc1.weight"])
+    clip_sd = CLIPModel.from_pretrained(clip).vision_model.state_dict()
+    torch.testing.assert_close(sd["model.vision_tower.post_layernorm.weight"], clip_sd["post_layernorm.weight"])
+    check_logits(model, final, list(range(LAYERS)))
+
+
+def test_router_lora_quirk_v1_5(tmp_path, encoders) -> None:
+    """Even-layer MoE with LoRA on the routers (speech-v1.5 / audio-e2): mlp_gates.bin, loaded after the
+    merge, leaves the bare trained router, so the router LoRA has no effect."""
+    clip, whisper = encoders
+    final = write_v1_release(tmp_path, clip, whisper, moe_layers=[0, 2], router_lora=True)
+    model = load_original(tmp_path / "base", tmp_path / "e2", clip_dir=clip, whisper_dir=whisper, dtype=torch.float32)
+    assert model.config.moe_layer_indices() == [0, 2]
+    gates = torch.load(tmp_path / "e2" / "mlp_gates.bin", weights_only=True)
+    torch.testing.assert_close(model.state_dict()[f"{LM}.layers.2.mlp.router.weight"], gates["model.layers.2.mlp.gate.weight"])
+    torch.testing.assert_close(model.state_dict()[f"{LM}.layers.1.mlp.gate_proj.weight"], final["model.layers.1.mlp.gate_proj.weight"])
+    check_logits(model, final, [0, 2])
+
+
+def test_base_alone_and_saved_output(tmp_path, encoders) -> None:
+    clip, whisper = encoders
+    torch.manual_seed(0)
+    base = base_state(list(range(LAYERS)))
+    save_shards(tmp_path / "base", base, llava_config(clip, whisper))
+    model = convert_original(tmp_path / "base", clip_dir=clip, whisper_dir=whisper, out_dir=tmp_path / "out",
+                             dtype=torch.float32)
+    check_logits(model, base, list(range(LAYERS)))
+    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+
+    again = UniMoEForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[1, 4, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_renamed_key_is_named(tmp_path, encoders) -> None:
+    clip, whisper = encoders
+    torch.manual_seed(0)
+    base = base_state(list(range(LAYERS)))
+    base["model.layers.1.self_attn.q_proj.wieght"] = base.pop("model.layers.1.self_attn.q_proj.weight")
+    save_shards(tmp_path / "base", base, llava_config(clip, whisper))
+    with pytest.raises(ConversionError) as err:
+        convert_original(tmp_path / "base", clip_dir=clip, whisper_dir=whisper, dtype=torch.float32)
+    message = str(err.value)
+    assert "model.layers.1.self_attn.q_proj.wieght (32, 32)" in message
+    assert f"missing: {LM}.layers.1.self_attn.q_proj.weight (32, 32)" in message
+    model = convert_original(tmp_path / "base", clip_dir=clip, whisper_dir=whisper, dtype=torch.float32, strict=False)
+    assert model.state_dict()[f"{LM}.layers.1.self_attn.q_proj.weight"].abs().sum() == 0
+
+
+def test_wrong_shape_is_named(tmp_path, encoders) -> None:
+    clip, whisper = encoders
+    torch.manual_seed(0)
+    base = base_state(list(range(LAYERS)))
+    base["model.layers.0.mlp.experts.2.up_proj.weight"] = rand(I + 1, H)
+    save_shards(tmp_path / "base", base, llava_config(clip, whisper))
+    with pytest.raises(ConversionError, match=r"experts\.2\.up_proj\.weight -> .*up_proj\[2\]: checkpoint \(49, 32\)"):
+        convert_original(tmp_path / "base", clip_dir=clip, whisper_dir=whisper, dtype=torch.float32)
+
+
+def write_v2_release(root: Path, clip: Path, whisper: Path) -> dict:
+    """speech-base (4-expert shards + 8config.json), Experts directory, e2 with per-expert LoRA files;
+    returns final weights named for OriginalMoE (``model.layers.L.mlp.e{i}.*``) plus dense names."""
+    torch.manual_seed(0)
+    base = base_state(list(range(LAYERS)))
+    save_shards(root / "base", base, llava_config(clip, whisper))
+    v2 = llava_config(clip, whisper, moe_type="dense", ep_size=8, capacity_factor=1.5, lora_r=R, lora_alpha=ALPHA,
+                      lora_dropout=0.05, aux_balance_loss=True, aux_balance_loss_coef=0.01, use_flash_attn=False)
+    v2.update(model_type="llava_llama", num_experts=8)
+    (root / "base" / "8config.json").write_text(json.dumps(v2))
+    experts = root / "experts"
+    experts.mkdir()
+    files = {}
+    for stem in dict.fromkeys(V2_EXPERT_FILES):
+        files[stem] = {f"model.layers.{l}.mlp.{p}_proj.weight": rand(*((H, I) if p == "down" else (I, H)))
+                       for l in range(LAYERS) for p in ("gate", "up", "down")}
+        torch.save(files[stem], experts / f"{stem}.bin")
+    e2 = root / "e2"
+    e2.mkdir()
+    (e2 / "config.json").write_text(json.dumps(v2))
+    final = {k: v for k, v in base.items() if ".mlp." not in k}
+    for i, stem in enumerate(V2_EXPERT_FILES):
+        lora = {}
+        for l in range(LAYERS):
+            for p, (in_dim, out_dim) in {"gate": (H, I), "up": (H, I), "down": (I, H)}.items():
+                a, b = rand(R, in_dim), rand(out_dim, R)
+                ds = f"model.layers.{l}.mlp.deepspeed_moe.experts.deepspeed_experts.0.{p}_proj_lora_"
+                lora[ds + "A.weight"], lora[ds + "B.weight"] = a, b
+                final[f"model.layers.{l}.mlp.e{i}.{p}_A"], final[f"model.layers.{l}.mlp.e{i}.{p}_B"] = a, b
+                final[f"model.layers.{l}.mlp.e{i}.{p}_proj.weight"] = files[stem][f"model.layers.{l}.mlp.{p}_proj.weight"]
+        torch.save(lora, e2 / f"{i}_mlp_experts.bin")
+    gates = {f"model.layers.{l}.mlp.deepspeed_moe.gate.wg.weight": rand(8, H) for l in range(LAYERS)}
+    torch.save(gates, e2 / "mlp_gates.bin")
+    final.update({f"model.layers.{l}.mlp.gate.weight": gates[f"model.layers.{l}.mlp.deepspeed_moe.gate.wg.weight"]
+                  for l in range(LAYERS)})
+    pairs = save_adapter(e2, [f"model.layers.{l}.self_attn.{n}_proj" for l in range(LAYERS) for n in "qkvo"])
+    projector = {k: rand(*v.shape) for k, v in base.items() if "mm_projector" in k}
+    torch.save({f"base_model.model.{k}": v for k, v in projector.items()}, e2 / "non_lora_trainables.bin")
+    aligner = aligner_state()
+    torch.save(aligner, e2 / "mm_audio_aligner.bin")
+    final = merged({**final, **projector}, pairs)
+    final.update(aligner)
+    return final
+
+
+def test_v2_experts_and_lora(tmp_path, encoders) -> None:
+    clip, whisper = encoders
+    final = write_v2_release(tmp_path, clip, whisper)
+    model = convert_original(tmp_path / "base", tmp_path / "e2", experts_dir=tmp_path / "experts",
+                             clip_dir=clip, whisper_dir=whisper, dtype=torch.float32)
+    sd = model.state_dict()
+    assert model.config.num_experts == 8 and model.config.expert_lora_r == R
+    for i in (0, 5, 6, 7):
+        torch.testing.assert_close(sd[f"{LM}.layers.3.mlp.experts.up_proj"][i], final[f"model.layers.3.mlp.e{i}.up_proj.weight"])
+        torch.testing.assert_close(sd[f"{LM}.layers.3.mlp.experts.down_lora_A"][i], final[f"model.layers.3.mlp.e{i}.down_A"])
+    torch.testing.assert_close(sd[f"{LM}.layers.1.mlp.router.weight"], final["model.layers.1.mlp.gate.weight"])
+    torch.testing.assert_close(sd[f"{LM}.layers.1.self_attn.k_proj.weight"], final["model.layers.1.self_attn.k_proj.weight"])
+    check_logits(model, final, list(range(LAYERS)), experts=8, lora=True)
+
+
+def test_v2_needs_experts_dir(tmp_path, encoders) -> None:
+    clip, whisper = encoders
+    write_v2_release(tmp_path, clip, whisper)
+    (tmp_path / "base" / "config.json").write_text((tmp_path / "base" / "8config.json").read_text())
+    with pytest.raises(ValueError, match="experts_dir"):
+        convert_original(tmp_path / "base", tmp_path / "e2", clip_dir=clip, whisper_dir=whisper)
