@@ -73,7 +73,7 @@ def aligner_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def base_state(moe_layers: list[int], num_experts: int = 4) -> dict[str, torch.Tensor]:
+def base_state(moe_layers: list[int], aligner: dict | None = None) -> dict[str, torch.Tensor]:
     """A v1 base checkpoint's tensors, towers and dead Whisper-subclass weights included."""
     s = {"model.embed_tokens.weight": rand(V, H), "model.norm.weight": 1 + rand(H), "lm_head.weight": rand(V, H),
          "model.mm_projector.0.weight": rand(H, 16), "model.mm_projector.0.bias": rand(H),
@@ -87,15 +87,15 @@ def base_state(moe_layers: list[int], num_experts: int = 4) -> dict[str, torch.T
         s.update({f"{p}input_layernorm.weight": 1 + rand(H), f"{p}post_attention_layernorm.weight": 1 + rand(H),
                   f"{p}self_attn.rotary_emb.inv_freq": torch.rand(H // HEADS // 2)})
         if layer in moe_layers:
-            s[f"{p}mlp.gate.weight"] = rand(num_experts, H)
-            for e in range(num_experts):
+            s[f"{p}mlp.gate.weight"] = rand(4, H)
+            for e in range(4):
                 s.update({f"{p}mlp.experts.{e}.gate_proj.weight": rand(I, H),
                           f"{p}mlp.experts.{e}.up_proj.weight": rand(I, H),
                           f"{p}mlp.experts.{e}.down_proj.weight": rand(H, I)})
         else:
             s.update({f"{p}mlp.gate_proj.weight": rand(I, H), f"{p}mlp.up_proj.weight": rand(I, H),
                       f"{p}mlp.down_proj.weight": rand(H, I)})
-    s.update(aligner_state())
+    s.update(aligner_state() if aligner is None else aligner)
     return s
 
 
@@ -137,14 +137,16 @@ def merged(weights: dict, pairs: dict) -> dict:
     return out
 
 
-def write_v1_release(root: Path, clip: Path, whisper: Path, moe_layers: list[int], router_lora: bool) -> dict:
+def write_v1_release(
+    root: Path, clip: Path, voice: Path, moe_layers: list[int], router_lora: bool, aligner=aligner_state
+) -> dict:
     """Base + e2 folders; returns the original's final weights (original names), computed by hand."""
     torch.manual_seed(0)
-    base = base_state(moe_layers)
-    save_shards(root / "base", base, llava_config(clip, whisper))
+    base = base_state(moe_layers, aligner())
+    save_shards(root / "base", base, llava_config(clip, voice))
     e2 = root / "e2"
     e2.mkdir()
-    (e2 / "config.json").write_text(json.dumps(llava_config(clip, whisper)))
+    (e2 / "config.json").write_text(json.dumps(llava_config(clip, voice)))
     modules = [f"model.layers.{l}.self_attn.{n}_proj" for l in range(LAYERS) for n in "qv"]
     modules += [f"model.layers.{l}.mlp.experts.1.up_proj" for l in moe_layers]
     modules += [f"model.layers.{l}.mlp.experts.3.down_proj" for l in moe_layers]
@@ -154,7 +156,7 @@ def write_v1_release(root: Path, clip: Path, whisper: Path, moe_layers: list[int
     pairs = save_adapter(e2, modules)
     projector = {k: rand(*v.shape) for k, v in base.items() if "mm_projector" in k}
     torch.save({f"base_model.model.{k}": v for k, v in projector.items()}, e2 / "non_lora_trainables.bin")
-    aligner = aligner_state()
+    aligner = aligner()
     torch.save(aligner, e2 / "mm_audio_aligner.bin")
     gates = {f"model.layers.{l}.mlp.gate.weight": rand(4, H) for l in moe_layers}
     saved_gates = dict(gates)
@@ -366,3 +368,43 @@ def test_v2_needs_experts_dir(tmp_path, encoders) -> None:
     (tmp_path / "base" / "config.json").write_text((tmp_path / "base" / "8config.json").read_text())
     with pytest.raises(ValueError, match="experts_dir"):
         convert_original(tmp_path / "base", tmp_path / "e2", clip_dir=clip, whisper_dir=whisper)
+
+
+QFORMER = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+               cross_attention_frequency=2, encoder_hidden_size=32)
+
+
+def qformer_aligner_state() -> dict[str, torch.Tensor]:
+    """Audio aligner as the original names it: BLIP-2 Q-Former, projector, query tokens inside the aligner,
+    plus the unused speech-path ``model.query_tokens``."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    qformer = Blip2QFormerModel(Blip2QFormerConfig(**QFORMER)).state_dict()
+    state = {f"model.mm_audio_aligner.qformer.qformer.{k}": rand(*v.shape) for k, v in qformer.items()}
+    state.update({"model.mm_audio_aligner.projector.weight": rand(H, 16),
+                  "model.mm_audio_aligner.projector.bias": rand(H),
+                  "model.mm_audio_aligner.query_tokens": rand(1, Q, 16), "model.query_tokens": rand(1, Q, 16)})
+    return state
+
+
+def test_audio_e2_with_beats_and_router_lora(tmp_path, encoders) -> None:
+    from Uni_MoE.model.encoders.beats import BEATs, BEATsConfig
+
+    clip, _ = encoders
+    beats_cfg = BEATsConfig(encoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                            encoder_attention_heads=2, embed_dim=16, conv_pos=8, conv_pos_groups=2)
+    beats = BEATs(beats_cfg).state_dict()
+    torch.save({"cfg": beats_cfg.to_dict(), "model": beats}, tmp_path / "BEATs_iter3_plus_AS2M.pt")
+    final = write_v1_release(tmp_path, clip, tmp_path / "BEATs_iter3_plus_AS2M.pt", [0, 2], router_lora=True,
+                             aligner=qformer_aligner_state)
+    model = convert_original(tmp_path / "base", tmp_path / "e2", clip_dir=clip, dtype=torch.float32,
+                             config_overrides={"audio_qformer_config": QFORMER})
+    sd = model.state_dict()
+    assert model.config.voice_modality == "audio" and model.model.speech_encoder is None
+    torch.testing.assert_close(sd["model.audio_aligner.query_tokens"], final["model.mm_audio_aligner.query_tokens"])
+    key = "encoder.layer.0.crossattention.attention.key.weight"
+    torch.testing.assert_close(sd[f"model.audio_aligner.qformer.{key}"], final[f"model.mm_audio_aligner.qformer.qformer.{key}"])
+    name = next(iter(beats))
+    torch.testing.assert_close(sd[f"model.audio_encoder.{name}"], beats[name])
+    torch.testing.assert_close(sd[f"{LM}.layers.0.mlp.router.weight"], final["model.layers.0.mlp.gate.weight"])
+    check_logits(model, final, [0, 2])

@@ -26,8 +26,9 @@ from transformers import CLIPVisionModel, WhisperModel
 from transformers.initialization import no_init_weights
 
 from ..config import PLACEHOLDERS, UniMoEConfig
+from ..model.encoders.beats import PREDICTOR_PREFIX, load_beats_checkpoint
 from ..model.uni_moe import UniMoEForCausalLM
-from .io import checkpoint_keys, iter_state_dicts, load_checkpoint, load_state_dict
+from .io import checkpoint_keys, iter_state_dicts, load_state_dict
 from .original_config import build_config, is_deepspeed_moe, moe_layers_from_keys, read_original_config
 from .original_keys import LM, Drop, Layout, Target, is_router_lora, map_original_key, strip_trainer_prefix
 from .peft_adapter import find_adapter_file, read_adapter
@@ -117,8 +118,9 @@ class _Conversion:
                 self.apply(mlp, f"{path.name} (expert {i})", local_to_global=i)
 
     def apply_encoders(self, clip_dir: Path | None, whisper_dir: Path | None, beats: dict | None) -> None:
-        """CLIP vision, Whisper encoder, BEATs from their own checkpoints; the Whisper decoder fills the
-        speech Q-former's decoder only where the release did not (the original builds it from Whisper)."""
+        """CLIP vision, Whisper encoder, BEATs (its state dict, classifier dropped) from their own
+        checkpoints; the Whisper decoder fills the speech Q-former's decoder only where the release did
+        not (the original builds it from Whisper)."""
         dtype = self.model.dtype
         if clip_dir is not None:
             clip = CLIPVisionModel.from_pretrained(str(clip_dir), dtype=dtype)
@@ -131,7 +133,8 @@ class _Conversion:
             decoder = {k: v for k, v in whisper.decoder.state_dict().items() if prefix + k in todo}
             self._write_module(decoder, prefix, f"{whisper_dir.name} decoder")
         if beats is not None:
-            self._write_module(beats["model"], "model.audio_encoder.", "BEATs checkpoint")
+            features = {k: v for k, v in beats.items() if not k.startswith(PREDICTOR_PREFIX)}
+            self._write_module(features, "model.audio_encoder.", "BEATs checkpoint")
 
     def _write_module(self, state: dict[str, torch.Tensor], prefix: str, source: str) -> None:
         for key, value in state.items():
@@ -242,9 +245,9 @@ def convert_original(
     if v2 and finetuned is None:
         raise ValueError("a v2/8e conversion needs finetuned_dir (the e2 folder with {i}_mlp_experts.bin)")
     clip, whisper, beats_file = _towers(raw, clip_dir, whisper_dir, beats_path)
-    beats = load_checkpoint(beats_file) if beats_file else None
+    beats_cfg, beats = load_beats_checkpoint(beats_file) if beats_file else (None, None)
     moe_layers = None if v2 else moe_layers_from_keys(checkpoint_keys(base_dir))
-    config = build_config(raw, moe_layers, clip, whisper, beats["cfg"] if beats else None, config_overrides)
+    config = build_config(raw, moe_layers, clip, whisper, beats_cfg and beats_cfg.to_dict(), config_overrides)
     conv = _Conversion(_build_model(config, dtype), Layout(config.voice_modality if raw.get("mm_audio_tower") else None, v2))
 
     conv.apply_base(base_dir)

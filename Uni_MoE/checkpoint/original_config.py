@@ -81,7 +81,9 @@ def build_config(
         vision_config=_encoder_config(clip_dir, "vision").to_dict() if clip_dir else None,
         speech_config=_encoder_config(whisper_dir, "speech").to_dict() if whisper_dir and not beats_cfg else None,
         audio_config=dict(beats_cfg) if beats_cfg else None,
-        audio_qformer_config=dict(presets.QFORMER_BLIP2) if beats_cfg else None,
+        audio_qformer_config=(
+            {**presets.QFORMER_BLIP2, "encoder_hidden_size": beats_cfg["encoder_embed_dim"]} if beats_cfg else None
+        ),
         voice_modality="audio" if beats_cfg else "speech",
         mm_vision_select_layer=raw.get("mm_vision_select_layer", -2),
         mm_vision_select_feature=raw.get("mm_vision_select_feature", "patch"),
