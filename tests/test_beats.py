@@ -149,12 +149,20 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_checkpoint_shares_relative_bias_and_ignores_predictor(tmp_path):
     config = tiny_config(finetuned_model=True)
-    state = BEATs(config).state_dict()
-    for i in range(config.encoder_layers):
-        assert f"encoder.layers.{i}.self_attn.relative_attention_bias.weight" in state
+    model = BEATs(config)
+    state = model.state_dict()
+    table = "encoder.layers.{}.self_attn.relative_attention_bias.weight"
+    assert table.format(0) in state and table.format(1) not in state  # saved once, no aliased tensors
+    for i in range(1, config.encoder_layers):  # the release stores the shared table under every layer
+        state[table.format(i)] = state[table.format(0)].clone()
     state["predictor.weight"], state["predictor.bias"] = torch.zeros(527, 64), torch.zeros(527)
     torch.save({"cfg": config.to_dict(), "model": state}, tmp_path / "finetuned.pt")
-    BEATs.from_checkpoint(tmp_path / "finetuned.pt")
+    loaded = BEATs.from_checkpoint(tmp_path / "finetuned.pt")
+    torch.testing.assert_close(loaded.state_dict()[table.format(0)], state[table.format(0)])
+    state[table.format(1)] += 1.0
+    torch.save({"cfg": config.to_dict(), "model": state}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="differs from layer 0"):
+        BEATs.from_checkpoint(tmp_path / "bad.pt")
 
 
 def test_checkpoint_with_renamed_key_names_it(tmp_path):

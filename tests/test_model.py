@@ -15,7 +15,7 @@ def _prompt(*runs):
 def _inputs():
     """A batch of two prompts: image + two speech windows; video + audio."""
     ids_a = _prompt((1, 1), (5, 3), (IMG, 64), (6, 2), (SPE, 16), (7, 2))
-    ids_b = _prompt((1, 1), (8, 2), (VID, 64), (AUD, 8), (9, 18))
+    ids_b = _prompt((1, 1), (8, 2), (VID, 64), (AUD, 8), (9, 13))
     ids = torch.cat([ids_a, ids_b])
     media = dict(
         pixel_values=torch.randn(1, 3, 64, 64),

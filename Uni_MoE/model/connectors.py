@@ -42,6 +42,8 @@ class SpeechQFormer(nn.Module):
         d = speech_config.d_model
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, d))
         self.decoder = WhisperDecoder(speech_config)
+        # The queries are fed as embeddings; the decoder's 51865-token table would be dead weight.
+        self.decoder.embed_tokens = None
         self.projector = build_projector(projector, d, out_dim)
 
     def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -155,7 +156,7 @@ class BEATsAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
         if relative_attention_bias is not None:
-            self.relative_attention_bias = relative_attention_bias  # one table shared by every layer
+            self.relative_attention_bias = relative_attention_bias  # layer 0 owns the table all layers use
         self.gru_rel_pos = config.gru_rel_pos
         if self.gru_rel_pos:
             self.grep_linear = nn.Linear(self.head_dim, 8)
@@ -228,7 +229,11 @@ class BEATsEncoder(nn.Module):
         shared_bias = None
         if config.relative_position_embedding:
             shared_bias = nn.Embedding(config.num_buckets, config.encoder_attention_heads)
-        self.layers = nn.ModuleList(BEATsLayer(config, shared_bias) for _ in range(config.encoder_layers))
+        # The release shares one table across layers; only layer 0 registers it so weights save without
+        # aliased tensors (from_checkpoint folds the release's per-layer copies into it).
+        self.layers = nn.ModuleList(
+            BEATsLayer(config, shared_bias if i == 0 else None) for i in range(config.encoder_layers)
+        )
         self.layer_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(config.dropout)
         self._init_weights()
@@ -316,6 +321,7 @@ class BEATs(nn.Module):
         """
         config, state = load_beats_checkpoint(path)
         state = {k: v for k, v in state.items() if not k.startswith(PREDICTOR_PREFIX)}
+        state = fold_shared_bias_copies(state, path)
         model = cls(config)
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -326,6 +332,21 @@ class BEATs(nn.Module):
             )
         model.load_state_dict(state, strict=True)
         return model.eval()
+
+
+def fold_shared_bias_copies(state: dict[str, Tensor], path: str | Path) -> dict[str, Tensor]:
+    """Drop the release's per-layer aliases of layer 0's relative position table (checking they agree)."""
+    pattern = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.weight")
+    first = state.get("encoder.layers.0.self_attn.relative_attention_bias.weight")
+    out = {}
+    for key, value in state.items():
+        match = pattern.fullmatch(key)
+        if match and match.group(1) != "0":
+            if first is None or not torch.equal(value, first):
+                raise ValueError(f"BEATs checkpoint {path}: {key} differs from layer 0's shared table")
+            continue
+        out[key] = value
+    return out
 
 
 def load_beats_checkpoint(path: str | Path) -> tuple[BEATsConfig, dict[str, Tensor]]:
