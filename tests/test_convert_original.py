@@ -261,20 +261,18 @@ def test_router_lora_quirk_v1_5(tmp_path, encoders) -> None:
     check_logits(model, final, [0, 2])
 
 
-def test_base_alone_and_saved_output(tmp_path, encoders) -> None:
+def test_base_alone_through_the_cli(tmp_path, encoders) -> None:
+    """A base folder alone, converted by the command line and reloaded with from_pretrained."""
+    from Uni_MoE.checkpoint.convert_original import main
+    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+
     clip, whisper = encoders
     torch.manual_seed(0)
     base = base_state(list(range(LAYERS)))
     save_shards(tmp_path / "base", base, llava_config(clip, whisper))
-    model = convert_original(tmp_path / "base", clip_dir=clip, whisper_dir=whisper, out_dir=tmp_path / "out",
-                             dtype=torch.float32)
-    check_logits(model, base, list(range(LAYERS)))
-    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
-
-    again = UniMoEForCausalLM.from_pretrained(tmp_path / "out")
-    ids = torch.tensor([[1, 4, 7]])
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    main(["--base", str(tmp_path / "base"), "--clip", str(clip), "--whisper", str(whisper),
+          "--out", str(tmp_path / "out"), "--dtype", "float32"])
+    check_logits(UniMoEForCausalLM.from_pretrained(tmp_path / "out").eval(), base, list(range(LAYERS)))
 
 
 def test_renamed_key_is_named(tmp_path, encoders) -> None:

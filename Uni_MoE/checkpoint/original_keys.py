@@ -44,6 +44,7 @@ TOWER_RELOADED = Drop("encoder tower: reloaded from its own checkpoint, as the o
 ROTARY = Drop("rotary inverse-frequency buffer, recomputed")
 BASE_EXPERTS_IN_V2 = Drop("v2 builds experts from the Experts directory; the base's 4-expert MoE is unused")
 DEAD_QUERY_TOKENS = Drop("query tokens of the speech code path, unused by the BEATs model")
+UNUSED_TOKEN_TABLE = Drop("token table of the speech Q-former's Whisper decoder, unused (it reads query embeddings)")
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _PROJ = r"(gate|up|down)_proj"
@@ -112,7 +113,8 @@ ALIGNER_PREFIXES = {
     ),
 }
 QUERY_TOKENS = {
-    "speech": {"model.query_tokens": Target("model.speech_aligner.query_tokens")},
+    "speech": {"model.query_tokens": Target("model.speech_aligner.query_tokens"),
+               "model.mm_audio_aligner.decoder.audio_decoder.embed_tokens.weight": UNUSED_TOKEN_TABLE},
     "audio": {"model.query_tokens": DEAD_QUERY_TOKENS,
               "model.mm_audio_aligner.query_tokens": Target("model.audio_aligner.query_tokens")},
 }
