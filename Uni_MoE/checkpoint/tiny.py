@@ -51,6 +51,10 @@ def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, vocab_size: in
     config.text_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
     model = UniMoEForCausalLM(config)
+    # At std 0.02 Whisper's conv front-end is drowned by its sinusoidal positions (content ~0.5% of the
+    # output), so a random encoder would pass on almost no speech; He init keeps the content audible.
+    for conv in (model.model.speech_encoder.conv1, model.model.speech_encoder.conv2):
+        torch.nn.init.kaiming_normal_(conv.weight)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -1,0 +1,95 @@
+"""Held-out accuracy per task of a trained checkpoint on closed-answer data (the synthetic tasks):
+greedy generation, first word of the reply against the record's ``answer``, chance = 1 / #choices.
+
+    python -m Uni_MoE.train.quick_eval --model output/stage3 --data_path data/test.json --data_root data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data.collate import Collator
+from ..data.dataset import UniMoEDataset
+from ..data.schema import Sample, load_samples
+from ..data.synthetic import TASK_CHOICES
+from ..data.tokenizer import load_tokenizer
+from ..model.uni_moe import UniMoEForCausalLM
+
+
+def first_word(text: str) -> str:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[0] if words else ""
+
+
+def chance_level(task: str, samples: list[Sample]) -> float:
+    """1 / number of choices: the synthetic task's choice list, else the distinct answers seen."""
+    choices = TASK_CHOICES.get(task) or {s.meta.get("answer") for s in samples if s.meta.get("task") == task}
+    return 1.0 / max(1, len(choices))
+
+
+@torch.no_grad()
+def predict(model: UniMoEForCausalLM, dataset: UniMoEDataset, pad_id: int, batch_size: int,
+            max_new_tokens: int) -> list[str]:
+    """Greedy replies, in dataset order."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(pad_id, padding_side="left"))
+    replies: list[str] = []
+    for batch in tqdm(loader, desc="held-out generation"):
+        for key in ("labels", "modality", "sample_index"):
+            batch.pop(key)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        replies += dataset.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return replies
+
+
+def evaluate(model_dir: str, data_path: str, data_root: str | None, batch_size: int = 16,
+             max_new_tokens: int = 4) -> dict[str, dict[str, float]]:
+    """Per task: n, accuracy, chance."""
+    model = UniMoEForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    samples = load_samples(data_path, model.config.voice_modality)
+    missing = [s.id for s in samples if "answer" not in s.meta or "task" not in s.meta]
+    if missing:
+        raise KeyError(f"{data_path}: samples {missing[:3]} have no 'task'/'answer' field")
+    dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
+    replies = predict(model, dataset, tokenizer.pad_token_id, batch_size, max_new_tokens)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for sample, reply in zip(samples, replies):
+        hits[sample.meta["task"]].append(first_word(reply) == first_word(str(sample.meta["answer"])))
+    return {
+        task: {"n": len(h), "accuracy": sum(h) / len(h), "chance": chance_level(task, samples)}
+        for task, h in sorted(hits.items())
+    }
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'task':<16}{'n':>6}{'accuracy':>10}{'chance':>9}", "-" * 41]
+    for task, r in results.items():
+        lines.append(f"{task:<16}{r['n']:>6}{r['accuracy']:>10.2f}{r['chance']:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="save_pretrained folder")
+    parser.add_argument("--data_path", required=True)
+    parser.add_argument("--data_root", default=None)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    results = evaluate(args.model, args.data_path, args.data_root, args.batch_size)
+    print(format_table(results))
+    if args.output is not None:
+        args.output.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Entry point of every training stage: ``python -m Uni_MoE.train --stage 1|2|3 ...`` (or ``deepspeed``).
+
+Parses the original scripts' arguments, builds the stage's model and trainable set, trains with
+UniMoETrainer (resuming from the latest checkpoint in ``--output_dir`` by default), and exports a plain
+``save_pretrained`` folder with PEFT LoRA merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data.collate import Collator
+from ..data.dataset import MediaProcessor
+from ..data.tokenizer import load_tokenizer
+from . import stages
+from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from .callbacks import ExpertLoadCallback
+from .data import build_dataset, estimated_length
+from .trainer import UniMoETrainer
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_resume(train_args: TrainingArguments) -> str | None:
+    """``auto``: the latest checkpoint in output_dir, if any; ``none``: start fresh; else the given folder."""
+    value = train_args.resume_from_checkpoint
+    if value in (None, "", "none", "None", "false", "False"):
+        return None
+    if value == "auto":
+        folder = Path(train_args.output_dir)
+        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if last:
+            logger.warning("resuming from %s", last)
+        return last
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return value
+
+
+def _zero3_gathered(trainer: UniMoETrainer) -> contextlib.AbstractContextManager:
+    """Full parameters for export under ZeRO-3 (a no-op otherwise)."""
+    ds = getattr(trainer, "deepspeed", None)
+    if ds is None or ds.config.get("zero_optimization", {}).get("stage") != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(trainer.model.parameters()), modifier_rank=0)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> Path:
+    """Train one stage and export its output folder; returns that folder."""
+    transformers.set_seed(train_args.seed)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = stages.build_model(model_args)
+    if model_args.pretrain_mm_mlp_adapter:
+        stages.load_connector_weights(model, model_args.pretrain_mm_mlp_adapter, "image")
+    if model_args.pretrain_audio_aligner:
+        stages.load_connector_weights(model, model_args.pretrain_audio_aligner, "audio")
+    if data_args.image_aspect_ratio is not None:
+        model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    recipe = stages.make_recipe(model, model_args, train_args)
+    stages.apply_recipe(model, recipe, train_args)
+
+    dataset, samples = build_dataset(
+        data_args.data_path, tokenizer, model.config, data_args.root(), train_args.model_max_length,
+        data_args.skip_bad_samples, data_args.cache_data,
+    )
+    per_visual = MediaProcessor(model.config).tokens_per_visual() if model.config.vision_config else 0
+    trainer = UniMoETrainer(
+        model=model,
+        args=train_args,
+        train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        modalities=[s.modality for s in samples],
+        lengths=[estimated_length(s, model.config, per_visual) for s in samples],
+    )
+    trainer.add_callback(ExpertLoadCallback(trainer.tracker))
+    trainer.train(resume_from_checkpoint=resolve_resume(train_args))
+    skipped = getattr(dataset, "skipped", None) or getattr(getattr(dataset, "inner", None), "skipped", None)
+    if skipped:
+        logger.warning("skipped %d bad samples: %s", len(skipped), sorted(skipped))
+    with _zero3_gathered(trainer):
+        out = stages.export(trainer.accelerator.unwrap_model(trainer.model), model_args.stage, train_args.output_dir,
+                            tokenizer, trainer.args.should_save)
+    logger.warning("stage %d output written to %s", model_args.stage, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    model_args, data_args, train_args, _ = parse_args(argv if argv is not None else sys.argv[1:])
+    if torch.cuda.is_available() and not (train_args.bf16 or train_args.fp16):
+        logger.warning("training on GPU in fp32; the original scripts pass --bf16 True")
+    run(model_args, data_args, train_args)
+
+
+if __name__ == "__main__":
+    main()
