@@ -1,0 +1,73 @@
+"""Command line: ``python -m Uni_MoE.eval --model_path M --data_path X --data_type vqa --output preds.json``.
+
+Also accepts the original scripts' argument names: ``--output_dir`` (the 8e name of the predictions
+file), ``--model_base``, ``--eval_ep_size``, ``--enable_deepspeed_moe``, ``--mlp_dir``, ``--deepspeed``,
+``--version``, ``--vision_tower``, ``--audio_tower``. Those last eight are parsed and ignored: a converted
+checkpoint (``python -m Uni_MoE.checkpoint.convert_original``) already holds the base, experts and encoders,
+and evaluation runs in one process with every expert local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .runner import EvalConfig, run_eval
+from .tasks import ALIASES, TASKS
+
+NO_OP_ARGS = ("model_base", "eval_ep_size", "enable_deepspeed_moe", "mlp_dir", "deepspeed", "version",
+              "vision_tower", "audio_tower")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m Uni_MoE.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", required=True, help="save_pretrained folder of a (converted) Uni-MoE model")
+    p.add_argument("--data_path", required=True, help="eval JSON (list) or JSON-lines file")
+    p.add_argument("--data_type", required=True,
+                   help=f"one of {', '.join(sorted(set(TASKS) | set(ALIASES)))}")
+    p.add_argument("--output", "--output_dir", dest="output", required=True, help="predictions JSON to write")
+    p.add_argument("--metrics_output", default=None, help="metrics JSON (default: <output>_metrics.json)")
+    p.add_argument("--data_root", default=None, help="folder relative media paths are under (default: data file's)")
+    p.add_argument("--annotation_file", default=None,
+                   help="reference answers kept apart from the questions (VQA / TextVQA annotation JSON)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=0, help="processes loading media")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--circular", action=argparse.BooleanOptionalAction, default=True,
+                   help="MMBench CircularEval (every rotation of the options must be answered right)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampled decoding")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    g = p.add_argument_group("decoding (default: the task's settings)")
+    g.add_argument("--max_new_tokens", type=int)
+    g.add_argument("--min_new_tokens", type=int)
+    g.add_argument("--do_sample", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top_p", type=float)
+    g.add_argument("--num_beams", type=int)
+    g.add_argument("--stop", nargs="+", default=None, help="stop strings")
+    o = p.add_argument_group("original arguments, accepted and ignored")
+    for name in NO_OP_ARGS:
+        o.add_argument(f"--{name}", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    ignored = [f"--{n}" for n in NO_OP_ARGS if getattr(args, n) is not None]
+    if ignored:
+        print(f"ignoring {' '.join(ignored)}: not needed with a converted checkpoint in one process",
+              file=sys.stderr)
+    overrides = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
+                                               "top_p", "num_beams")}
+    overrides["stop"] = tuple(args.stop) if args.stop else None
+    run_eval(EvalConfig(
+        model_path=args.model_path, data_path=args.data_path, data_type=args.data_type, output=args.output,
+        metrics_output=args.metrics_output, data_root=args.data_root, annotation_file=args.annotation_file,
+        batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, circular=args.circular,
+        seed=args.seed, device=args.device, dtype=args.dtype, overrides=overrides,
+    ))
+
+
+if __name__ == "__main__":
+    main()

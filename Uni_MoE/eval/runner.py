@@ -1,0 +1,149 @@
+"""Run one benchmark end to end: read the eval JSON, generate in batches, score, write two JSON files.
+
+Predictions file: one record per generation with its id, prompt, prediction, reference and score.
+Metrics file: the task's metrics, the decoding settings and counts; a summary table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.conversation import render_prompt
+from ..data.dataset import UniMoEDataset
+from ..data.schema import MEDIA_KEYS, SampleError, parse_sample
+from ..serve.generate import GenerationSettings, iter_replies, load_model
+from . import metrics as M
+from .tasks import EvalItem, TaskError, TaskOptions, get_task, load_annotations, record_id
+
+
+@dataclass
+class EvalConfig:
+    """What one evaluation run needs; ``overrides`` replace fields of the task's decoding settings."""
+
+    model_path: str
+    data_path: str
+    data_type: str
+    output: str
+    metrics_output: str | None = None
+    data_root: str | None = None
+    annotation_file: str | None = None
+    batch_size: int = 8
+    num_workers: int = 0
+    limit: int | None = None
+    circular: bool = True
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write JSON (UTF-8, indented) through a temporary file, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """A JSON list or JSON-lines file of eval records."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except OSError as err:
+        raise SampleError(f"{path}: cannot read eval file ({err})") from err
+    except json.JSONDecodeError as err:
+        raise SampleError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise SampleError(f"{path}: expected a list of JSON objects")
+    return records
+
+
+def rebase_media(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
+    """Media paths that do not exist as written are looked up under ``data_root``, a leading "/" too:
+    the original's eval files hold paths such as "/coco_images/x.jpg" that it joined to a folder."""
+    def fix(p: Any) -> Any:
+        if isinstance(p, list):
+            return [fix(q) for q in p]
+        if not isinstance(p, str) or len(p) >= 200 or Path(p).exists():
+            return p
+        under = data_root / p.lstrip("/")
+        return str(under) if under.exists() else p
+
+    return {k: fix(v) if k in MEDIA_KEYS else v for k, v in record.items()}
+
+
+def prediction_row(item: EvalItem, prompt: str, prediction: str, score: Any, position: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": record_id(item.meta.get("source", {}), position)}
+    for key in ("index", "mode", "category"):
+        if item.meta.get(key) is not None:
+            row[key] = item.meta[key]
+    row.update(prompt=prompt, prediction=prediction, reference=item.reference, score=score)
+    return row
+
+
+def default_metrics_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + "_metrics.json")
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Generate and score ``cfg.data_path`` as ``cfg.data_type``; returns the metrics file's content."""
+    task = get_task(cfg.data_type)
+    settings: GenerationSettings = task.settings.with_overrides(**cfg.overrides)
+    data_root = Path(cfg.data_root) if cfg.data_root else Path(cfg.data_path).resolve().parent
+    annotations = load_annotations(json.loads(Path(cfg.annotation_file).read_text())) if cfg.annotation_file else {}
+    options = TaskOptions(annotations=annotations, circular=cfg.circular)
+
+    records = read_records(cfg.data_path)[: cfg.limit]
+    items: list[EvalItem] = []
+    for i, record in enumerate(records):
+        try:
+            prepared = task.prepare(rebase_media(record, data_root), i, options)
+        except (TaskError, ValueError, KeyError) as err:
+            raise TaskError(f"{cfg.data_path} sample {i} (id {record_id(record, i)}): {err}") from err
+        for item in prepared:
+            item.meta["source"] = record
+        items += prepared
+
+    model, tokenizer = load_model(cfg.model_path, cfg.device, cfg.dtype)
+    samples = [parse_sample(it.record, n, model.config.voice_modality, cfg.data_path) for n, it in enumerate(items)]
+    dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
+    torch.manual_seed(cfg.seed)
+    predictions = [""] * len(items)
+    for n, reply in iter_replies(model, tokenizer, dataset, settings, cfg.batch_size, cfg.num_workers,
+                                 progress=f"{task.name}"):
+        predictions[n] = reply
+
+    metrics, scores = task.score(items, predictions, options)
+    rows = [prediction_row(it, render_prompt(s.conversations), p, sc, i)
+            for i, (it, s, p, sc) in enumerate(zip(items, samples, predictions, scores))]
+    write_json(cfg.output, rows)
+    result: dict[str, Any] = {
+        "task": task.name, "description": task.description, "data_path": str(cfg.data_path),
+        "model_path": str(cfg.model_path), "num_records": len(records), "num_generations": len(items),
+        "generation": settings.as_dict(), "metrics": metrics,
+    }
+    if task.notes:
+        result["notes"] = task.notes
+    if task.side_output is not None:
+        suffix, build = task.side_output
+        side = Path(cfg.output).with_name(Path(cfg.output).stem + suffix)
+        result["side_output"] = str(write_json(side, build(items, predictions)))
+    write_json(cfg.metrics_output or default_metrics_path(cfg.output), result)
+    print(M.summarize({task.name: metrics}))
+    if task.notes:
+        print(f"note: {task.notes}")
+    return result

@@ -1,0 +1,216 @@
+"""Batched, KV-cached generation from samples of mixed modalities, and one-prompt building for the CLI.
+
+Samples go through the training data pipeline (``UniMoEDataset(for_generation=True)``), are left-padded
+into batches, and decoded with ``model.generate``: the media enter on the prefill step only, then every
+new token costs one cached forward step. The original decoded one sample at a time without a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..data import media
+from ..data.collate import MEDIA_FIELDS, Collator
+from ..data.dataset import UniMoEDataset
+from ..data.schema import Sample, parse_sample
+from ..model.uni_moe import UniMoEForCausalLM
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+NON_MODEL_KEYS = ("labels", "modality", "sample_index")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings; ``stop`` strings end a reply early and are cut from it."""
+
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    def with_overrides(self, **changes: Any) -> "GenerationSettings":
+        """A copy with the given fields replaced (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``. Temperature 0 means greedy, as in the original."""
+        sample = self.do_sample and self.temperature > 0
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            do_sample=sample,
+            num_beams=self.num_beams,
+            use_cache=True,
+        )
+        if sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.num_beams > 1:
+            kwargs["length_penalty"] = self.length_penalty
+        return kwargs
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string, stripped."""
+    cut = len(text)
+    for s in stop:
+        pos = text.find(s)
+        if s and pos != -1:
+            cut = min(cut, pos)
+    return text[:cut].strip()
+
+
+def to_samples(samples_or_records: Sequence[Sample | dict], voice_modality: str, source: str = "<memory>") -> list[Sample]:
+    """Parsed samples from records in the data JSON schema (samples pass through unchanged)."""
+    return [s if isinstance(s, Sample) else parse_sample(s, i, voice_modality, source)
+            for i, s in enumerate(samples_or_records)]
+
+
+def _to_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Tensors onto the model's device; float media in the model's dtype."""
+    out = {}
+    for key, value in batch.items():
+        if key in NON_MODEL_KEYS:
+            continue
+        if key in MEDIA_FIELDS and value.is_floating_point():
+            value = value.to(model.dtype)
+        out[key] = value.to(model.device)
+    return out
+
+
+def iter_replies(
+    model: UniMoEForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: UniMoEDataset,
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: bool | str = False,
+) -> Iterator[tuple[int, str]]:
+    """(dataset index, reply) in dataset order, one batch at a time; media load in ``num_workers``."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers,
+        collate_fn=Collator(tokenizer.pad_token_id, padding_side="left"),
+    )
+    kwargs = settings.generate_kwargs()
+    if settings.stop:
+        kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
+    bar = tqdm(total=len(dataset), desc=progress if isinstance(progress, str) else "generating",
+               disable=not progress, unit="sample")
+    done = 0
+    with torch.inference_mode():
+        for batch in loader:
+            inputs = _to_device(batch, model)
+            out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
+            new = out[:, inputs["input_ids"].shape[1]:]
+            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+                yield done, cut_at_stop(text, settings.stop)
+                done += 1
+            bar.update(len(new))
+    bar.close()
+
+
+def generate_batch(
+    model: UniMoEForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    samples_or_records: Sequence[Sample | dict],
+    settings: GenerationSettings | None = None,
+    *,
+    data_root: str | Path | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: bool | str = False,
+    seed: int | None = None,
+) -> list[str]:
+    """Replies (template and stop strings stripped) to samples of any modality mix, in input order.
+
+    Each sample's last gpt turn, if present, is dropped, so eval records with an empty answer turn work.
+    ``seed`` makes sampled decoding repeatable.
+    """
+    settings = settings or GenerationSettings()
+    samples = to_samples(samples_or_records, model.config.voice_modality)
+    dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    replies = [""] * len(samples)
+    for i, reply in iter_replies(model, tokenizer, dataset, settings, batch_size, num_workers, progress):
+        replies[i] = reply
+    return replies
+
+
+def video_frames_or_file(video: str | Path) -> list[str] | str:
+    """A folder of frames becomes its sorted frame list (the original read it unsorted); a file stays."""
+    p = Path(video)
+    if p.is_dir():
+        frames = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+        if not frames:
+            raise media.MediaError(f"{p}: folder holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+        return frames
+    return str(p)
+
+
+def build_chat_sample(
+    question: str,
+    image: str | None = None,
+    speech: str | None = None,
+    audio: str | None = None,
+    video: str | None = None,
+    history: Sequence[tuple[str, str]] | None = None,
+    video_track_as: str | None = "speech",
+) -> dict[str, Any]:
+    """One record in the data schema from free text and media paths, media in the first turn.
+
+    The first human turn is ``<image>\\n<speech>\\n<audio>\\n<video>\\n`` (those present) + the first
+    question, as the original's CLI builds it. ``history`` holds earlier (question, answer) pairs.
+    A video file's soundtrack, if it has one, is added as ``video_track_as`` ("speech", "audio" or None).
+    """
+    record: dict[str, Any] = {}
+    if image:
+        record["image"] = str(image)
+    if speech:
+        record["speech"] = [str(speech)]
+    if audio:
+        record["audio"] = [str(audio)]
+    if video:
+        record["video"] = video_frames_or_file(video)
+        if video_track_as and isinstance(record["video"], str) and media.load_audio_track(video) is not None:
+            record.setdefault(video_track_as, []).append(str(video))
+    tokens = ["<image>"] * ("image" in record) + ["<speech>"] * len(record.get("speech", [])) \
+        + ["<audio>"] * len(record.get("audio", [])) + ["<video>"] * ("video" in record)
+    prefix = "".join(t + "\n" for t in tokens)
+    turns: list[dict[str, str]] = []
+    for q, a in list(history or []):
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    turns += [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
+    turns[0] = {"from": "human", "value": prefix + turns[0]["value"]}
+    record["conversations"] = turns
+    return record
+
+
+def load_model(
+    model_path: str | Path, device: str | None = None, dtype: str | None = None
+) -> tuple[UniMoEForCausalLM, PreTrainedTokenizerBase]:
+    """Model (eval mode) and tokenizer from a ``save_pretrained`` folder; dtype "auto" keeps the saved one."""
+    from ..data.tokenizer import load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
+    model = UniMoEForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype).to(device).eval()
+    return model, load_tokenizer(model_path)
+
