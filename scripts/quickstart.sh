@@ -34,14 +34,9 @@ run() {
 
 # ---- environment: .venv with CPU torch first, then the project; skipped when already satisfied
 if [ "${DRY_RUN:-0}" != 1 ]; then
-  if [ "$(id -u)" = 0 ] && ! command -v espeak-ng >/dev/null && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
-  fi
-  [ -x .venv/bin/python ] || python3 -m venv .venv
+  bash scripts/setup_env.sh "train,eval,video"
   # shellcheck disable=SC1091
   . .venv/bin/activate
-  python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-  python -c "import importlib.metadata as m; m.version('uni-moe'); import deepspeed, pycocoevalcap" 2>/dev/null || pip install -q -e ".[train,eval]"
 fi
 
 # ---- tiny checkpoint and synthetic data (reused when present)

@@ -3,6 +3,8 @@ few-MB Uni-MoE with every encoder, saved with ``save_pretrained``.
 
     python -m Uni_MoE.checkpoint.tiny --out checkpoint/tiny            # dense LLM (stage-1 start)
     python -m Uni_MoE.checkpoint.tiny --out checkpoint/tiny-moe --moe  # 4 experts in every layer
+    python -m Uni_MoE.checkpoint.tiny --out wide --moe --hidden_size 4096 --intermediate_size 11008 \
+        --num_heads 32 --num_layers 4                                    # LLaMA-7B width, for GPU runs
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ def tokenizer_corpus() -> list[str]:
     return texts * 4
 
 
-def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, vocab_size: int = 1024) -> Path:
-    """Write a tiny checkpoint (config, safetensors weights, tokenizer) to ``out``."""
+def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, vocab_size: int = 1024,
+               llm: dict[str, int] | None = None) -> Path:
+    """Write a tiny checkpoint (config, safetensors weights, tokenizer) to ``out``; ``llm`` overrides fields
+    of the LLaMA config (e.g. ``hidden_size``, ``num_hidden_layers``) for a model of another width."""
     out = Path(out)
     tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
     ids = {f"{m}_token_index": tokenizer.convert_tokens_to_ids(f"<{m}>") for m in ("image", "video", "audio", "speech")}
     config = presets.tiny(vocab_size=len(tokenizer), placeholder_ids=ids, moe_layers="all" if moe else "none")
+    for key, value in (llm or {}).items():
+        setattr(config.text_config, key, value)
+    if llm and "num_attention_heads" in llm:
+        config.text_config.num_key_value_heads = llm["num_attention_heads"]
     config.text_config.pad_token_id = tokenizer.pad_token_id
     config.text_config.bos_token_id = tokenizer.bos_token_id
     config.text_config.eos_token_id = tokenizer.eos_token_id
@@ -68,8 +76,14 @@ def main() -> None:
     parser.add_argument("--out", default="checkpoint/tiny")
     parser.add_argument("--moe", action="store_true", help="mixture of 4 experts in every layer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden_size", type=int, help="LLM width (default: the tiny preset's)")
+    parser.add_argument("--intermediate_size", type=int, help="LLM MLP width")
+    parser.add_argument("--num_layers", type=int, dest="num_hidden_layers", help="LLM depth")
+    parser.add_argument("--num_heads", type=int, dest="num_attention_heads", help="LLM attention heads")
     args = parser.parse_args()
-    path = build_tiny(args.out, moe=args.moe, seed=args.seed)
+    llm = {k: getattr(args, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads") if getattr(args, k) is not None}
+    path = build_tiny(args.out, moe=args.moe, seed=args.seed, llm=llm)
     size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
     print(f"tiny checkpoint written to {path} ({size:.1f} MB)")
 

@@ -1,8 +1,10 @@
 """Training statistics beyond the loss: LM and balance loss, loss per sample modality, and expert load
-per token modality (how many tokens of text, image, video, speech and audio each expert receives)."""
+per token modality (how many tokens of text, image, video, speech and audio each expert receives), and
+throughput."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -59,6 +61,8 @@ class RoutingTracker:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.window_load = self._zero_load()
+        self.window_tokens = 0
+        self.window_start = time.perf_counter()
 
     def _add(self, key: str, value: float) -> None:
         self.sums[key] += value
@@ -67,6 +71,7 @@ class RoutingTracker:
     @torch.no_grad()
     def update(self, inputs: dict, outputs, modalities: list[str] | None, routing: list[torch.Tensor]) -> None:
         """Record one micro-batch: inputs as given to the model, its outputs, sample modality labels."""
+        self.window_tokens += outputs.logits.shape[0] * outputs.logits.shape[1]
         if outputs.lm_loss is not None:
             self._add("lm_loss", float(outputs.lm_loss))
         if outputs.aux_loss is not None:
@@ -82,8 +87,11 @@ class RoutingTracker:
                 self.load[m] += counts
 
     def pop_logs(self) -> dict[str, float]:
-        """Means since the last call, plus each token modality's share of tokens per expert."""
+        """Means since the last call, each token modality's share of tokens per expert, and the LLM tokens
+        (spliced sequence incl. padding) this process handled per second of wall time since the last call."""
         logs = {k: self.sums[k] / self.counts[k] for k in sorted(self.sums)}
+        if self.window_tokens:
+            logs["tokens_per_second_per_device"] = self.window_tokens / (time.perf_counter() - self.window_start)
         for m, counts in self.window_load.items():
             per_expert = counts.sum(dim=0)
             total = int(per_expert.sum())
