@@ -30,6 +30,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAMPLE_RATE = 16000
 WHISPER_HOP = 160
 MIN_BASE64_LEN = 200  # the original treats image strings at least this long as base64
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images and video frames are refused before they are decoded
+SILENCE_PEAK = 1e-4  # a waveform whose peak stays below this (-80 dBFS) counts as silent
 
 
 class MediaError(ValueError):
@@ -51,12 +53,22 @@ def _checked_file(path: str | Path) -> Path:
 # ---------------------------------------------------------------- images
 
 
+def _check_resolution(width: int, height: int, name: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise MediaError(
+            f"{name}: resolution {width}x{height} exceeds the {MAX_IMAGE_PIXELS} pixel limit (media.MAX_IMAGE_PIXELS)"
+        )
+
+
 def _open_image(source: io.BytesIO | Path, name: str) -> Image.Image:
     try:
         with Image.open(source) as img:
+            _check_resolution(*img.size, name)
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, MediaError):
+            raise
         raise MediaError(f"{name}: not a readable image ({err})") from err
 
 
@@ -178,6 +190,8 @@ def _decode_frames(p: Path, wanted: list[int]) -> list[Image.Image]:
     with _open_container(p) as container:
         if not container.streams.video:
             raise MediaError(f"{p}: has no video stream")
+        stream = container.streams.video[0]
+        _check_resolution(stream.codec_context.width, stream.codec_context.height, str(p))
         try:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in targets:
@@ -282,6 +296,11 @@ def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarra
     if decoded is None:
         raise MediaError(f"{p}: has no audio stream")
     return _mono_resampled(decoded[0], decoded[1], sample_rate, str(p))
+
+
+def is_silent(wave: np.ndarray, peak: float = SILENCE_PEAK) -> bool:
+    """True when no sample of `wave` reaches `peak` (digital silence or near it)."""
+    return wave.size == 0 or float(np.max(np.abs(wave))) < peak
 
 
 def num_chunks(n_samples: int, chunk_samples: int) -> int:

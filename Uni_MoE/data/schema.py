@@ -20,6 +20,9 @@ from ..config import PLACEHOLDERS
 MEDIA_KEYS = ("image", "video", "voice", "speech", "audio")
 PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(t) for t in PLACEHOLDERS.values()) + ")")
 TOKEN_TO_MODALITY = {t: m for m, t in PLACEHOLDERS.items()}
+MEDIA_SUFFIXES = frozenset(
+    ".jpg .jpeg .png .bmp .gif .webp .tif .tiff .mp4 .avi .mkv .mov .webm .wav .flac .mp3 .ogg .m4a".split()
+)
 
 
 class SampleError(ValueError):
@@ -114,12 +117,12 @@ def _check_placeholders(sample: Sample, where: str) -> None:
             raise SampleError(f"{where}: {n_text} '{token}' placeholders but {n_media} {modality} file(s)")
 
 
-def load_samples(path: str | Path, voice_modality: str = "speech") -> list[Sample]:
-    """Read a JSON list (or JSON-lines file) of records and parse each one."""
+def read_records(path: str | Path) -> list[Any]:
+    """The raw records of a JSON list (or JSON-lines) file; an unreadable or malformed file names itself."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise SampleError(f"{path}: cannot read data file ({err})") from err
     try:
         if path.suffix == ".jsonl":
@@ -130,7 +133,27 @@ def load_samples(path: str | Path, voice_modality: str = "speech") -> list[Sampl
         raise SampleError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
     if not isinstance(records, list):
         raise SampleError(f"{path}: expected a JSON list of samples")
-    return [parse_sample(r, i, voice_modality, str(path)) for i, r in enumerate(records)]
+    return records
+
+
+def load_samples(path: str | Path, voice_modality: str = "speech") -> list[Sample]:
+    """Read a JSON list (or JSON-lines file) of records and parse each one."""
+    return [parse_sample(r, i, voice_modality, str(path)) for i, r in enumerate(read_records(path))]
+
+
+def unknown_media_keys(record: dict[str, Any]) -> list[str]:
+    """Keys outside the schema's media keys whose value names media files (``images``, ``audio_file`` ...).
+
+    Such a key is almost surely a misspelt modality: its media would be silently ignored, so validation
+    reports it. Other extra keys (``id``, ``answer``, ``image_id`` ...) hold no media paths and pass.
+    """
+    def names_media(value: Any) -> bool:
+        values = value if isinstance(value, list) else [value]
+        return bool(values) and all(
+            isinstance(v, str) and Path(v).suffix.lower() in MEDIA_SUFFIXES for v in values
+        )
+
+    return [k for k, v in record.items() if k not in MEDIA_KEYS and names_media(v)]
 
 
 def resolve_media_path(path: str, data_root: str | Path | None) -> Path:

@@ -1,5 +1,9 @@
-"""Training data: the JSON files read into one dataset, with optional skipping of bad samples, an
-in-memory cache, and cheap length estimates for the modality-grouped sampler."""
+"""Training data: the JSON files validated and read into one dataset, an optional in-memory cache, and
+cheap length estimates for the modality-grouped sampler.
+
+Every sample is checked before training starts (``Uni_MoE.data.validate``): bad samples stop the run with
+a report naming each one, or with ``--skip_bad_samples`` are left out and counted, so no sample that could
+be checked up front fails mid-epoch."""
 
 from __future__ import annotations
 
@@ -11,31 +15,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import UniMoEConfig
 from ..data.dataset import UniMoEDataset
-from ..data.schema import Sample, load_samples
+from ..data.schema import Sample
+from ..data.validate import DataValidationError, ValidationReport, validate_files
 
 logger = logging.getLogger(__name__)
-
-
-class SkippingDataset(Dataset):
-    """Wraps a dataset: an item that fails to load is reported (naming it) and replaced by the next one."""
-
-    def __init__(self, inner: UniMoEDataset) -> None:
-        self.inner = inner
-        self.skipped: dict[int, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        for offset in range(len(self.inner)):
-            j = (i + offset) % len(self.inner)
-            try:
-                return self.inner[j]
-            except ValueError as err:
-                if j not in self.skipped:
-                    self.skipped[j] = str(err)
-                    logger.warning("skipping bad sample (%d skipped so far): %s", len(self.skipped), err)
-        raise ValueError("every sample failed to load; see the warnings above")
 
 
 class CachedDataset(Dataset):
@@ -72,14 +55,27 @@ def build_dataset(
     model_max_length: int,
     skip_bad_samples: bool = False,
     cache: bool = False,
-) -> tuple[Dataset, list[Sample]]:
-    """All records of ``paths`` as one training dataset (and the parsed samples, for the sampler)."""
-    samples: list[Sample] = []
-    for path in paths:
-        samples += load_samples(path, config.voice_modality)
-    dataset: Dataset = UniMoEDataset(samples, tokenizer, config, data_root, model_max_length)
-    if skip_bad_samples:
-        dataset = SkippingDataset(dataset)
+    num_workers: int = 0,
+    show_progress: bool = True,
+) -> tuple[Dataset, ValidationReport]:
+    """All usable records of ``paths`` as one training dataset, and the validation report (whose
+    ``samples`` are the dataset's samples, for the sampler).
+
+    Raises DataValidationError listing every bad sample unless ``skip_bad_samples``.
+    """
+    report = validate_files(paths, tokenizer, config, data_root, model_max_length, num_workers=num_workers,
+                            show_progress=show_progress)
+    for issue in report.warnings:
+        logger.warning("%s", issue)
+    if report.errors and not skip_bad_samples:
+        raise DataValidationError(
+            f"{report.format()}\nfix or remove these samples, or pass --skip_bad_samples True to train on the rest"
+        )
+    for issue in report.errors:
+        logger.warning("skipping %s", issue)
+    if not report.samples:
+        raise DataValidationError(f"no usable training sample in {paths}\n{report.format()}")
+    dataset: Dataset = UniMoEDataset(report.samples, tokenizer, config, data_root, model_max_length)
     if cache:
         dataset = CachedDataset(dataset)
-    return dataset, samples
+    return dataset, report

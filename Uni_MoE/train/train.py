@@ -68,10 +68,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     recipe = stages.make_recipe(model, model_args, train_args)
     stages.apply_recipe(model, recipe, train_args)
 
-    dataset, samples = build_dataset(
+    dataset, report = build_dataset(
         data_args.data_path, tokenizer, model.config, data_args.root(), train_args.model_max_length,
-        data_args.skip_bad_samples, data_args.cache_data,
+        data_args.skip_bad_samples, data_args.cache_data, train_args.dataloader_num_workers,
+        show_progress=train_args.local_process_index == 0 and not train_args.disable_tqdm,
     )
+    samples = report.samples
     per_visual = MediaProcessor(model.config).tokens_per_visual() if model.config.vision_config else 0
     trainer = UniMoETrainer(
         model=model,
@@ -84,9 +86,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     )
     trainer.add_callback(ExpertLoadCallback(trainer.tracker))
     trainer.train(resume_from_checkpoint=resolve_resume(train_args))
-    skipped = getattr(dataset, "skipped", None) or getattr(getattr(dataset, "inner", None), "skipped", None)
-    if skipped:
-        logger.warning("skipped %d bad samples: %s", len(skipped), sorted(skipped))
+    if report.issues:
+        logger.warning("training data: %s%s", report.summary(), "; the bad ones were skipped" if report.errors else "")
     with _zero3_gathered(trainer):
         out = stages.export(trainer.accelerator.unwrap_model(trainer.model), model_args.stage, train_args.output_dir,
                             tokenizer, trainer.args.should_save)
