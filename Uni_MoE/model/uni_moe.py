@@ -9,7 +9,11 @@ consumed on the prefill step only.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +25,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from ..config import UniMoEConfig
 from .connectors import AudioQFormer, SpeechQFormer, build_projector
 from .moe import MoEExperts, MoELayer
+from .moe.deepspeed_backend import DeepSpeedMoELayer
 
 
 @dataclass
@@ -52,9 +57,10 @@ class UniMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.query_tokens, mean=0.0, std=0.02)
 
 
-def make_moe_layer(config: UniMoEConfig) -> MoELayer:
+def make_moe_layer(config: UniMoEConfig) -> MoELayer | DeepSpeedMoELayer:
+    """The MoE MLP of the configured backend: experts on every rank, or placed by DeepSpeed-MoE."""
     tc = config.text_config
-    return MoELayer(
+    common = dict(
         hidden_size=tc.hidden_size,
         intermediate_size=tc.intermediate_size,
         num_experts=config.num_experts,
@@ -66,8 +72,10 @@ def make_moe_layer(config: UniMoEConfig) -> MoELayer:
         lora_dropout=config.expert_lora_dropout,
         router_jitter=config.router_jitter,
         second_expert_sampling=config.router_second_expert_sampling,
-        implementation=config.moe_implementation,
     )
+    if config.moe_backend == "deepspeed":
+        return DeepSpeedMoELayer(**common, ep_size=config.ep_size, capacity_factor=config.capacity_factor)
+    return MoELayer(**common, implementation=config.moe_implementation)
 
 
 class UniMoEModel(UniMoEPreTrainedModel):
@@ -109,7 +117,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def moe_layers(self) -> list[MoELayer]:
-        return [layer.mlp for layer in self.language_model.layers if isinstance(layer.mlp, MoELayer)]
+        moe_types = (MoELayer, DeepSpeedMoELayer)
+        return [layer.mlp for layer in self.language_model.layers if isinstance(layer.mlp, moe_types)]
 
     @staticmethod
     def _encoder_grad(module: nn.Module) -> bool:

@@ -1,0 +1,204 @@
+"""DeepSpeedMoELayer: the v2 backend, whose experts DeepSpeed-MoE places and shards over ``ep_size`` ranks.
+
+It is built from the same settings as MoELayer, computes the same function (when no token is dropped,
+which ``drop_tokens=False`` guarantees) and reads and writes the same checkpoint layout. At
+``ep_size == 1`` its state dict is the local backend's (``router.weight``, stacked ``experts.*``). At
+``ep_size > 1`` a rank's state dict is DeepSpeed's own (``moe.deepspeed_moe...``, this rank's experts
+only, which DeepSpeed's checkpoints expect); :func:`expert_parallel_state_dict`, called on every rank,
+gathers the experts into the local layout for ``save_pretrained``. Loading takes either layout (keeping
+this rank's experts) and the original v2 names (``deepspeed_moe.gate.wg.weight``,
+``deepspeed_moe.experts.deepspeed_experts.<local>.<proj>...``). ``torch.distributed`` must be
+initialised (``deepspeed.init_distributed()``) on every rank before the layer is built, since building
+creates the expert-parallel process groups.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .experts import PROJECTIONS, MoEExperts
+
+BASE_NAMES = tuple(f"{p}_proj" for p in PROJECTIONS)
+LORA_NAMES = tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in ("A", "B"))
+GATE_KEY = "moe.deepspeed_moe.gate.wg.weight"
+EXPERT_KEY = "moe.deepspeed_moe.experts.deepspeed_experts.{}.{}"
+ORIGINAL_GATE_KEY = "deepspeed_moe.gate.wg.weight"
+ORIGINAL_EXPERT_KEY = re.compile(
+    r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.((?:gate|up|down)_proj(?:_lora_[AB])?)\.weight"
+)
+DEEPSPEED_JITTER = 1e-2  # the fixed epsilon of DeepSpeed's "Jitter" noisy gate policy
+MIN_CAPACITY = 4  # DeepSpeed's default; unused without token dropping
+
+
+class LoRAExpert(MoEExperts):
+    """One LoRA-integrated SwiGLU expert (the original's LlamaMLPLoRA), for DeepSpeed to copy per local
+    expert. Parameters keep MoEExperts' layout with a leading expert dimension of 1."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", lora_r: int = 0,
+                 lora_alpha: int = 16, lora_dropout: float = 0.0) -> None:
+        super().__init__(1, hidden_size, intermediate_size, hidden_act, "mlp", lora_r, lora_alpha, lora_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expert_forward(0, x)
+
+
+def noisy_gate_policy(router_jitter: float) -> str | None:
+    """DeepSpeed's gate noise for our ``router_jitter``: none, or its fixed 1e-2 multiplicative jitter."""
+    if router_jitter == 0:
+        return None
+    if router_jitter == DEEPSPEED_JITTER:
+        return "Jitter"
+    raise ValueError(f"router_jitter={router_jitter}: the deepspeed backend supports only 0 or {DEEPSPEED_JITTER}")
+
+
+class DeepSpeedMoELayer(nn.Module):
+    """``deepspeed.moe.layer.MoE`` with LoRA-integrated experts. Input and output [B, S, H].
+
+    Like MoELayer it keeps ``aux_loss`` (DeepSpeed's l_aux, the same GShard loss) and ``routing``
+    ([B, S, k] experts chosen by DeepSpeed's gate, detached) after each forward. The 2nd expert is
+    sampled only in training (DeepSpeed samples at eval too, which makes inference random).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        ep_size: int = 1,
+        capacity_factor: float = 1.5,
+        router_jitter: float = 0.0,
+        second_expert_sampling: bool = False,
+        expert_type: str = "mlp",
+        **expert_options: Any,
+    ) -> None:
+        """``expert_options`` (hidden_act, lora_r, lora_alpha, lora_dropout) configure every LoRAExpert."""
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        if expert_type != "mlp":
+            raise ValueError(f"expert_type={expert_type!r}: the deepspeed backend gives every expert its own MLP")
+        if not dist.is_initialized():
+            raise RuntimeError("moe_backend='deepspeed' needs torch.distributed initialised before the model is "
+                               "built (deepspeed.init_distributed())")
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.second_expert_sampling = second_expert_sampling
+        expert = LoRAExpert(hidden_size, intermediate_size, **expert_options)
+        self.expert_names = BASE_NAMES + (LORA_NAMES if expert.has_lora else ())
+        self.moe = MoE(hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=top_k,
+                       capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+                       min_capacity=MIN_CAPACITY, use_residual=False, noisy_gate_policy=noisy_gate_policy(router_jitter),
+                       drop_tokens=False, top2_2nd_expert_sampling=second_expert_sampling)
+        self.moe.set_deepspeed_parallelism()
+        self.ep_size = ep_size
+        self.ep_group = self.moe.deepspeed_moe.ep_group
+        self.ep_rank = dist.get_rank(group=self.ep_group) if ep_size > 1 else 0
+        self.num_local_experts = num_experts // ep_size
+        self.gather_on_save = False
+        self.aux_loss: torch.Tensor | None = None
+        self.routing: torch.Tensor | None = None
+        self._routes: torch.Tensor | None = None
+        self.moe.deepspeed_moe.gate.register_forward_hook(self._keep_routes)
+        self.register_state_dict_post_hook(_save_local_layout)
+        self.register_load_state_dict_pre_hook(_load_local_layout)
+
+    @property
+    def router(self) -> nn.Linear:
+        """DeepSpeed's gate projection [E, H], the counterpart of MoELayer.router."""
+        return self.moe.deepspeed_moe.gate.wg
+
+    def local_experts(self) -> nn.ModuleList:
+        return self.moe.deepspeed_moe.experts.deepspeed_experts
+
+    def local_expert(self, expert: int) -> LoRAExpert | None:
+        """Global expert ``expert`` if this rank holds it (local b on EP rank r is r * num_local + b)."""
+        b = expert - self.ep_rank * self.num_local_experts
+        return self.local_experts()[b] if 0 <= b < self.num_local_experts else None
+
+    def _keep_routes(self, gate: nn.Module, inputs: Any, output: tuple) -> None:
+        self._routes = output[3].t().long().detach()  # sparse routes: [k, T] expert indices
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.moe.deepspeed_moe.gate.top2_2nd_expert_sampling = self.second_expert_sampling and self.training
+        out, l_aux, _ = self.moe(hidden_states)
+        self.aux_loss = l_aux
+        self.routing = self._routes.view(*hidden_states.shape[:-1], self.top_k)
+        return out.to(hidden_states.dtype)
+
+    def gather_experts(self, local: torch.Tensor) -> torch.Tensor:
+        """[num_local, ...] from every EP rank -> [num_experts, ...] in global order (collective)."""
+        if self.ep_size == 1:
+            return local
+        if local.is_meta:
+            return local.new_empty((self.num_experts, *local.shape[1:]))
+        parts = [torch.empty_like(local) for _ in range(self.ep_size)]
+        dist.all_gather(parts, local.contiguous(), group=self.ep_group)
+        return torch.cat(parts)
+
+
+def _save_local_layout(layer: DeepSpeedMoELayer, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """Rename the gate to ``router.weight`` and stack (and gather) the experts as ``experts.<name>``; under
+    expert parallelism only when asked (the gather is a collective that every rank must join)."""
+    if layer.ep_size > 1 and not layer.gather_on_save:
+        return
+    state[prefix + "router.weight"] = state.pop(prefix + GATE_KEY)
+    for name in layer.expert_names:
+        local = torch.cat([state.pop(prefix + EXPERT_KEY.format(b, name)).detach()
+                           for b in range(layer.num_local_experts)])
+        state[prefix + "experts." + name] = layer.gather_experts(local)
+
+
+def _load_local_layout(layer: DeepSpeedMoELayer, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Turn local-layout and original-v2 names into this layer's own, keeping this rank's experts.
+    Names already in the layer's own form win over converted ones."""
+    for key in (prefix + "router.weight", prefix + ORIGINAL_GATE_KEY):
+        if key in state:
+            state.setdefault(prefix + GATE_KEY, state.pop(key))
+    first = layer.ep_rank * layer.num_local_experts
+    for name in layer.expert_names:
+        key = prefix + "experts." + name
+        if key not in state:
+            continue
+        stacked = state.pop(key)
+        if stacked.shape[0] != layer.num_experts:
+            raise ValueError(f"{key}: shape {tuple(stacked.shape)} holds {stacked.shape[0]} experts; "
+                             f"the layer has {layer.num_experts}")
+        for b in range(layer.num_local_experts):
+            state.setdefault(prefix + EXPERT_KEY.format(b, name), stacked[first + b : first + b + 1])
+    for key in [k for k in state if k.startswith(prefix)]:
+        match = ORIGINAL_EXPERT_KEY.fullmatch(key[len(prefix):])
+        if match:
+            name = match.group(2).replace("_proj_lora", "_lora")
+            state.setdefault(prefix + EXPERT_KEY.format(match.group(1), name), state.pop(key).unsqueeze(0))
+
+
+def moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Optimizer groups with expert parameters moved into DeepSpeed-MoE groups (``moe=True``), which
+    DeepSpeed requires to reduce expert gradients over the expert-data-parallel group only.
+    Groups without a ``name`` are named ``group<i>`` (DeepSpeed keys its MoE groups by name)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [{"name": f"group{i}", **group} for i, group in enumerate(param_groups)]
+    return split_params_into_different_moe_groups_for_optimizer(named)
+
+
+def expert_parallel_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every DeepSpeedMoELayer's experts gathered into the local layout, which
+    the local backend and :func:`Uni_MoE.checkpoint.v2_experts.from_pretrained_expert_parallel` load.
+    A collective: call it on every rank of the expert-parallel groups, then save on one."""
+    layers = [m for m in model.modules() if isinstance(m, DeepSpeedMoELayer)]
+    for layer in layers:
+        layer.gather_on_save = True
+    try:
+        return model.state_dict()
+    finally:
+        for layer in layers:
+            layer.gather_on_save = False

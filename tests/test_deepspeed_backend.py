@@ -1,0 +1,222 @@
+"""The DeepSpeed-MoE backend against the local one: same outputs, gradients, aux loss and routing on the
+same weights; checkpoints that move between the backends (and the original v2 names); expert parallelism
+over two CPU processes (gloo). Run as a script, this file is the two-process worker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from Uni_MoE.model.moe import MoELayer
+from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+
+deepspeed = pytest.importorskip("deepspeed") if __name__ != "__main__" else __import__("deepspeed")
+
+LORA_NAMES = ("gate_lora_A", "gate_lora_B", "up_lora_A", "up_lora_B", "down_lora_A", "down_lora_B")
+LAYER = dict(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, lora_r=4, lora_alpha=8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_world():
+    """A one-process gloo world for DeepSpeed, torn down after this module so other tests see none."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    groups._get_expert_parallel_group_dict().clear()
+    groups._get_expert_data_parallel_group_dict().clear()
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _local_layer() -> MoELayer:
+    layer = MoELayer(**LAYER, implementation="reference")
+    for p in layer.experts.lora_parameters():  # non-zero LoRA so its path is exercised
+        torch.nn.init.normal_(p, std=0.1)
+    return layer
+
+
+def _ds_layer(**overrides):
+    from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer
+
+    return DeepSpeedMoELayer(**{**LAYER, **overrides})
+
+
+def _run(layer, x):
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    (out.square().sum() + layer.aux_loss).backward()
+    return out, x.grad
+
+
+def test_deepspeed_layer_matches_local_outputs_and_gradients(dist_world):
+    local, ds = _local_layer(), _ds_layer()
+    assert str(ds.load_state_dict(local.state_dict(), strict=True)) == "<All keys matched successfully>"
+    x = torch.randn(2, 9, 16)
+    out_l, gx_l = _run(local, x)
+    out_d, gx_d = _run(ds, x)
+    torch.testing.assert_close(out_d, out_l)
+    torch.testing.assert_close(gx_d, gx_l)
+    torch.testing.assert_close(ds.aux_loss, local.aux_loss)
+    assert torch.equal(ds.routing, local.routing) and ds.routing.shape == (2, 9, 2)
+    torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)
+    for b, expert in enumerate(ds.local_experts()):
+        for name in LORA_NAMES:
+            torch.testing.assert_close(getattr(expert, name).grad[0], getattr(local.experts, name).grad[b])
+
+
+def test_second_expert_sampling_only_in_training(dist_world):
+    ds = _ds_layer(second_expert_sampling=True).eval()
+    x = torch.randn(1, 64, 16)
+    first = ds(x)
+    torch.testing.assert_close(ds(x), first)
+    ds.train()
+    ds(x)
+    assert torch.equal(ds.routing[..., 0], x.reshape(-1, 16).matmul(ds.router.weight.T).argmax(-1).view(1, 64))
+
+
+def test_state_dict_round_trips_between_backends(dist_world):
+    local, ds = _local_layer(), _ds_layer()
+    ds.load_state_dict(local.state_dict())
+    with torch.no_grad():
+        for p in ds.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    back = MoELayer(**LAYER, implementation="reference")
+    back.load_state_dict(ds.state_dict(), strict=True)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(back(x), ds(x))
+
+
+def test_original_v2_names_load(dist_world):
+    local, ds = _local_layer(), _ds_layer()
+    sd = local.state_dict()
+    original = {"deepspeed_moe.gate.wg.weight": sd["router.weight"]}
+    for b in range(LAYER["num_experts"]):
+        for p in ("gate", "up", "down"):
+            prefix = f"deepspeed_moe.experts.deepspeed_experts.{b}.{p}_proj"
+            original[f"{prefix}.weight"] = sd[f"experts.{p}_proj"][b]
+            original[f"{prefix}_lora_A.weight"] = sd[f"experts.{p}_lora_A"][b]
+            original[f"{prefix}_lora_B.weight"] = sd[f"experts.{p}_lora_B"][b]
+    ds.load_state_dict(original, strict=True)
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(ds(x), local(x))
+
+
+def test_wrong_expert_count_names_the_key(dist_world):
+    sd = MoELayer(**{**LAYER, "num_experts": 2}).state_dict()
+    with pytest.raises(ValueError, match="experts.gate_proj.*2 experts"):
+        _ds_layer().load_state_dict(sd)
+
+
+def test_param_groups_mark_expert_parameters(dist_world):
+    from Uni_MoE.model.moe.deepspeed_backend import moe_param_groups
+
+    ds = _ds_layer()
+    groups = moe_param_groups([{"params": list(ds.parameters()), "weight_decay": 0.0}])
+    moe = [g for g in groups if g.get("moe")]
+    assert len(moe) == 1 and moe[0]["name"] == "ep_size_1" and moe[0]["weight_decay"] == 0.0
+    expert_params = {id(p) for e in ds.local_experts() for p in e.parameters()}
+    assert {id(p) for p in moe[0]["params"]} == expert_params
+    dense = [p for g in groups if not g.get("moe") for p in g["params"]]
+    assert [id(p) for p in dense] == [id(ds.router.weight)]
+
+
+def _model_pair(make_config):
+    config = make_config(expert_lora_r=4, expert_lora_alpha=8)
+    local = UniMoEForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in local.moe_layers():
+            for p in layer.experts.lora_parameters():
+                p.normal_(0.0, 0.1)
+    ds_config = make_config(expert_lora_r=4, expert_lora_alpha=8, moe_backend="deepspeed")
+    return local, UniMoEForCausalLM(ds_config).eval()
+
+
+def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_path):
+    from Uni_MoE.checkpoint.v2_experts import from_pretrained_expert_parallel
+
+    local, ds = _model_pair(make_config)
+    ds.load_state_dict(local.state_dict(), strict=True)
+    ids = torch.randint(0, 200, (2, 12))
+    out_l, out_d = local(ids), ds(ids)
+    torch.testing.assert_close(out_d.logits, out_l.logits)
+    torch.testing.assert_close(out_d.aux_loss, out_l.aux_loss)
+    assert len(ds.routing()) == len(local.routing())
+
+    ds.save_pretrained(tmp_path / "from_ds")
+    reloaded = UniMoEForCausalLM.from_pretrained(tmp_path / "from_ds", moe_backend="local").eval()
+    torch.testing.assert_close(reloaded(ids).logits, out_d.logits)
+
+    local.save_pretrained(tmp_path / "from_local")
+    ep_model = from_pretrained_expert_parallel(tmp_path / "from_local", ep_size=1)
+    torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
+
+
+@pytest.mark.slow
+def test_expert_parallel_over_two_processes(tmp_path):
+    """ep_size=2 on two gloo ranks: each holds half the experts, outputs and input gradients equal the
+    local backend's, and expert_parallel_state_dict gathers the full stacked experts."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert (Path(tmp_path) / f"ok{rank}").read_text() == "ok"
+
+
+def _ep2_worker() -> None:
+    """Each rank: build local (all experts, same seed) and ep_size=2 layers, load, compare, save back."""
+    import torch.distributed as dist
+
+    from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer, expert_parallel_state_dict
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    local = _local_layer()
+    ds = DeepSpeedMoELayer(**LAYER, ep_size=2)
+    ds.load_state_dict(local.state_dict(), strict=True)
+    assert ds.num_local_experts == 2 and ds.local_expert(2 * rank) is ds.local_experts()[0]
+    torch.testing.assert_close(ds.local_experts()[1].up_proj[0], local.experts.up_proj[2 * rank + 1])
+    torch.manual_seed(1 + rank)  # different tokens per rank
+    x = torch.randn(2, 7, 16)
+    out_l, gx_l = _run(local, x)
+    out_d, gx_d = _run(ds, x)
+    torch.testing.assert_close(out_d, out_l)
+    torch.testing.assert_close(gx_d, gx_l)
+    for name in LORA_NAMES:  # an expert's gradient sums both ranks' tokens
+        summed = getattr(local.experts, name).grad.clone()
+        dist.all_reduce(summed)
+        for b, expert in enumerate(ds.local_experts()):
+            torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
+    own = ds.state_dict()  # DeepSpeed's per-rank layout: this rank's two experts only
+    assert "router.weight" not in own and "moe.deepspeed_moe.experts.deepspeed_experts.1.up_proj" in own
+    assert not any(".deepspeed_experts.2." in k for k in own)
+    gathered = expert_parallel_state_dict(ds)
+    assert gathered.keys() == local.state_dict().keys()
+    for key, value in local.state_dict().items():
+        torch.testing.assert_close(gathered[key], value)
+    (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    _ep2_worker()
