@@ -5,7 +5,7 @@ x.requires_grad; loss = y.float().sum() + 0.01 * aux. Ratios: distinct experts (
 dense frozen MLP (the floor for k distinct experts per token), shared base against 1 x dense.
 
     python benchmarks/moe_layer.py --out moe_layer.md          # LLaMA-7B MLP shapes, bf16, CUDA
-    python benchmarks/moe_layer.py --device cpu --small        # tiny smoke run
+    python benchmarks/moe_layer.py --smoke                     # tiny CPU run of every path
 """
 
 from __future__ import annotations
@@ -178,11 +178,14 @@ def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true", help="tiny shapes for a smoke run")
+    parser.add_argument("--small", action="store_true", help="tiny shapes")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, 2 repetitions")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args()
+    if args.smoke:
+        args.device, args.small, args.reps, args.warmup = "cpu", True, 2, 1
     device = torch.device(args.device)
     shapes = SMALL if args.small else FULL
     rows = run(shapes, device, args.warmup, args.reps)

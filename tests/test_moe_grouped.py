@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from Uni_MoE.model.moe import MoELayer, experts_reference, resolve_expert_implementation
-from Uni_MoE.model.moe import grouped
+from Uni_MoE.model.moe import grouped, segments
 from Uni_MoE.model.moe.grouped import experts_grouped
 
 H, I, T = 32, 48, 40
@@ -75,7 +75,7 @@ def test_function_matches_reference_with_weight_grads(
 ) -> None:
     """Direct call with trainable bases too, through grouped_mm and through the padded-bmm fallback."""
     if not use_grouped_mm:
-        monkeypatch.setattr(grouped, "_grouped_mm_works", lambda device_type, dtype: False)
+        monkeypatch.setattr(segments, "_grouped_mm_works", lambda device_type, dtype: False)
     layer = make_layer(8, 2, expert_type, lora_r=4, seed=1)
     experts = layer.experts
     for p in experts.base_parameters():

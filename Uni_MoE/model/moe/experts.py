@@ -41,6 +41,7 @@ class MoEExperts(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.expert_type = expert_type
+        self.hidden_act = hidden_act
         self.num_bases = num_experts if expert_type == "mlp" else 1
         self.act_fn = ACT2FN[hidden_act]
         self.lora_r = lora_r

@@ -1,0 +1,132 @@
+"""Experts with distinct frozen bases (``expert_type="mlp"``): one autograd function for the whole block.
+
+Slots are sorted by expert once. Forward: grouped GEMMs for the bases, LoRA-B products accumulated in
+place into the base outputs (block-masked ``addmm_``, no out-wide temporary), one fused SwiGLU, the down
+projection and its LoRA, and a weighted sum over each token's k slots. Only the pre-activation gate/up
+([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
+recomputed in backward, frozen bases get no weight gradient, and LoRA weight gradients are exact
+per-expert grouped products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .lora_blocks import spread, stack_b
+from .segments import SlotGrouping, segment_mm, segment_mm_tn, unsort_sum
+from .swiglu import swiglu_backward, swiglu_forward
+
+
+@dataclass
+class LoRASettings:
+    """LoRA scaling and the dropout probability on the down projection's input (0 when inactive)."""
+
+    scale: float
+    down_dropout: float
+
+
+def _own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up LoRA-A activations of every expert [T, 2*E*r] -> each sorted slot's own [S, r] pair."""
+    own = za.view(za.shape[0], 2, num_experts, -1)[g.token, :, g.expert]  # [S, 2, r]
+    return own[:, 0].contiguous(), own[:, 1].contiguous()
+
+
+def _dropout_mask(h: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Inverted-dropout multiplier for h (0 or 1/(1-p)), or None when p is 0."""
+    if p <= 0:
+        return None
+    return (torch.rand_like(h) >= p).to(h.dtype) / (1.0 - p)
+
+
+class DistinctExperts(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * expert_{e(t,j)}(x[t]) for experts with their own bases and LoRA."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        za: torch.Tensor | None,
+        gate_w: torch.Tensor,
+        up_w: torch.Tensor,
+        down_w: torch.Tensor,
+        gate_b: torch.Tensor | None,
+        up_b: torch.Tensor | None,
+        down_a: torch.Tensor | None,
+        down_b: torch.Tensor | None,
+        g: SlotGrouping,
+        lora: LoRASettings,
+    ) -> torch.Tensor:
+        t, k = weights.shape
+        num_experts = gate_w.shape[0]
+        xs = x[g.token]  # [S, H]
+        gate = segment_mm(xs, gate_w.transpose(1, 2), g)  # [S, I]
+        up = segment_mm(xs, up_w.transpose(1, 2), g)  # [S, I]
+        zg = zu = zd = keep = None
+        if za is not None:
+            zg, zu = _own_lora_inputs(za, g, num_experts)  # [S, r] each
+            gate.addmm_(spread(zg, g.expert, num_experts), stack_b(gate_b), alpha=lora.scale)
+            up.addmm_(spread(zu, g.expert, num_experts), stack_b(up_b), alpha=lora.scale)
+        h = swiglu_forward(gate, up, None, None)  # [S, I]
+        ys = segment_mm(h, down_w.transpose(1, 2), g)  # [S, H]
+        if za is not None:
+            keep = _dropout_mask(h, lora.down_dropout)
+            zd = segment_mm(h if keep is None else h * keep, down_a.transpose(1, 2), g)  # [S, r]
+            ys.addmm_(spread(zd, g.expert, num_experts), stack_b(down_b), alpha=lora.scale)
+        del h
+        slots = ys[g.inverse].view(t, k, -1)
+        out = slots[:, 0] * weights[:, :1]
+        for j in range(1, k):  # over a token's k slots, not over experts
+            out.addcmul_(slots[:, j], weights[:, j : j + 1])
+        ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b)
+        ctx.grouping, ctx.lora = g, lora
+        ctx.gate, ctx.up, ctx.zg, ctx.zu, ctx.zd, ctx.keep = gate, up, zg, zu, zd, keep
+        ctx.ys = ys if ctx.needs_input_grad[1] else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b = ctx.saved_tensors
+        g, lora, need = ctx.grouping, ctx.lora, ctx.needs_input_grad
+        t, k = weights.shape
+        num_experts, s = gate_w.shape[0], lora.scale
+        has_lora = ctx.zg is not None
+        dy = grad_out.contiguous()[g.token]  # [S, H]
+        grad_w = None
+        if need[1]:
+            grad_w = (ctx.ys.float() * dy.float()).sum(-1)[g.inverse].view(t, k).to(weights.dtype)
+        dys = dy * weights.reshape(-1)[g.order, None]  # [S, H]
+        dh = segment_mm(dys, down_w, g)  # [S, I]
+        grads_lora: list[torch.Tensor | None] = [None] * 4
+        extra = dzd = None
+        if has_lora:
+            dzd = segment_mm(dys, down_b, g) * s  # [S, r]
+            grads_lora[3] = segment_mm_tn(dys, ctx.zd, g) * s  # [E, H, r]
+            if ctx.keep is None:
+                dh.addmm_(spread(dzd, g.expert, num_experts), down_a.reshape(-1, down_a.shape[-1]))
+            else:
+                extra = (spread(dzd, g.expert, num_experts) @ down_a.reshape(-1, down_a.shape[-1])) * ctx.keep
+        d_gate, d_up, h, _ = swiglu_backward(dh, ctx.gate, ctx.up, None, None, extra, None, None)
+        del dh, extra
+        ctx.gate = ctx.up = None
+        grad_za = None
+        if has_lora:
+            grads_lora[2] = segment_mm_tn(dzd, h if ctx.keep is None else h * ctx.keep, g)  # [E, r, I]
+            grads_lora[0] = segment_mm_tn(d_gate, ctx.zg, g) * s  # [E, I, r]
+            grads_lora[1] = segment_mm_tn(d_up, ctx.zu, g) * s
+            dz = torch.cat([spread(segment_mm(d, b, g) * s, g.expert, num_experts)
+                            for d, b in ((d_gate, gate_b), (d_up, up_b))], dim=1)  # [S, 2*E*r]
+            grad_za = unsort_sum(dz, g, k)
+        grad_x = None
+        if need[0]:
+            dxs = segment_mm(d_gate, gate_w, g)
+            dxs += segment_mm(d_up, up_w, g)
+            grad_x = unsort_sum(dxs, g, k)
+        grads_base: list[torch.Tensor | None] = [None] * 3
+        if any(need[3:6]):
+            xs = x[g.token]
+            grads_base = [segment_mm_tn(d, a, g) if n else None
+                          for d, a, n in ((d_gate, xs, need[3]), (d_up, xs, need[4]), (dys, h, need[5]))]
+        return grad_x, grad_w, grad_za, *grads_base, *grads_lora, None, None

@@ -1,0 +1,43 @@
+"""All experts' LoRA factors as one matrix, and rows that select one expert's block of it.
+
+An r-wide LoRA activation of a row routed to expert e, placed in block e of an [n, E*r] matrix
+("spread"), times all experts' factors stacked as [E*r, out] is exactly that expert's LoRA product.
+For E*r up to a few hundred this dense, block-masked GEMM costs less than grouping the rows and it can
+accumulate straight into a base output (``addmm_``) without an out-wide temporary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """F.one_hot without its host-synchronising range check; any dtype."""
+    return (index[..., None] == torch.arange(num_classes, device=index.device)).to(dtype)
+
+
+def stack_b(lora_b: torch.Tensor) -> torch.Tensor:
+    """LoRA B [E, out, r] -> [E*r, out], row e*r + i is expert e's column i."""
+    return lora_b.permute(0, 2, 1).reshape(-1, lora_b.shape[1])
+
+
+def unstack_b(stacked: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Inverse of ``stack_b``: [E*r, out] -> [E, out, r]."""
+    return stacked.view(num_experts, -1, stacked.shape[1]).permute(0, 2, 1)
+
+
+def spread(z: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-row r-wide activations z [n, r] -> [n, E*r], placed in the row's expert block, zeros elsewhere."""
+    return (one_hot(expert, num_experts, z.dtype)[:, :, None] * z[:, None, :]).flatten(1)
+
+
+def keep_block(z_all: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[n, E*r] activations of every expert -> [n, E*r] with only each row's own expert block kept."""
+    mask = one_hot(expert, num_experts, z_all.dtype)[:, :, None]
+    return (z_all.view(z_all.shape[0], num_experts, -1) * mask).flatten(1)
+
+
+def own_block(z_all: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[n, E*r] activations of every expert -> [n, r] of each row's own expert."""
+    rows = torch.arange(z_all.shape[0], device=z_all.device)
+    return z_all.view(z_all.shape[0], num_experts, -1)[rows, expert]

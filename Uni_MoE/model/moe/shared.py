@@ -1,0 +1,132 @@
+"""LoRA experts on one shared frozen MLP (``expert_type="shared"``): one autograd function for the block.
+
+With a shared base, gate and up base projections are computed once per token, and since the down
+projection is linear, sum_j w_j h_j W_down = (sum_j w_j h_j) W_down: the frozen work is exactly one
+dense MLP. Per slot remain the r-wide LoRA terms and one SwiGLU pass with the slot's LoRA deltas added
+inside the fused kernel. Backward recomputes the per-slot activations from the saved base gate/up, so
+saved memory is that of a dense MLP plus r-wide terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distinct import LoRASettings, _dropout_mask
+from .lora_blocks import keep_block, stack_b, unstack_b
+from .swiglu import swiglu_backward, swiglu_forward
+
+
+def _slot_deltas(
+    za: torch.Tensor | None, slot_experts: torch.Tensor, gate_b: torch.Tensor, up_b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+    """Gate and up LoRA deltas [T, I] of one slot, and that slot's block-masked LoRA-A activations."""
+    if za is None:
+        return None, None, [None, None]
+    num_experts = gate_b.shape[0]
+    z = [keep_block(part, slot_experts, num_experts) * scale for part in za.chunk(2, dim=1)]  # [T, E*r] each
+    return z[0] @ stack_b(gate_b), z[1] @ stack_b(up_b), z
+
+
+class SharedBaseExperts(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * expert_{e(t,j)}(x[t]) for LoRA experts that share one base MLP."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        za: torch.Tensor | None,
+        gate_w: torch.Tensor,
+        up_w: torch.Tensor,
+        down_w: torch.Tensor,
+        gate_b: torch.Tensor | None,
+        up_b: torch.Tensor | None,
+        down_a: torch.Tensor | None,
+        down_b: torch.Tensor | None,
+        lora: LoRASettings,
+    ) -> torch.Tensor:
+        gate, up = x @ gate_w.t(), x @ up_w.t()  # [T, I], once per token
+        mixed = zd_mix = None
+        zd_slots, keeps = [], []
+        for j in range(weights.shape[1]):  # over a token's k slots, not over experts
+            d_gate, d_up, _ = _slot_deltas(za, indices[:, j], gate_b, up_b, lora.scale)
+            h = swiglu_forward(gate, up, d_gate, d_up)  # [T, I]
+            del d_gate, d_up
+            w = weights[:, j : j + 1]
+            mixed = h * w if mixed is None else mixed.addcmul_(h, w)
+            if za is not None:
+                keep = _dropout_mask(h, lora.down_dropout)
+                zd = keep_block((h if keep is None else h * keep) @ down_a.reshape(-1, down_a.shape[-1]).t(),
+                                indices[:, j], down_a.shape[0])  # [T, E*r], the slot's expert block only
+                zd_mix = zd * w if zd_mix is None else zd_mix.addcmul_(zd, w)
+                zd_slots.append(zd)
+                keeps.append(keep)
+        y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
+        if za is not None:
+            y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
+        ctx.save_for_backward(x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b)
+        ctx.lora, ctx.gate, ctx.up = lora, gate, up
+        ctx.zd_slots, ctx.zd_mix, ctx.keeps = zd_slots, zd_mix, keeps
+        ctx.mixed = mixed if ctx.needs_input_grad[6] else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b = ctx.saved_tensors
+        need, s, has_lora = ctx.needs_input_grad, ctx.lora.scale, za is not None
+        dy = grad_out.contiguous()
+        d_mixed = dy @ down_w  # [T, I]
+        grads_lora: list[torch.Tensor | None] = [None] * 4
+        dz_mix = a_stack = None
+        dz = [None, None]
+        d_stacks = [None, None, None]  # gate B, up B, down A, stacked [E*r, out]
+        if has_lora:
+            num_experts = down_a.shape[0]
+            dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
+            grads_lora[3] = unstack_b((ctx.zd_mix.t() @ dy) * s, num_experts)
+            a_stack = down_a.reshape(-1, down_a.shape[-1])  # [E*r, I]
+        grad_w = torch.zeros_like(weights, dtype=torch.float32) if need[1] else None
+        sum_gate = sum_up = None
+        for j in range(weights.shape[1]):
+            w = weights[:, j]
+            d_gate, d_up, z = _slot_deltas(za, indices[:, j], gate_b, up_b, s)
+            extra = None
+            if has_lora:
+                dz_own = keep_block(dz_mix, indices[:, j], num_experts)  # [T, E*r]
+                extra = dz_own @ a_stack
+                if ctx.keeps[j] is not None:
+                    extra *= ctx.keeps[j]
+            probe = d_mixed if need[1] else None
+            g_j, u_j, h, dot = swiglu_backward(d_mixed, ctx.gate, ctx.up, d_gate, d_up, extra, w, probe)
+            del d_gate, d_up, extra
+            if need[1]:
+                grad_w[:, j] = dot if not has_lora else dot + (ctx.zd_slots[j].float() * dz_mix.float()).sum(-1)
+            if has_lora:
+                hd = h if ctx.keeps[j] is None else h * ctx.keeps[j]
+                updates = (z[0].t() @ g_j, z[1].t() @ u_j, (dz_own * w[:, None]).t() @ hd)  # [E*r, *] each
+                d_stacks = [u if d is None else d.add_(u) for d, u in zip(d_stacks, updates)]
+                for i, (grad_part, b) in enumerate(((g_j, gate_b), (u_j, up_b))):
+                    part = keep_block(grad_part @ stack_b(b).t(), indices[:, j], num_experts) * s
+                    dz[i] = part if dz[i] is None else dz[i].add_(part)
+            del h
+            sum_gate = g_j if sum_gate is None else sum_gate.add_(g_j)
+            sum_up = u_j if sum_up is None else sum_up.add_(u_j)
+        ctx.gate = ctx.up = None
+        grad_za = None
+        if has_lora:
+            grads_lora[0] = unstack_b(d_stacks[0], num_experts)
+            grads_lora[1] = unstack_b(d_stacks[1], num_experts)
+            grads_lora[2] = d_stacks[2].view_as(down_a)
+            grad_za = torch.cat(dz, dim=1)
+        grad_x = None
+        if need[0]:
+            grad_x = sum_gate @ gate_w
+            grad_x.addmm_(sum_up, up_w)
+        grads_base = [
+            sum_gate.t() @ x if need[4] else None,
+            sum_up.t() @ x if need[5] else None,
+            dy.t() @ ctx.mixed if need[6] else None,
+        ]
+        grad_w = grad_w.to(weights.dtype) if grad_w is not None else None
+        return grad_x, grad_w, None, grad_za, *grads_base, *grads_lora, None
