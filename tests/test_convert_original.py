@@ -261,6 +261,18 @@ def test_router_lora_quirk_v1_5(tmp_path, encoders) -> None:
     check_logits(model, final, [0, 2])
 
 
+def test_from_pretrained_reads_the_original_layout(tmp_path, encoders) -> None:
+    """``from_pretrained(finetuned, model_base=base)`` converts on the fly, as the original's loader is called."""
+    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+
+    clip, whisper = encoders
+    final = write_v1_release(tmp_path, clip, whisper, moe_layers=[1, 3], router_lora=False)
+    model = UniMoEForCausalLM.from_pretrained(tmp_path / "e2", model_base=tmp_path / "base", clip_dir=clip,
+                                              whisper_dir=whisper, dtype=torch.float32)
+    assert model.config.moe_layer_indices() == [1, 3]
+    check_logits(model.eval(), final, [1, 3])
+
+
 def test_base_alone_through_the_cli(tmp_path, encoders) -> None:
     """A base folder alone, converted by the command line and reloaded with from_pretrained."""
     from Uni_MoE.checkpoint.convert_original import main

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +233,27 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Load a ``save_pretrained`` folder, or an original Uni-MoE release converted in memory.
+
+        A folder whose ``config.json`` is an original release's (``model_type`` llava / llava_llama) goes
+        through :func:`Uni_MoE.checkpoint.convert_original.load_original`, as the original's
+        ``load_pretrained_model(model_path, model_base)``: ``model_base`` names the base release when the
+        folder is a fine-tuned one; ``experts_dir``, ``clip_dir``, ``whisper_dir``, ``beats_path``,
+        ``strict`` and ``dtype`` pass through.
+        """
+        from ..checkpoint.original_config import ORIGINAL_MODEL_TYPES
+
+        config_file = Path(str(pretrained_model_name_or_path)) / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in ORIGINAL_MODEL_TYPES:
+            from ..checkpoint.convert_original import load_original
+
+            base = kwargs.pop("model_base", None)
+            finetuned = pretrained_model_name_or_path if base else None
+            return load_original(base or pretrained_model_name_or_path, finetuned, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def moe_layers(self) -> list[MoELayer]:
         return self.model.moe_layers()
