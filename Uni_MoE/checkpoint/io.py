@@ -3,10 +3,17 @@
 A pickle that would construct arbitrary objects (and so could run code) is refused with an error
 naming the file. Sharded folders are read through their index json, one shard at a time, and only
 the tensors a caller keeps are materialised (safetensors ``safe_open``; zip pickles via ``mmap``).
+
+Files that other libraries load (a training checkpoint's optimizer, scheduler, RNG and DeepSpeed states)
+are checked first with :func:`check_checkpoint_folder`: each pickle's globals are listed without
+importing or calling anything, and any outside tensors, numbers, containers and DeepSpeed's own classes
+is refused. DeepSpeed reads its states with ``weights_only=False``, so this check is what guards them.
 """
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import pickle
 import zipfile
@@ -22,8 +29,110 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 
 
+SAFE_GLOBALS = frozenset({
+    "collections.OrderedDict", "collections.defaultdict", "_codecs.encode", "builtins.set", "builtins.frozenset",
+    "builtins.slice", "builtins.range", "builtins.complex", "builtins.bytearray", "torch.Size", "torch.device",
+    "torch.storage.UntypedStorage", "torch.nn.parameter.Parameter", "numpy.ndarray", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+})
+NOT_LOADED_ON_RESUME = ("training_args.bin",)  # the Trainer writes it for the record and never reads it
+
+
 class UnsafeCheckpointError(RuntimeError):
     """A pickle holds objects other than tensors and plain containers; it is not loaded."""
+
+
+class _Stub:
+    """Stands for any global while a pickle is listed: accepts every call and mutation, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Stub":
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _GlobalLister(pickle.Unpickler):
+    """Unpickles with every global replaced by a stub, recording ``module.name`` of each."""
+
+    def __init__(self, stream: io.BufferedIOBase, found: set[str]) -> None:
+        super().__init__(stream)
+        self.found = found
+
+    def find_class(self, module: str, name: str) -> type:
+        self.found.add(f"{module}.{name}")
+        return type(name, (_Stub,), {})
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+def pickle_globals(path: str | Path) -> set[str]:
+    """Every global a pickle file (torch zip or legacy format) names, found without importing or running it."""
+    path = Path(path)
+    found: set[str] = set()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if member.endswith(".pkl"):
+                    _GlobalLister(io.BytesIO(archive.read(member)), found).load()
+        return found
+    with path.open("rb") as stream:  # legacy torch.save: several pickles, then raw storage bytes
+        for count in range(5):
+            try:
+                _GlobalLister(stream, found).load()
+            except (pickle.UnpicklingError, EOFError, ValueError, IndexError, TypeError, KeyError):
+                if count == 0:
+                    raise UnsafeCheckpointError(f"{path}: not a readable pickle") from None
+                break
+    return found
+
+
+def _is_safe_global(qualified: str) -> bool:
+    module, _, name = qualified.rpartition(".")
+    if qualified in SAFE_GLOBALS or module == "numpy.dtypes":
+        return True
+    if module == "torch._utils" and name.startswith("_rebuild_"):
+        return True
+    if module == "torch":
+        return name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
+    if module.startswith("deepspeed."):  # DeepSpeed's own state classes (enums, loss scalers); no functions
+        try:
+            return isinstance(getattr(importlib.import_module(module), name, None), type)
+        except ImportError:
+            return False
+    return False
+
+
+def check_pickle(path: str | Path) -> None:
+    """Raise UnsafeCheckpointError naming the file and the globals unless the pickle only builds tensors,
+    numbers, plain containers and DeepSpeed state classes."""
+    unsafe = sorted(g for g in pickle_globals(path) if not _is_safe_global(g))
+    if unsafe:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load; the pickle would call {unsafe}, which could run code. "
+            "Only tensors, numbers and plain containers are accepted; re-create the file from a trusted source."
+        )
+
+
+def check_checkpoint_folder(folder: str | Path) -> None:
+    """Check every pickle under a training checkpoint folder (optimizer, scheduler, RNG, DeepSpeed states)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.suffix in PICKLE_SUFFIXES + (".pkl",) and path.name not in NOT_LOADED_ON_RESUME:
+            check_pickle(path)
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> Any:
