@@ -1,10 +1,11 @@
 """Command line: ``python -m Uni_MoE.eval --model_path M --data_path X --data_type vqa --output preds.json``.
 
 Also accepts the original scripts' argument names: ``--output_dir`` (the 8e name of the predictions
-file), ``--model_base``, ``--eval_ep_size``, ``--enable_deepspeed_moe``, ``--mlp_dir``, ``--deepspeed``,
-``--version``, ``--vision_tower``, ``--audio_tower``. Those last eight are parsed and ignored: a converted
-checkpoint (``python -m Uni_MoE.checkpoint.convert_original``) already holds the base, experts and encoders,
-and evaluation runs in one process with every expert local.
+file) and ``--enable_deepspeed_moe True --eval_ep_size N``: DeepSpeed-MoE experts sharded over N ranks,
+started with ``deepspeed --num_gpus=N --module Uni_MoE.eval ...`` (every rank runs the same batches, rank 0
+writes). ``--model_base``, ``--mlp_dir``, ``--deepspeed``, ``--version``, ``--vision_tower`` and
+``--audio_tower`` are parsed and ignored: a converted checkpoint (``python -m
+Uni_MoE.checkpoint.convert_original``) already holds the base, experts and encoders.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ import sys
 from .runner import EvalConfig, run_eval
 from .tasks import ALIASES, TASKS
 
-NO_OP_ARGS = ("model_base", "eval_ep_size", "enable_deepspeed_moe", "mlp_dir", "deepspeed", "version",
-              "vision_tower", "audio_tower")
+NO_OP_ARGS = ("model_base", "mlp_dir", "deepspeed", "version", "vision_tower", "audio_tower")
+
+
+def str_to_bool(text: str) -> bool:
+    """``True``/``False`` as the original's TrainingArguments-style flags take them (also 1/0, yes/no)."""
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value in ("1", "true", "yes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("decoding (default: the task's settings)")
     g.add_argument("--max_new_tokens", type=int)
     g.add_argument("--min_new_tokens", type=int)
-    g.add_argument("--do_sample", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+    g.add_argument("--do_sample", type=str_to_bool, default=None)
     g.add_argument("--temperature", type=float)
     g.add_argument("--top_p", type=float)
     g.add_argument("--num_beams", type=int)
     g.add_argument("--stop", nargs="+", default=None, help="stop strings")
+    e = p.add_argument_group("expert parallelism (DeepSpeed-MoE)")
+    e.add_argument("--enable_deepspeed_moe", type=str_to_bool, nargs="?", const=True, default=False,
+                   help="shard the experts over --eval_ep_size ranks with DeepSpeed-MoE")
+    e.add_argument("--eval_ep_size", type=int, default=1, help="expert-parallel group size")
+    e.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     o = p.add_argument_group("original arguments, accepted and ignored")
     for name in NO_OP_ARGS:
         o.add_argument(f"--{name}", default=None)
@@ -66,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_output=args.metrics_output, data_root=args.data_root, annotation_file=args.annotation_file,
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, circular=args.circular,
         seed=args.seed, device=args.device, dtype=args.dtype, overrides=overrides,
+        enable_deepspeed_moe=args.enable_deepspeed_moe, eval_ep_size=args.eval_ep_size,
     ))
 
 

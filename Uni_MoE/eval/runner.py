@@ -19,7 +19,8 @@ from ..data.dataset import UniMoEDataset
 from ..data.schema import MEDIA_KEYS, SampleError, parse_sample
 from ..serve.generate import GenerationSettings, iter_replies, load_model
 from . import metrics as M
-from .tasks import EvalItem, TaskError, TaskOptions, get_task, load_annotations, record_id
+from .distributed import RankInfo, init_expert_parallel
+from .tasks import EvalItem, Task, TaskError, TaskOptions, get_task, load_annotations, record_id
 
 
 @dataclass
@@ -41,6 +42,8 @@ class EvalConfig:
     device: str | None = None
     dtype: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    enable_deepspeed_moe: bool = False
+    eval_ep_size: int = 1
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -118,32 +121,45 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             item.meta["source"] = record
         items += prepared
 
-    model, tokenizer = load_model(cfg.model_path, cfg.device, cfg.dtype)
+    ranks, ep_size, device = RankInfo(), None, cfg.device
+    if cfg.enable_deepspeed_moe:
+        ranks, ep_size = init_expert_parallel(cfg.eval_ep_size), cfg.eval_ep_size
+        device = device or ranks.device()
+    model, tokenizer = load_model(cfg.model_path, device, cfg.dtype, ep_size)
     samples = [parse_sample(it.record, n, model.config.voice_modality, cfg.data_path) for n, it in enumerate(items)]
     dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
     torch.manual_seed(cfg.seed)
     predictions = [""] * len(items)
     for n, reply in iter_replies(model, tokenizer, dataset, settings, cfg.batch_size, cfg.num_workers,
-                                 progress=f"{task.name}"):
+                                 progress=ranks.is_main and task.name, synced_gpus=ranks.world_size > 1):
         predictions[n] = reply
 
     metrics, scores = task.score(items, predictions, options)
     rows = [prediction_row(it, render_prompt(s.conversations), p, sc, i)
             for i, (it, s, p, sc) in enumerate(zip(items, samples, predictions, scores))]
-    write_json(cfg.output, rows)
     result: dict[str, Any] = {
         "task": task.name, "description": task.description, "data_path": str(cfg.data_path),
         "model_path": str(cfg.model_path), "num_records": len(records), "num_generations": len(items),
         "generation": settings.as_dict(), "metrics": metrics,
     }
+    if cfg.enable_deepspeed_moe:
+        result["expert_parallel"] = {"ep_size": cfg.eval_ep_size, "world_size": ranks.world_size}
     if task.notes:
         result["notes"] = task.notes
+    if ranks.is_main:
+        write_outputs(cfg, task, result, rows, items, predictions)
+    return result
+
+
+def write_outputs(cfg: EvalConfig, task: Task, result: dict[str, Any], rows: list[dict[str, Any]],
+                  items: list[EvalItem], predictions: list[str]) -> None:
+    """The predictions file, the task's side file if any, the metrics file, and the summary table."""
+    write_json(cfg.output, rows)
     if task.side_output is not None:
         suffix, build = task.side_output
         side = Path(cfg.output).with_name(Path(cfg.output).stem + suffix)
         result["side_output"] = str(write_json(side, build(items, predictions)))
     write_json(cfg.metrics_output or default_metrics_path(cfg.output), result)
-    print(M.summarize({task.name: metrics}))
+    print(M.summarize({task.name: result["metrics"]}))
     if task.notes:
         print(f"note: {task.notes}")
-    return result

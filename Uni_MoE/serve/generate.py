@@ -93,6 +93,26 @@ def _to_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     return out
 
 
+def generate_token_ids(
+    model: UniMoEForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: dict[str, Any],
+    settings: GenerationSettings,
+    synced_gpus: bool = False,
+) -> torch.Tensor:
+    """New tokens [B, T] for one left-padded collated batch (pad after a sequence ends).
+
+    ``synced_gpus`` keeps every rank stepping until all are done, as expert parallelism needs.
+    """
+    kwargs = settings.generate_kwargs()
+    if settings.stop:
+        kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
+    inputs = _to_device(batch, model)
+    out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         synced_gpus=synced_gpus, **kwargs)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
 def iter_replies(
     model: UniMoEForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -101,24 +121,19 @@ def iter_replies(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: bool | str = False,
+    synced_gpus: bool = False,
 ) -> Iterator[tuple[int, str]]:
     """(dataset index, reply) in dataset order, one batch at a time; media load in ``num_workers``."""
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers,
         collate_fn=Collator(tokenizer.pad_token_id, padding_side="left"),
     )
-    kwargs = settings.generate_kwargs()
-    if settings.stop:
-        kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     bar = tqdm(total=len(dataset), desc=progress if isinstance(progress, str) else "generating",
                disable=not progress, unit="sample")
     done = 0
     with torch.inference_mode():
         for batch in loader:
-            inputs = _to_device(batch, model)
-            out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
-            new = out[:, inputs["input_ids"].shape[1]:]
+            new = generate_token_ids(model, tokenizer, batch, settings, synced_gpus)
             for text in tokenizer.batch_decode(new, skip_special_tokens=True):
                 yield done, cut_at_stop(text, settings.stop)
                 done += 1
@@ -204,13 +219,24 @@ def build_chat_sample(
 
 
 def load_model(
-    model_path: str | Path, device: str | None = None, dtype: str | None = None
+    model_path: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    ep_size: int | None = None,
 ) -> tuple[UniMoEForCausalLM, PreTrainedTokenizerBase]:
-    """Model (eval mode) and tokenizer from a ``save_pretrained`` folder; dtype "auto" keeps the saved one."""
+    """Model (eval mode) and tokenizer from a ``save_pretrained`` folder; dtype "auto" keeps the saved one.
+
+    With ``ep_size`` the MoE layers are DeepSpeed-MoE layers holding this rank's share of the experts
+    (torch.distributed must be initialised, and every rank must call this).
+    """
     from ..data.tokenizer import load_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
-    model = UniMoEForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype).to(device).eval()
-    return model, load_tokenizer(model_path)
+    if ep_size is not None:
+        from ..checkpoint.v2_experts import from_pretrained_expert_parallel
 
+        model = from_pretrained_expert_parallel(model_path, ep_size, None if dtype in (None, "auto") else getattr(torch, dtype))
+    else:
+        torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
+        model = UniMoEForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)
+    return model.to(device).eval(), load_tokenizer(model_path)

@@ -1,0 +1,57 @@
+"""Expert-parallel evaluation (the original's ``--enable_deepspeed_moe True --eval_ep_size N``).
+
+Every rank loads the model with DeepSpeed-MoE experts sharded over ``ep_size`` ranks and runs the SAME
+batches: each MoE forward exchanges tokens between all ranks of an expert-parallel group, so all of
+them must step together; identical inputs (and seeds) keep their generations identical, and
+``synced_gpus`` keeps stepping until every rank is done. Only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> str:
+        """This rank's GPU, or the CPU where there is none."""
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_expert_parallel(ep_size: int) -> RankInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) and check ``ep_size``.
+
+    Started without a launcher (no ``RANK`` in the environment) it becomes a one-process world.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+    info = RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+    if ep_size < 1 or info.world_size % ep_size:
+        raise ValueError(f"--eval_ep_size {ep_size} must divide the number of processes ({info.world_size})")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    return info
