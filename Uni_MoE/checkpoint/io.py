@@ -12,6 +12,7 @@ is refused. DeepSpeed reads its states with ``weights_only=False``, so this chec
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import io
 import json
@@ -73,6 +74,9 @@ class _GlobalLister(pickle.Unpickler):
         self.found = found
 
     def find_class(self, module: str, name: str) -> type:
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol-2 names (torch.save): __builtin__ ...
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         self.found.add(f"{module}.{name}")
         return type(name, (_Stub,), {})
 

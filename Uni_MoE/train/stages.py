@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoint.io import load_state_dict
 from ..config import UniMoEConfig
 from ..model.uni_moe import UniMoEForCausalLM
 from .arguments import ModelArguments, TrainingArguments
@@ -234,11 +235,7 @@ def read_dense_mlps(folder: str | Path, layers: list[int]) -> dict[int, dict[str
 def load_connector_weights(model: UniMoEForCausalLM, path: str, kind: str) -> int:
     """Load ``--pretrain_mm_mlp_adapter`` (kind "image") or ``--pretrain_audio_aligner`` (kind "audio")
     weights; keys may carry any prefix before ``mm_projector.`` / ``speech_aligner.`` / ``audio_aligner.``."""
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_dict(path)
     anchors = ("mm_projector.",) if kind == "image" else ("speech_aligner.", "audio_aligner.")
     own = dict(model.named_parameters())
     mapped = {}
