@@ -1,0 +1,427 @@
+"""Expert parallelism at real width: the DeepSpeed-MoE backend (ep_size 1 and 2) against the local backend.
+
+    deepspeed --num_gpus 2 benchmarks/expert_parallel.py --out DIR    # local, ep_size 1, ep_size 2
+    deepspeed --num_gpus 1 benchmarks/expert_parallel.py --out DIR    # local, ep_size 1
+    python benchmarks/expert_parallel.py --smoke --out DIR            # tiny CPU run (gloo, one process)
+
+Model: a LLaMA-7B-wide decoder (hidden 4096, intermediate 11008, 32 heads) of ``--layers`` layers, every MLP
+a v2 MoE (8 LoRA-integrated experts, top-2, balance loss 0.01), random init, bf16, no encoders. Every rank
+builds the same weights from one seed and each configuration loads them. Per configuration, in order:
+
+1. greedy generation of the same prompts on every rank (fixed length, so expert-parallel ranks stay in
+   step), compared token by token with the local backend; a differing token passes only where the local
+   model's two candidate logits were within ``--tie_tolerance`` (a bf16 near-tie, not a bug);
+2. ``--train_steps`` AdamW steps on routers and expert LoRA, a different batch on every rank; gradients are
+   reduced as data parallelism does (experts: summed over the ranks that fed them, / world size); the
+   global loss of each step and the logits of a held-out batch afterwards are compared with the local run;
+3. speed: ms per training step and tokens/s (all ranks), decode tokens/s, peak memory of every device.
+
+Writes DIR/expert_parallel.md and DIR/expert_parallel.json (after every configuration, so a failure
+keeps what was measured). Exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRAINABLE = re.compile(r"(router\.weight|gate\.wg\.weight|_lora_[AB])$")
+
+
+@dataclass
+class Shape:
+    """Model width, batch and run lengths of one benchmark size."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    batch: int
+    seq: int
+    prompt: int
+    new_tokens: int
+    dtype: str
+    loss_rtol: float
+    logits_rtol: float
+
+
+FULL = Shape(4096, 11008, 32, 32004, 4, 1024, 32, 32, "bfloat16", 2e-2, 5e-2)
+SMOKE = Shape(64, 128, 4, 256, 2, 16, 6, 4, "float32", 1e-4, 1e-4)
+
+
+@dataclass
+class Result:
+    """What one configuration measured and how it compared with the local backend."""
+
+    name: str
+    backend: str
+    ep_size: int
+    experts_per_device: int
+    losses: list[float] = field(default_factory=list)
+    loss_max_rel_diff: float | None = None
+    logits_rel_err: float | None = None
+    routing_agreement: float | None = None
+    greedy_equal: bool | None = None
+    greedy_note: str = ""
+    step_ms: float = 0.0
+    train_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    weights_gb: list[float] = field(default_factory=list)
+    peak_gb: list[float] = field(default_factory=list)
+    passed: bool = True
+
+
+def log(msg: str) -> None:
+    """Rank-0 progress line, flushed at once."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for expert_parallel.md and expert_parallel.json")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, gloo (for tests)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers, all MoE (default 4; smoke 2)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top_k", type=int, default=2)
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--train_steps", type=int, default=3, help="compared optimizer steps")
+    p.add_argument("--timed_steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tie_tolerance", type=float, default=0.25,
+                   help="largest local-model logit gap at which a differing greedy token counts as a near-tie")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = p.parse_args(argv)
+    args.layers = args.layers or (2 if args.smoke else 4)
+    return args
+
+
+def init_world(smoke: bool) -> tuple[int, int, torch.device]:
+    """Join (or, run as a plain script, create) the process group; returns rank, world size, device."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and not smoke
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def make_config(shape: Shape, args: argparse.Namespace, backend: str, ep_size: int):
+    """A text-only v2-style config: every layer MoE with LoRA-integrated experts, deterministic routing."""
+    from Uni_MoE.config import UniMoEConfig
+
+    v = shape.vocab
+    text = dict(model_type="llama", vocab_size=v, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                num_hidden_layers=args.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=False)
+    return UniMoEConfig(
+        text_config=text, num_experts=args.experts, num_experts_per_tok=args.top_k, moe_layers="all",
+        expert_lora_r=args.lora_r, expert_lora_alpha=2 * args.lora_r, aux_balance_loss_coef=0.01,
+        moe_backend=backend, ep_size=ep_size, capacity_factor=1.5, image_token_index=v - 4,
+        video_token_index=v - 3, audio_token_index=v - 2, speech_token_index=v - 1,
+    )
+
+
+def reference_state(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    """Seeded local-backend weights (LoRA B non-zero so every LoRA path counts), kept on the CPU."""
+    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = UniMoEForCausalLM(make_config(shape, args, "local", 1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"_lora_B$", name):
+                p.normal_(0.0, 0.02)
+    model.to(getattr(torch, shape.dtype))
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    del model
+    return state
+
+
+def build(shape: Shape, args: argparse.Namespace, backend: str, ep_size: int, state: dict, device: torch.device):
+    """The configuration's model on ``device`` with ``state`` loaded strictly (DeepSpeed layers keep their
+    experts), routers and expert LoRA trainable, everything else frozen."""
+    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+
+    with torch.device(device):
+        model = UniMoEForCausalLM(make_config(shape, args, backend, ep_size))
+    model.to(getattr(torch, shape.dtype))
+    model.load_state_dict(state, strict=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(TRAINABLE.search(name)))
+    return model
+
+
+def tokens(shape: Shape, rows: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Random ids outside the special and placeholder tokens, reproducible by seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, shape.vocab - 4, (rows, length), generator=g).to(device)
+
+
+def reduce_gradients(model: torch.nn.Module, world: int) -> None:
+    """Data-parallel mean of every gradient. An expert's gradient already holds every token its EP group
+    sent it, so it is summed only over its expert-data-parallel group; all are then divided by ``world``."""
+    import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        group = groups._get_expert_data_parallel_group(p.group_name) if is_moe_param(p) else None
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, optimizer, batch: torch.Tensor, world: int) -> torch.Tensor:
+    """One step on this rank's batch; returns the loss averaged over ranks (detached)."""
+    import torch.distributed as dist
+
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    reduce_gradients(model, world)
+    optimizer.step()
+    mean = loss.detach().float().clone()
+    dist.all_reduce(mean)
+    return mean / world
+
+
+def greedy(model, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Fixed-length greedy decode: (new token ids [B, n], per-step logits [B, n, V] on CPU, seconds)."""
+    sync(prompts.device)
+    start = time.perf_counter()
+    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    sync(prompts.device)
+    seconds = time.perf_counter() - start
+    scores = torch.stack([s.float().cpu() for s in out.scores], dim=1)
+    return out.sequences[:, prompts.shape[1]:].cpu(), scores, seconds
+
+
+def compare_greedy(ids: torch.Tensor, ref_ids: torch.Tensor, ref_scores: torch.Tensor, tol: float) -> tuple[bool, str]:
+    """Equal, or the first difference of each row is a near-tie of the reference's own logits."""
+    notes = []
+    for row in range(ids.shape[0]):
+        differ = (ids[row] != ref_ids[row]).nonzero()
+        if len(differ) == 0:
+            continue
+        step = int(differ[0])
+        logits = ref_scores[row, step]
+        gap = float(logits[ref_ids[row, step]] - logits[ids[row, step]])
+        if gap > tol:
+            return False, f"row {row} differs at token {step}: local logit gap {gap:.3f} > {tol}"
+        notes.append(f"row {row}: near-tie at token {step} (gap {gap:.3f})")
+    return True, "; ".join(notes) or "identical"
+
+
+def memory_gb(device: torch.device, peak: bool) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2**30
+
+
+def all_ranks(value: float) -> list[float]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def run_config(name: str, backend: str, ep_size: int, shape: Shape, args: argparse.Namespace,
+               state: dict, device: torch.device, rank: int, world: int, reference: dict | None) -> tuple[Result, dict]:
+    """Build, generate, train, time one configuration; ``reference`` holds the local run's outputs."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    log(f"{name}: building ({args.layers} layers, {args.experts} experts, ep_size {ep_size})")
+    model = build(shape, args, backend, ep_size, state, device)
+    res = Result(name, backend, ep_size, args.experts // ep_size, weights_gb=all_ranks(memory_gb(device, False)))
+
+    model.eval()
+    prompts = tokens(shape, shape.batch, shape.prompt, args.seed + 1, device)
+    log(f"{name}: greedy generation, {shape.batch} x {shape.new_tokens} tokens")
+    greedy(model, prompts, 2)  # warm-up
+    ids, scores, seconds = greedy(model, prompts, shape.new_tokens)
+    res.decode_tokens_per_s = world * ids.numel() / seconds
+    outputs = {"ids": ids, "scores": scores}
+    if reference is not None:
+        res.greedy_equal, res.greedy_note = compare_greedy(ids, reference["ids"], reference["scores"], args.tie_tolerance)
+
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    for step in range(args.train_steps):
+        batch = tokens(shape, shape.batch, shape.seq, args.seed + 1000 * (rank + 1) + step, device)
+        res.losses.append(float(train_step(model, optimizer, batch, world)))
+        log(f"{name}: step {step + 1}/{args.train_steps} loss {res.losses[-1]:.5f}")
+    model.eval()
+    with torch.no_grad():
+        held_out = tokens(shape, shape.batch, shape.seq, args.seed + 2, device)
+        logits = model(input_ids=held_out).logits.float().cpu()
+    routing = torch.stack([r.cpu() for r in model.routing()])
+    outputs.update(logits=logits, routing=routing)
+    if reference is not None:
+        res.loss_max_rel_diff = max(abs(a - b) / abs(b) for a, b in zip(res.losses, reference["losses"]))
+        res.logits_rel_err = float((logits - reference["logits"]).norm() / reference["logits"].norm())
+        res.routing_agreement = float((routing.sort(-1).values == reference["routing"].sort(-1).values).float().mean())
+        res.passed = bool(res.greedy_equal and res.loss_max_rel_diff <= shape.loss_rtol
+                          and res.logits_rel_err <= shape.logits_rtol)
+    outputs["losses"] = res.losses
+
+    model.train()
+    log(f"{name}: timing {args.timed_steps} training steps of {shape.batch} x {shape.seq} tokens per rank")
+    batch = tokens(shape, shape.batch, shape.seq, args.seed + 3 + rank, device)
+    for _ in range(2):
+        train_step(model, optimizer, batch, world)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.timed_steps):
+        train_step(model, optimizer, batch, world)
+    sync(device)
+    res.step_ms = 1e3 * (time.perf_counter() - start) / args.timed_steps
+    res.train_tokens_per_s = world * batch.numel() / (res.step_ms / 1e3)
+    res.peak_gb = all_ranks(memory_gb(device, True))
+    log(f"{name}: {res.step_ms:.1f} ms/step, {res.train_tokens_per_s:.0f} tokens/s, passed={res.passed}")
+    del model, optimizer, trainable
+    gc.collect()
+    return res, outputs
+
+
+def environment(shape: Shape, args: argparse.Namespace, world: int, device: torch.device) -> dict[str, Any]:
+    import deepspeed
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return dict(date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", device=name,
+                world_size=world, torch=torch.__version__, deepspeed=deepspeed.__version__,
+                transformers=transformers.__version__, layers=args.layers, experts=args.experts, top_k=args.top_k,
+                lora_r=args.lora_r, shape=asdict(shape), train_steps=args.train_steps,
+                timed_steps=args.timed_steps, tie_tolerance=args.tie_tolerance)
+
+
+def markdown(env: dict[str, Any], results: list[Result]) -> str:
+    s = env["shape"]
+    lines = [
+        "# Expert parallelism: DeepSpeed-MoE backend vs local backend",
+        "",
+        f"{env['date']}; {env['world_size']} x {env['device']}; torch {env['torch']}, deepspeed "
+        f"{env['deepspeed']}, transformers {env['transformers']}.",
+        f"Model: hidden {s['hidden']}, intermediate {s['intermediate']}, {s['heads']} heads, {env['layers']} layers "
+        f"(all MoE), {env['experts']} experts top-{env['top_k']}, expert LoRA r {env['lora_r']}, {s['dtype']}, "
+        f"random init. Training: {s['batch']} x {s['seq']} tokens per rank and step; decode: {s['batch']} prompts "
+        f"of {s['prompt']} tokens, {s['new_tokens']} new tokens (prefill included).",
+        "",
+        "| config | ep_size | experts/GPU | ms/step | train tokens/s | decode tokens/s | weights GB/GPU | "
+        "peak GB/GPU | max loss rel diff | logits rel err | routing agree | greedy | pass |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for r in results:
+        gb = lambda xs: " / ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+        greedy_cell = "-" if r.greedy_equal is None else r.greedy_note
+        lines.append(
+            f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {r.step_ms:.1f} | {r.train_tokens_per_s:.0f} | "
+            f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {num(r.loss_max_rel_diff, '.2e')} | "
+            f"{num(r.logits_rel_err, '.2e')} | {num(r.routing_agreement, '.4f')} | {greedy_cell} | "
+            f"{'yes' if r.passed else 'NO'} |"
+        )
+    lines += [""] + speedups(results)
+    lines += ["", "Per-rank memory columns list ranks in order. Tolerances: loss "
+              f"{s['loss_rtol']:g} (relative), logits {s['logits_rtol']:g} (relative norm), greedy near-tie "
+              f"{env['tie_tolerance']:g} (logit gap)."]
+    return "\n".join(lines) + "\n"
+
+
+def speedups(results: list[Result]) -> list[str]:
+    """One line per expert-parallel configuration: its throughput and peak memory against ep_size 1 and local."""
+    by_name = {(r.backend, r.ep_size): r for r in results}
+    lines = []
+    for r in results:
+        if r.backend != "deepspeed" or r.ep_size == 1:
+            continue
+        for base_key in (("deepspeed", 1), ("local", 1)):
+            base = by_name.get(base_key)
+            if base is None:
+                continue
+            memory = max(r.peak_gb) / max(base.peak_gb) if all(x == x for x in r.peak_gb + base.peak_gb) else None
+            lines.append(f"{r.name} / {base.name}: training {r.train_tokens_per_s / base.train_tokens_per_s:.2f}x "
+                         f"tokens/s, decode {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x tokens/s"
+                         + (f", peak memory {memory:.2f}x (largest rank)." if memory is not None else "."))
+    return lines
+
+
+def write(out: Path, env: dict[str, Any], results: list[Result]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expert_parallel.json").write_text(json.dumps({**env, "results": [asdict(r) for r in results]}, indent=2))
+    (out / "expert_parallel.md").write_text(markdown(env, results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    rank, world, device = init_world(args.smoke)
+    shape = SMOKE if args.smoke else FULL
+    if args.experts % world:
+        raise ValueError(f"--experts {args.experts} is not divisible by the world size {world}")
+    env = environment(shape, args, world, device)
+    log(f"{world} rank(s) on {env['device']}; building the reference weights")
+    state = reference_state(shape, args, device)
+    configs = [("local", "local", 1), ("deepspeed ep1", "deepspeed", 1)]
+    if world > 1:
+        configs.append((f"deepspeed ep{world}", "deepspeed", world))
+    results: list[Result] = []
+    reference = None
+    for name, backend, ep_size in configs:
+        result, outputs = run_config(name, backend, ep_size, shape, args, state, device, rank, world, reference)
+        reference = reference or outputs
+        results.append(result)
+        if rank == 0:
+            write(Path(args.out), env, results)
+    if rank == 0:
+        print(markdown(env, results), flush=True)
+    failed = [r.name for r in results if not r.passed]
+    if failed:
+        log(f"FAILED checks: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
