@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from PIL import Image
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.config import UniMoEConfig
+from Uni_MoE.data.synthetic import write_mp4
 from Uni_MoE.data.tokenizer import load_tokenizer
 from Uni_MoE.data.validate import ERROR, WARNING, DataValidationError, main, validate_files
 from Uni_MoE.train.arguments import parse_args
@@ -54,7 +56,13 @@ def make_cases(root: Path) -> list[tuple[dict, str | None]]:
     (root / "truncated.png").write_bytes(png[: len(png) // 2])
     (root / "text.png").write_text("this is not an image\n")
     (root / "image.wav").write_bytes(png)
+    (root / "image.mp4").write_bytes(png)
     sf.write(root / "zero.wav", np.zeros(0, np.float32), 16000)
+    full_wav = (root / wav(root / "full.wav", 2.0)).read_bytes()
+    (root / "truncated.wav").write_bytes(full_wav[: len(full_wav) // 2])
+    write_mp4(root / "clip.mp4", [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(6)], None)
+    clip = (root / "clip.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(clip[: len(clip) // 2])
     return [
         ({"id": "good", "image": "good.png", "conversations": ask("<image>\nWhat colour?")}, None),
         ({"id": "speech", "voice": [wav(root / "ok.wav", 1.0)], "conversations": ask("<audio>\nWhat?")}, None),
@@ -67,6 +75,12 @@ def make_cases(root: Path) -> list[tuple[dict, str | None]]:
         ({"id": "truncated", "image": "truncated.png", "conversations": ask()}, "truncated.png: not a readable image"),
         ({"id": "text", "image": "text.png", "conversations": ask()}, "text.png: not a readable image"),
         ({"id": "not-wav", "voice": ["image.wav"], "conversations": ask()}, "image.wav: has no audio stream"),
+        ({"id": "clip", "video": "clip.mp4", "conversations": ask("<video>\nWhat colour?")}, None),
+        ({"id": "frames", "video": ["good.png", "gone.png"], "conversations": ask()}, "gone.png: file not found"),
+        ({"id": "cut-video", "video": "truncated.mp4", "conversations": ask()}, "truncated.mp4: not a readable media"),
+        ({"id": "still", "video": "image.mp4", "conversations": ask()}, "image.mp4: is a still image (png_pipe)"),
+        ({"id": "cut-wav", "voice": ["truncated.wav"], "conversations": ask()},
+         "truncated.wav: truncated WAV: its header declares 64000 bytes of audio, the file holds 31978"),
         ({"id": "zero", "voice": ["zero.wav"], "conversations": ask()}, "zero.wav: audio has zero duration"),
         ({"id": "huge", "image": huge_png(good_png, root / "huge.png"), "conversations": ask()},
          "huge.png: resolution 9000x9000 exceeds"),
@@ -110,9 +124,9 @@ def test_every_bad_sample_is_reported_once_and_good_ones_kept(tiny, bad_data) ->
         assert expected in issue.reason, f"{record['id']}: {issue.reason}"
         assert issue.file == str(path) and issue.id == record["id"]
         assert issue.severity == (WARNING if record["id"] == "silent" else ERROR)
-    assert [s.id for s in report.samples] == ["good", "speech", "silent"]
-    assert report.num_bad == len(cases) - 3
-    assert report.summary() == f"{len(cases)} samples: 3 usable, {len(cases) - 3} bad, 1 warning(s)"
+    assert [s.id for s in report.samples] == ["good", "speech", "clip", "silent"]
+    assert report.num_bad == len(cases) - 4
+    assert report.summary() == f"{len(cases)} samples: 4 usable, {len(cases) - 4} bad, 1 warning(s)"
 
 
 @pytest.mark.timeout(120)
@@ -125,7 +139,7 @@ def test_command_line_prints_the_report_and_fails(tiny, bad_data, tmp_path, caps
                    "--model_max_length", str(MAX_LENGTH), "--report", str(json_report)])
     assert status == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == f"{len(cases)} samples: 3 usable, {len(cases) - 3} bad, 1 warning(s), 1 unreadable file(s)"
+    assert lines[-1] == f"{len(cases)} samples: 4 usable, {len(cases) - 4} bad, 1 warning(s), 1 unreadable file(s)"
     assert f"{path} sample 6 (id missing): error: {path.parent / 'nowhere.png'}: file not found" in lines
     assert any(line.startswith(f"{malformed} sample -1 (id None): error: malformed JSON at line 1") for line in lines)
     assert len(json.loads(json_report.read_text())["issues"]) == len(lines) - 1
@@ -168,6 +182,6 @@ def test_skip_bad_samples_trains_on_the_rest_and_reports_counts(tiny, bad_data, 
     assert (out / "config.json").is_file()
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
-    summary = f"training data: {len(cases)} samples: 3 usable, {len(cases) - 3} bad, 1 warning(s); the bad ones were skipped"
+    summary = f"training data: {len(cases)} samples: 4 usable, {len(cases) - 4} bad, 1 warning(s); the bad ones were skipped"
     assert summary in caplog.text
     assert f"skipping {path} sample 6 (id missing): error:" in caplog.text

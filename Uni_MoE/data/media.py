@@ -183,15 +183,23 @@ def _open_container(p: Path) -> av.container.InputContainer:
         raise MediaError(f"{p}: not a readable media container ({err})") from err
 
 
+def _check_video_stream(container: av.container.InputContainer, p: Path) -> av.video.stream.VideoStream:
+    """The first video stream, after checking the file is a video (not a still image) of sane resolution."""
+    if not container.streams.video:
+        raise MediaError(f"{p}: has no video stream")
+    if container.format.name.endswith("_pipe") or container.format.name == "image2":
+        raise MediaError(f"{p}: is a still image ({container.format.name}), not a video")
+    stream = container.streams.video[0]
+    _check_resolution(stream.codec_context.width, stream.codec_context.height, str(p))
+    return stream
+
+
 def _decode_frames(p: Path, wanted: list[int]) -> list[Image.Image]:
     """Frames at the (sorted, possibly repeated) indices `wanted`, in one decoding pass."""
     keep: dict[int, Image.Image] = {}
     targets = set(wanted)
     with _open_container(p) as container:
-        if not container.streams.video:
-            raise MediaError(f"{p}: has no video stream")
-        stream = container.streams.video[0]
-        _check_resolution(stream.codec_context.width, stream.codec_context.height, str(p))
+        _check_video_stream(container, p)
         try:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in targets:
@@ -206,9 +214,7 @@ def _decode_frames(p: Path, wanted: list[int]) -> list[Image.Image]:
 def _count_frames(p: Path, trust_header: bool = True) -> int:
     """Frames in the first video stream: the container's count if it declares one, else by decoding."""
     with _open_container(p) as container:
-        if not container.streams.video:
-            raise MediaError(f"{p}: has no video stream")
-        declared = container.streams.video[0].frames
+        declared = _check_video_stream(container, p).frames
         if trust_header and declared > 0:
             return declared
         try:
@@ -282,9 +288,29 @@ def load_audio_track(video_path: str | Path, sample_rate: int = SAMPLE_RATE) -> 
     return _mono_resampled(decoded[0], decoded[1], sample_rate, str(p))
 
 
+def _check_wav_complete(p: Path) -> None:
+    """A RIFF/WAVE file whose ``data`` chunk is shorter than its header declares is truncated (soundfile
+    would silently read the part that is there)."""
+    with p.open("rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            return
+        size = p.stat().st_size
+        while len(chunk := f.read(8)) == 8:
+            declared = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                held = size - f.tell()
+                if 0 < held < declared and declared != 0xFFFFFFFF:  # 0xFFFFFFFF: length unknown (streamed)
+                    raise MediaError(f"{p}: truncated WAV: its header declares {declared} bytes of audio, "
+                                     f"the file holds {held}")
+                return
+            f.seek(declared + declared % 2, io.SEEK_CUR)
+
+
 def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 audio at `sample_rate`: soundfile for wav/flac/ogg/mp3, PyAV for other containers."""
     p = _checked_file(path)
+    _check_wav_complete(p)
     try:
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
         return _mono_resampled(data.T, rate, sample_rate, str(p))
