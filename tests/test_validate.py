@@ -185,3 +185,14 @@ def test_skip_bad_samples_trains_on_the_rest_and_reports_counts(tiny, bad_data, 
     summary = f"training data: {len(cases)} samples: 4 usable, {len(cases) - 4} bad, 1 warning(s); the bad ones were skipped"
     assert summary in caplog.text
     assert f"skipping {path} sample 6 (id missing): error:" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_media_the_model_cannot_encode_is_an_error(tiny, tmp_path) -> None:
+    config = UniMoEConfig.from_pretrained(tiny)
+    config.vision_config = None
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "img", "image": "x.png", "conversations": ask()}]))
+    report = validate_files([data], load_tokenizer(tiny), config, tmp_path, show_progress=False)
+    assert [str(i) for i in report.issues] == [
+        f"{data} sample 0 (id img): error: has image media but the model has no encoder for it"]
