@@ -169,6 +169,19 @@ def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_p
     torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
 
 
+def test_v2_expert_files_fill_deepspeed_experts(dist_world, make_config, tmp_path):
+    from test_v2_experts import write_experts_dir
+
+    from Uni_MoE.checkpoint.v2_experts import V2_EXPERT_FILES, V2_MLP_KEY, load_v2_expert_bases
+
+    model = UniMoEForCausalLM(make_config(num_experts=8, expert_lora_r=4, moe_backend="deepspeed"))
+    files = write_experts_dir(tmp_path, model.config)
+    assert load_v2_expert_bases(model, tmp_path) == list(range(8))
+    layer = model.moe_layers()[1]
+    expected = files[V2_EXPERT_FILES[5]][V2_MLP_KEY.format(layer=1, proj="down_proj")]
+    assert torch.equal(layer.local_expert(5).down_proj[0], expected)
+
+
 @pytest.mark.slow
 def test_expert_parallel_over_two_processes(tmp_path):
     """ep_size=2 on two gloo ranks: each holds half the experts, outputs and input gradients equal the
@@ -214,7 +227,27 @@ def _ep2_worker() -> None:
     assert gathered.keys() == local.state_dict().keys()
     for key, value in local.state_dict().items():
         torch.testing.assert_close(gathered[key], value)
+    _ep2_v2_experts(rank, Path(os.environ["OUT_DIR"]))
     (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
+    dist.barrier()
+
+
+def _ep2_v2_experts(rank: int, out: Path) -> None:
+    """Each rank of an ep_size=2 model reads only the Experts files of the experts it holds."""
+    import torch.distributed as dist
+    from conftest import small_config
+    from test_v2_experts import write_experts_dir
+
+    from Uni_MoE.checkpoint.v2_experts import V2_EXPERT_FILES, V2_MLP_KEY, load_v2_expert_bases
+
+    model = UniMoEForCausalLM(small_config(num_experts=8, expert_lora_r=4, moe_backend="deepspeed", ep_size=2))
+    files = write_experts_dir(out / f"experts{rank}", model.config)
+    for stem in ("mlp_audiocap", "mlp_basev") if rank == 1 else ("mlp_base4",):  # not this rank's experts
+        (out / f"experts{rank}" / f"{stem}.bin").unlink()
+    assert load_v2_expert_bases(model, out / f"experts{rank}") == list(range(4 * rank, 4 * rank + 4))
+    expert = 4 * rank + 3
+    expected = files[V2_EXPERT_FILES[expert]][V2_MLP_KEY.format(layer=0, proj="up_proj")]
+    assert torch.equal(model.moe_layers()[0].local_experts()[3].up_proj[0], expected)
     dist.barrier()
 
 
