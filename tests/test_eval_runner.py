@@ -1,0 +1,100 @@
+"""Every eval --data_type end to end on benchmark-format files: predictions and metrics JSON written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from Uni_MoE.checkpoint.tiny import build_tiny
+from Uni_MoE.eval import metrics as M
+from Uni_MoE.eval.__main__ import main
+from Uni_MoE.eval.fixtures import BUILDERS, write_benchmark_files
+from Uni_MoE.eval.runner import read_records
+from Uni_MoE.data.schema import SampleError
+
+FAST_DECODING = ["--max_new_tokens", "3", "--min_new_tokens", "0", "--num_beams", "1", "--do_sample", "False"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return build_tiny(root / "model", moe=True), write_benchmark_files(root / "bench", n=2), root
+
+
+def _run(workspace, data_type, *extra):
+    model, files, root = workspace
+    out = root / "out" / f"{data_type}.json"
+    argv = ["--model_path", str(model), "--data_path", str(files[data_type]["data"]), "--data_type", data_type,
+            "--output_dir", str(out), "--batch_size", "3", *FAST_DECODING, *extra]
+    if "annotations" in files[data_type]:
+        argv += ["--annotation_file", str(files[data_type]["annotations"])]
+    main(argv)
+    return json.loads(out.read_text()), json.loads(out.with_name(f"{data_type}_metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_type", sorted(BUILDERS))
+def test_every_data_type_runs_end_to_end(workspace, data_type, capsys):
+    rows, result = _run(workspace, data_type)
+    assert result["task"] == data_type and result["num_records"] == 2
+    assert len(rows) == result["num_generations"] >= 2
+    for row in rows:
+        assert set(row) >= {"id", "prompt", "prediction", "reference", "score"}
+        assert row["prompt"].endswith("ASSISTANT:") and isinstance(row["prediction"], str)
+    assert result["generation"]["max_new_tokens"] == 3
+    assert result["metrics"]
+    assert data_type in capsys.readouterr().out  # the summary table
+
+
+def test_pope_metrics_match_the_written_predictions(workspace):
+    rows, result = _run(workspace, "pope")
+    recomputed = M.pope_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert result["metrics"]["f1"] == pytest.approx(recomputed["f1"])
+    assert [r["score"] for r in rows] == [float(M.pope_yes_no(r["prediction"]) == r["reference"]) for r in rows]
+
+
+def test_mmbench_original_file_gets_circular_copies(workspace):
+    rows, result = _run(workspace, "mmbench")
+    assert len(rows) == 8  # 2 questions x 4 options, each rotated
+    assert result["metrics"]["num_questions"] == 2
+    assert "<image>" in rows[0]["prompt"] and "Options:\nA." in rows[0]["prompt"]
+
+
+def test_vqa_answers_come_from_the_annotation_file(workspace):
+    rows, result = _run(workspace, "vqa")
+    assert all(len(r["reference"]) == 10 for r in rows)
+    assert result["metrics"]["n"] == 2
+
+
+def test_mmvet_writes_the_judge_input_beside_the_predictions(workspace):
+    rows, result = _run(workspace, "mmvet")
+    judge = json.loads(open(result["side_output"]).read())
+    assert judge == {r["id"]: r["prediction"] for r in rows}
+
+
+def test_bad_eval_file_is_named(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"id": 1,}]')
+    with pytest.raises(SampleError, match="broken.json: malformed JSON at line 1"):
+        read_records(bad)
+
+
+@pytest.mark.slow
+def test_expert_parallel_eval_matches_local(workspace, tmp_path):
+    """--enable_deepspeed_moe True --eval_ep_size 1 (DeepSpeed-MoE layers, one rank) == local experts."""
+    model, files, root = workspace
+    local_rows, _ = _run(workspace, "pope")
+    out = tmp_path / "pope.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "Uni_MoE.eval", "--model_path", str(model), "--data_path",
+           str(files["pope"]["data"]), "--data_type", "pope", "--output_dir", str(out), "--batch_size", "3",
+           *FAST_DECODING, "--enable_deepspeed_moe", "True", "--eval_ep_size", "1", "--deepspeed", "zero2.json"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.read_text())
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in local_rows]
+    metrics = json.loads(out.with_name("pope_metrics.json").read_text())
+    assert metrics["expert_parallel"] == {"ep_size": 1, "world_size": 1}
