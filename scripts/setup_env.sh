@@ -13,6 +13,7 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
   command -v sox >/dev/null || missing+=(sox)
   command -v ffmpeg >/dev/null || missing+=(ffmpeg)
   command -v java >/dev/null || missing+=(default-jre-headless)
+  command -v chromium >/dev/null || missing+=(chromium)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing system packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,0 +1,170 @@
+"""The demo's model side: a chat conversation with media, turned into model inputs, answered with
+streamed tokens while the experts chosen for every token are recorded.
+
+The model is not thread-safe, so each generation runs in its own thread behind one lock; a reply whose
+reader goes away (a closed browser tab) is cancelled at the next token rather than left running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from ..config import PLACEHOLDERS
+from ..data import media
+from ..data.collate import collate
+from ..data.dataset import MediaProcessor, UniMoEDataset
+from ..data.schema import PLACEHOLDER_RE, Sample
+from ..data.tokenizer import load_tokenizer
+from ..model.uni_moe import UniMoEForCausalLM
+from .demo_media import RequestError, UploadError, UploadLimits, check_upload, has_soundtrack
+from .demo_routing import RoutingRecorder
+
+PROMPT_ORDER = ("image", "speech", "audio", "video")  # the original's order: <image>, <audio>, <video>
+
+
+@dataclass
+class Conversation:
+    """The turns so far (original schema) and every media file they refer to, in placeholder order."""
+
+    turns: list[dict[str, str]] = field(default_factory=list)
+    media: dict[str, list[str]] = field(default_factory=lambda: {m: [] for m in PROMPT_ORDER})
+
+    def with_question(self, question: str, uploads: dict[str, list[str]]) -> "Conversation":
+        """A copy with one more human turn: a placeholder per upload (in prompt order), then the question.
+        Placeholders typed by the user are removed: only real uploads may ask for media."""
+        text = PLACEHOLDER_RE.sub("", question).strip()
+        tokens = "".join(PLACEHOLDERS[m] + "\n" for m in PROMPT_ORDER for _ in uploads.get(m, []))
+        new_media = {m: files + list(uploads.get(m, [])) for m, files in self.media.items()}
+        return Conversation(self.turns + [{"from": "human", "value": tokens + text}], new_media)
+
+    def with_answer(self, answer: str) -> "Conversation":
+        return dataclasses.replace(self, turns=self.turns + [{"from": "gpt", "value": answer}])
+
+    def sample(self) -> Sample:
+        m = self.media
+        return Sample(0, "chat", self.turns, m["image"], m["video"], m["speech"], m["audio"])
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Reply:
+    """Text pieces of one answer as they are generated; ``routing`` and ``error`` once it is done."""
+
+    def __init__(self, engine: "DemoEngine", inputs: dict[str, Any], generate_kwargs: dict[str, Any]) -> None:
+        self.engine = engine
+        self.prompt_groups = engine.token_groups(inputs["input_ids"][0])
+        self.streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.cancelled = threading.Event()
+        self.error: Exception | None = None
+        self.routing: dict[str, np.ndarray] = {}
+        kwargs = dict(inputs, streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
+                      **generate_kwargs)
+        self.thread = threading.Thread(target=self._run, args=(kwargs,), daemon=True)
+        self.thread.start()
+
+    def _run(self, kwargs: dict[str, Any]) -> None:
+        engine = self.engine
+        try:
+            with engine.lock, torch.inference_mode(), engine.recorder.recording() as rec:
+                engine.model.generate(**kwargs)
+                self.routing = rec.counts(self.prompt_groups, engine.model.config.num_experts)
+        except Exception as err:  # shown to the user; the demo keeps serving
+            self.error = err
+            self.streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self.streamer
+        finally:
+            self.cancelled.set()
+            self.thread.join()
+
+
+class DemoEngine:
+    """Model, tokenizer and media processing for the demo; one generation at a time."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 limits: UploadLimits = UploadLimits()) -> None:
+        self.model = UniMoEForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        self.config = self.model.config
+        self.device = torch.device(device)
+        self.limits = limits
+        self.processor = MediaProcessor(self.config)
+        self.lock = threading.Lock()
+        self.recorder = RoutingRecorder(self.model.moe_layers())
+        self.moe_layer_ids = self.config.moe_layer_indices()
+        self.group_of_id = {tid: m for m, tid in self.config.placeholder_token_ids().items()}
+
+    @property
+    def modalities(self) -> list[str]:
+        """Media this model has an encoder for."""
+        return [m for m in PROMPT_ORDER if m in self.config.enabled_modalities()]
+
+    def token_groups(self, input_ids: torch.Tensor) -> list[str]:
+        """Per prompt token: its modality for placeholder tokens, else ``text``."""
+        return [self.group_of_id.get(int(t), "text") for t in input_ids]
+
+    def check_uploads(self, uploads: dict[str, str | None]) -> dict[str, list[str]]:
+        """Per modality, the files the model will read for these uploads, after checking kind, size,
+        duration and that they decode; UploadError if any fails. A video's soundtrack, if it has one,
+        is also heard as speech (as the original demo does) when the model has a speech encoder."""
+        checked: dict[str, list[str]] = {}
+        for modality, path in uploads.items():
+            if not path:
+                continue
+            if modality not in self.modalities:
+                raise UploadError(f"{Path(path).name}: this model has no {modality} encoder, so it cannot "
+                                  "take this upload")
+            p = check_upload(path, modality, self.limits)
+            self._decode(modality, p)
+            checked.setdefault(modality, []).append(str(p))
+            if modality == "video" and "speech" in self.modalities and has_soundtrack(p):
+                self._decode("speech", p)
+                checked.setdefault("speech", []).append(str(p))
+        return checked
+
+    def _decode(self, modality: str, path: Path) -> None:
+        """Decode the file as the model input will (the result is dropped); UploadError if it fails."""
+        decode = {"image": self.processor.image, "video": self.processor.video, "speech": self.processor.speech,
+                  "audio": self.processor.audio}[modality]
+        try:
+            decode(path)
+        except (media.MediaError, ValueError) as err:
+            raise UploadError(str(err).replace(str(path), path.name)) from err
+
+    def inputs(self, conversation: Conversation, max_new_tokens: int) -> dict[str, Any]:
+        """Model inputs (batch of one, on the model's device) for answering the conversation's last turn."""
+        dataset = UniMoEDataset([conversation.sample()], self.tokenizer, self.config, for_generation=True,
+                                processor=self.processor)
+        batch = collate([dataset[0]], self.tokenizer.pad_token_id, padding_side="left")
+        length, room = batch["input_ids"].shape[1], self.config.text_config.max_position_embeddings
+        if length + max_new_tokens > room:
+            raise RequestError(f"the conversation is {length} tokens long; with {max_new_tokens} new tokens it "
+                              f"exceeds the model's {room}-token context: clear the chat to start over")
+        dtype = self.model.dtype
+        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
+                for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+
+    def reply(self, inputs: dict[str, Any], temperature: float, max_new_tokens: int) -> Reply:
+        """Start generating (sampled at ``temperature``, greedy at 0) and return the streaming reply.
+
+        Placeholder tokens are suppressed: one generated and fed back would ask for media that is not there.
+        """
+        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        return Reply(self, inputs, dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                        suppress_tokens=sorted(self.group_of_id), **sampling))
