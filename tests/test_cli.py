@@ -1,0 +1,68 @@
+"""The terminal chat: one-shot answers, multi-turn history, media flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from Uni_MoE.checkpoint.tiny import build_tiny
+from Uni_MoE.data.synthetic import make_dataset
+from Uni_MoE.serve import cli
+from Uni_MoE.serve.generate import GenerationSettings, build_chat_sample, generate_batch, load_model
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = build_tiny(root / "model", moe=False)
+    records = json.loads(make_dataset(root / "data", 1, seed=1, split="test",
+                                      tasks=["image_colour", "speech_word", "video_sound"]).read_text())
+    media = {r["task"]: r for r in records}
+    return model_dir, {
+        "image": str(root / "data" / media["image_colour"]["image"]),
+        "speech": str(root / "data" / media["speech_word"]["speech"][0]),
+        "video": str(root / "data" / media["video_sound"]["video"]),
+    }
+
+
+def test_one_shot_answer_is_the_greedy_reply(workspace, capsys):
+    model_dir, media = workspace
+    cli.main(["--model_path", str(model_dir), "--image", media["image"], "--question", "What colour?",
+              "--max_new_tokens", "5"])
+    printed = capsys.readouterr().out.strip()
+    model, tokenizer = load_model(model_dir, "cpu")
+    expected = generate_batch(model, tokenizer, [build_chat_sample("What colour?", image=media["image"])],
+                              GenerationSettings(max_new_tokens=5))[0]
+    assert printed == expected
+
+
+def test_chat_keeps_history_and_media(workspace, capsys, monkeypatch):
+    model_dir, media = workspace
+    answers = iter(["What word is said?", "Say it again.", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    seen = []
+
+    def spy(model, tokenizer, records, settings, **kwargs):
+        seen.append((records[0], settings))
+        return generate_batch(model, tokenizer, records, settings, **kwargs)
+
+    monkeypatch.setattr(cli, "generate_batch", spy)
+    cli.main(["--model_path", str(model_dir), "--speech", media["speech"], "--video", media["video"],
+              "--max_new_tokens", "4"])
+    replies = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ASSISTANT:")]
+    assert len(replies) == 2 and len(seen) == 2
+    first, second = seen[0][0], seen[1][0]
+    assert first["conversations"][0]["value"] == "<speech>\n<speech>\n<video>\nWhat word is said?"
+    assert first["speech"] == [media["speech"], media["video"]]  # the video's soundtrack as speech
+    assert second["conversations"][1]["value"] == replies[0].removeprefix("ASSISTANT: ").strip()
+    assert second["conversations"][2]["value"] == "Say it again."
+    assert seen[0][1].do_sample and seen[0][1].temperature == 0.2  # no image: sampled, as the original
+
+
+def test_no_video_audio_leaves_the_soundtrack_out(workspace):
+    _, media = workspace
+    args = cli.build_parser().parse_args(["--model_path", "m", "--video", media["video"], "--no_video_audio"])
+    assert args.no_video_audio
+    record = build_chat_sample("q", video=media["video"], video_track_as=None)
+    assert "speech" not in record and record["conversations"][0]["value"] == "<video>\nq"
