@@ -196,3 +196,29 @@ def test_media_the_model_cannot_encode_is_an_error(tiny, tmp_path) -> None:
     report = validate_files([data], load_tokenizer(tiny), config, tmp_path, show_progress=False)
     assert [str(i) for i in report.issues] == [
         f"{data} sample 0 (id img): error: has image media but the model has no encoder for it"]
+
+
+def _validate_as_rank(rank: int, tiny: Path, data: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
+    try:
+        report = validate_files([data], load_tokenizer(tiny), UniMoEConfig.from_pretrained(tiny), data.parent,
+                                MAX_LENGTH, show_progress=False)
+        (out / f"rank{rank}.txt").write_text(report.format() + "\n" + ",".join(s.id for s in report.samples))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ranks_share_the_validation_and_agree(tiny, bad_data, tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    path, _ = bad_data
+    single = validate_files([path], load_tokenizer(tiny), UniMoEConfig.from_pretrained(tiny), path.parent,
+                            MAX_LENGTH, show_progress=False)
+    mp.spawn(_validate_as_rank, args=(tiny, path, tmp_path), nprocs=2)
+    expected = single.format() + "\n" + ",".join(s.id for s in single.samples)
+    assert (tmp_path / "rank0.txt").read_text() == expected
+    assert (tmp_path / "rank1.txt").read_text() == expected

@@ -22,7 +22,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -156,6 +157,22 @@ def _parse_file(path: str | Path, voice_modality: str) -> tuple[list[Sample], li
     return samples, issues, len(records)
 
 
+def _check_shards(checker: _SampleChecker, num_workers: int, show_progress: bool) -> dict[int, list[Issue]]:
+    """Issues of every sample; under torch.distributed each rank checks every world_size-th sample and the
+    results are shared, so the pass costs one rank's share of the data."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    mine = list(range(rank, len(checker), world))
+    loader = DataLoader(Subset(checker, mine), batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    progress = tqdm(loader, desc="validating samples", disable=not show_progress)
+    found = dict(zip(mine, progress))
+    if world > 1:
+        every: list[dict[int, list[Issue]]] = [{} for _ in range(world)]
+        dist.all_gather_object(every, found)
+        found = {j: issues for part in every for j, issues in part.items()}
+    return found
+
+
 def validate_files(
     paths: list[str] | list[Path],
     tokenizer: PreTrainedTokenizerBase,
@@ -166,7 +183,8 @@ def validate_files(
     num_workers: int = 0,
     show_progress: bool = True,
 ) -> ValidationReport:
-    """Check every record of ``paths``; ``num_workers`` processes decode media in parallel."""
+    """Check every record of ``paths``; ``num_workers`` processes decode media in parallel (per rank, when
+    torch.distributed is initialised: the ranks share the work)."""
     paths = [str(p) for p in paths]
     samples: list[Sample] = []
     file_of: list[str] = []
@@ -178,11 +196,10 @@ def validate_files(
         report.issues += issues
         report.total += count
     dataset = UniMoEDataset(samples, tokenizer, config, data_root, model_max_length, for_generation)
-    loader = DataLoader(_SampleChecker(dataset, file_of), batch_size=None, num_workers=num_workers,
-                        collate_fn=_identity)
-    for sample, issues in zip(samples, tqdm(loader, desc="validating samples", disable=not show_progress)):
-        report.issues += issues
-        if not any(i.severity == ERROR for i in issues):
+    found = _check_shards(_SampleChecker(dataset, file_of), num_workers, show_progress)
+    for j, sample in enumerate(samples):
+        report.issues += found[j]
+        if not any(i.severity == ERROR for i in found[j]):
             report.samples.append(sample)
     report.issues.sort(key=lambda i: (paths.index(i.file), i.index))
     return report
