@@ -175,6 +175,24 @@ def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int) ->
     return "\n".join(lines)
 
 
+def profile(shapes: Shapes, device: torch.device, expert_type: str) -> str:
+    """Kernel time table of a few fused forward+backward steps at the largest E and smallest r and T."""
+    torch.manual_seed(0)
+    x = torch.randn(shapes.tokens[0], shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
+    layer = make_layer(shapes, shapes.experts[-1], shapes.ranks[0], expert_type, device)
+    step = layer_step(layer, x, "grouped")
+    for _ in range(3):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -183,11 +201,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--profile", choices=["mlp", "shared"], help="print a kernel profile of one kind instead")
     args = parser.parse_args()
     if args.smoke:
         args.device, args.small, args.reps, args.warmup = "cpu", True, 2, 1
     device = torch.device(args.device)
     shapes = SMALL if args.small else FULL
+    if args.profile:
+        print(profile(shapes, device, args.profile))
+        return
     rows = run(shapes, device, args.warmup, args.reps)
     text = report(rows, shapes, device, args.reps)
     print(text)

@@ -110,7 +110,6 @@ class DistinctExperts(torch.autograd.Function):
                 extra = (spread(dzd, g.expert, num_experts) @ down_a.reshape(-1, down_a.shape[-1])) * ctx.keep
         d_gate, d_up, h, _ = swiglu_backward(dh, ctx.gate, ctx.up, None, None, extra, None, None)
         del dh, extra
-        ctx.gate = ctx.up = None
         grad_za = None
         if has_lora:
             grads_lora[2] = segment_mm_tn(dzd, h if ctx.keep is None else h * ctx.keep, g)  # [E, r, I]

@@ -112,7 +112,6 @@ class SharedBaseExperts(torch.autograd.Function):
             del h
             sum_gate = g_j if sum_gate is None else sum_gate.add_(g_j)
             sum_up = u_j if sum_up is None else sum_up.add_(u_j)
-        ctx.gate = ctx.up = None
         grad_za = None
         if has_lora:
             grads_lora[0] = unstack_b(d_stacks[0], num_experts)
