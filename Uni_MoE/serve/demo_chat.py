@@ -114,7 +114,7 @@ def make_chat(engine: DemoEngine) -> Callable[..., Iterator[tuple]]:
             return
         reply = engine.reply(inputs, temperature, max_new_tokens)
         answer = ""
-        for piece in reply:
+        for piece in filter(None, reply):
             answer += piece
             yield (shown + [{"role": "assistant", "content": answer}], state, gr.skip(), gr.skip()) + cleared
         if reply.error is not None:

@@ -54,6 +54,8 @@ class Conversation:
 
 
 class _Cancelled(StoppingCriteria):
+    """Stops generation once the event is set (the reader of the reply has gone)."""
+
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
@@ -71,8 +73,8 @@ class Reply:
         self.cancelled = threading.Event()
         self.error: Exception | None = None
         self.routing: dict[str, np.ndarray] = {}
-        kwargs = dict(inputs, streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
-                      **generate_kwargs)
+        stop = StoppingCriteriaList([_Cancelled(self.cancelled)])
+        kwargs = dict(inputs, streamer=self.streamer, stopping_criteria=stop, **generate_kwargs)
         self.thread = threading.Thread(target=self._run, args=(kwargs,), daemon=True)
         self.thread.start()
 
