@@ -5,6 +5,7 @@
 #   bash scripts/quickstart.sh                 # everything under runs/quickstart
 #   OUT=/tmp/qs N_TRAIN=40 bash scripts/quickstart.sh   # smaller and faster
 #   DRY_RUN=1 bash scripts/quickstart.sh       # print the commands only
+#   NO_SETUP=1 bash scripts/quickstart.sh      # use the active Python environment as it is
 #
 # Tiny-setting choices (the real recipe is the same commands with real checkpoints):
 # - stage 1 adds --train_lm_head: the tiny LLM is random, so its output head maps to no word; a real base
@@ -33,7 +34,7 @@ run() {
 }
 
 # ---- environment: .venv with CPU torch first, then the project; skipped when already satisfied
-if [ "${DRY_RUN:-0}" != 1 ]; then
+if [ "${DRY_RUN:-0}" != 1 ] && [ "${NO_SETUP:-0}" != 1 ]; then
   bash scripts/setup_env.sh "train,eval,video"
   # shellcheck disable=SC1091
   . .venv/bin/activate
