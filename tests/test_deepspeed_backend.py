@@ -98,10 +98,16 @@ def test_state_dict_round_trips_between_backends(dist_world):
     with torch.no_grad():
         for p in ds.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    from Uni_MoE.model.moe.deepspeed_backend import local_layout_state_dict
+
     back = MoELayer(**LAYER, implementation="reference")
-    back.load_state_dict(ds.state_dict(), strict=True)
+    back.load_state_dict(local_layout_state_dict(ds), strict=True)
+    again = _ds_layer()
+    again.load_state_dict(ds.state_dict(), strict=True)  # DeepSpeed's own layout
+    assert "router.weight" not in ds.state_dict()
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(back(x), ds(x))
+    torch.testing.assert_close(again(x), ds(x))
 
 
 def test_original_v2_names_load(dist_world):
@@ -151,6 +157,7 @@ def _model_pair(make_config):
 
 def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_path):
     from Uni_MoE.checkpoint.v2_experts import from_pretrained_expert_parallel
+    from Uni_MoE.model.moe.deepspeed_backend import local_layout_state_dict
 
     local, ds = _model_pair(make_config)
     ds.load_state_dict(local.state_dict(), strict=True)
@@ -160,13 +167,24 @@ def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_p
     torch.testing.assert_close(out_d.aux_loss, out_l.aux_loss)
     assert len(ds.routing()) == len(local.routing())
 
-    ds.save_pretrained(tmp_path / "from_ds")
+    ds.save_pretrained(tmp_path / "from_ds", state_dict=local_layout_state_dict(ds))
     reloaded = UniMoEForCausalLM.from_pretrained(tmp_path / "from_ds", moe_backend="local").eval()
     torch.testing.assert_close(reloaded(ids).logits, out_d.logits)
 
     local.save_pretrained(tmp_path / "from_local")
     ep_model = from_pretrained_expert_parallel(tmp_path / "from_local", ep_size=1)
     torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
+
+
+def test_dense_checkpoint_upcycles_into_deepspeed_experts(dist_world, make_config, tmp_path):
+    """transformers' from_pretrained builds a DeepSpeed-MoE model over a dense base (stage 3's start)."""
+    dense = UniMoEForCausalLM(make_config(moe_layers="none"))
+    dense.save_pretrained(tmp_path)
+    model = UniMoEForCausalLM.from_pretrained(tmp_path, moe_backend="deepspeed", moe_layers="all", num_experts=8,
+                                              expert_lora_r=4)
+    assert len(model.moe_layers()) == 4 and len(model.moe_layers()[3].local_experts()) == 8
+    name = "model.language_model.layers.2.self_attn.q_proj.weight"
+    torch.testing.assert_close(model.get_parameter(name), dense.get_parameter(name))
 
 
 def test_v2_expert_files_fill_deepspeed_experts(dist_world, make_config, tmp_path):
@@ -185,7 +203,7 @@ def test_v2_expert_files_fill_deepspeed_experts(dist_world, make_config, tmp_pat
 @pytest.mark.slow
 def test_expert_parallel_over_two_processes(tmp_path):
     """ep_size=2 on two gloo ranks: each holds half the experts, outputs and input gradients equal the
-    local backend's, and expert_parallel_state_dict gathers the full stacked experts."""
+    local backend's, and local_layout_state_dict gathers the full stacked experts."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), __file__]
@@ -199,7 +217,7 @@ def _ep2_worker() -> None:
     """Each rank: build local (all experts, same seed) and ep_size=2 layers, load, compare, save back."""
     import torch.distributed as dist
 
-    from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer, expert_parallel_state_dict
+    from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_dict
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -220,10 +238,10 @@ def _ep2_worker() -> None:
         dist.all_reduce(summed)
         for b, expert in enumerate(ds.local_experts()):
             torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
-    own = ds.state_dict()  # DeepSpeed's per-rank layout: this rank's two experts only
+    own = ds.state_dict()  # DeepSpeed's layout: this rank's two experts only
     assert "router.weight" not in own and "moe.deepspeed_moe.experts.deepspeed_experts.1.up_proj" in own
     assert not any(".deepspeed_experts.2." in k for k in own)
-    gathered = expert_parallel_state_dict(ds)
+    gathered = local_layout_state_dict(ds)
     assert gathered.keys() == local.state_dict().keys()
     for key, value in local.state_dict().items():
         torch.testing.assert_close(gathered[key], value)

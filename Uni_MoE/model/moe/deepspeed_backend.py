@@ -1,11 +1,11 @@
 """DeepSpeedMoELayer: the v2 backend, whose experts DeepSpeed-MoE places and shards over ``ep_size`` ranks.
 
 It is built from the same settings as MoELayer, computes the same function (when no token is dropped,
-which ``drop_tokens=False`` guarantees) and reads and writes the same checkpoint layout. At
-``ep_size == 1`` its state dict is the local backend's (``router.weight``, stacked ``experts.*``). At
-``ep_size > 1`` a rank's state dict is DeepSpeed's own (``moe.deepspeed_moe...``, this rank's experts
-only, which DeepSpeed's checkpoints expect); :func:`expert_parallel_state_dict`, called on every rank,
-gathers the experts into the local layout for ``save_pretrained``. Loading takes either layout (keeping
+which ``drop_tokens=False`` guarantees) and reads and writes the same checkpoint layout. Its own
+``state_dict()`` is DeepSpeed's (``moe.deepspeed_moe...``, this rank's experts only), which DeepSpeed's
+checkpoints and transformers' loading by parameter name expect; :func:`local_layout_state_dict` gives
+the local backend's layout (``router.weight``, stacked ``experts.*``), gathering the experts over the
+expert-parallel ranks, for ``save_pretrained(state_dict=...)``. Loading takes either layout (keeping
 this rank's experts) and the original v2 names (``deepspeed_moe.gate.wg.weight``,
 ``deepspeed_moe.experts.deepspeed_experts.<local>.<proj>...``). ``torch.distributed`` must be
 initialised (``deepspeed.init_distributed()``) on every rank before the layer is built, since building
@@ -102,7 +102,7 @@ class DeepSpeedMoELayer(nn.Module):
         self.ep_group = self.moe.deepspeed_moe.ep_group
         self.ep_rank = dist.get_rank(group=self.ep_group) if ep_size > 1 else 0
         self.num_local_experts = num_experts // ep_size
-        self.gather_on_save = False
+        self.local_layout_on_save = False
         self.aux_loss: torch.Tensor | None = None
         self.routing: torch.Tensor | None = None
         self._routes: torch.Tensor | None = None
@@ -145,9 +145,8 @@ class DeepSpeedMoELayer(nn.Module):
 
 
 def _save_local_layout(layer: DeepSpeedMoELayer, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """Rename the gate to ``router.weight`` and stack (and gather) the experts as ``experts.<name>``; under
-    expert parallelism only when asked (the gather is a collective that every rank must join)."""
-    if layer.ep_size > 1 and not layer.gather_on_save:
+    """When asked: rename the gate to ``router.weight`` and stack (and gather) the experts as ``experts.<name>``."""
+    if not layer.local_layout_on_save:
         return
     state[prefix + "router.weight"] = state.pop(prefix + GATE_KEY)
     for name in layer.expert_names:
@@ -190,15 +189,16 @@ def moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]
     return split_params_into_different_moe_groups_for_optimizer(named)
 
 
-def expert_parallel_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every DeepSpeedMoELayer's experts gathered into the local layout, which
-    the local backend and :func:`Uni_MoE.checkpoint.v2_experts.from_pretrained_expert_parallel` load.
-    A collective: call it on every rank of the expert-parallel groups, then save on one."""
+def local_layout_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every DeepSpeedMoELayer in the local backend's layout, its experts
+    gathered over the expert-parallel ranks: what ``save_pretrained(state_dict=...)`` should write, for
+    the local backend and :func:`Uni_MoE.checkpoint.v2_experts.from_pretrained_expert_parallel` to load.
+    Under expert parallelism a collective: call it on every rank, then save on one."""
     layers = [m for m in model.modules() if isinstance(m, DeepSpeedMoELayer)]
     for layer in layers:
-        layer.gather_on_save = True
+        layer.local_layout_on_save = True
     try:
         return model.state_dict()
     finally:
         for layer in layers:
-            layer.gather_on_save = False
+            layer.local_layout_on_save = False
