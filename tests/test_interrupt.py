@@ -137,7 +137,7 @@ def test_kill_while_writing_a_checkpoint_leaves_no_half_checkpoint(tiny, uninter
 
 @pytest.mark.timeout(60)
 def test_resume_skips_a_checkpoint_without_trainer_state(tmp_path) -> None:
-    from Uni_MoE.train.train import last_complete_checkpoint
+    from Uni_MoE.train.trainer import last_complete_checkpoint
 
     for step in (2, 4, 6):
         (tmp_path / f"checkpoint-{step}").mkdir()

@@ -110,6 +110,7 @@ def test_resume_refuses_before_anything_is_read(trainer, tmp_path, marker, name)
     checkpoint = tmp_path / "out" / "checkpoint-2"
     evil_file(checkpoint / name, marker)
     (checkpoint / "training_args.bin").write_bytes(pickle.dumps(trainer.args))  # written for the record only
+    (checkpoint / "trainer_state.json").write_text("{}")
     with pytest.raises(UnsafeCheckpointError, match=f"{checkpoint / name}: refused to load"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     with pytest.raises(UnsafeCheckpointError, match=f"{checkpoint / name}: refused to load"):

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import sys
 from pathlib import Path
 
 import torch
 import transformers
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collate import Collator
 from ..data.dataset import MediaProcessor
@@ -25,27 +22,9 @@ from . import stages
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from .callbacks import ExpertLoadCallback
 from .data import build_dataset, estimated_length
-from .trainer import UniMoETrainer
+from .trainer import UniMoETrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-
-
-def last_complete_checkpoint(folder: str | Path) -> str | None:
-    """The highest ``checkpoint-N`` in ``folder`` holding ``trainer_state.json`` (the Trainer's last write).
-
-    Checkpoints are renamed into place only once complete; the state-file test also skips incomplete
-    folders left by other writers.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    steps = {int(m.group(1)): p for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))}
-    for path in (steps[step] for step in sorted(steps, reverse=True)):
-        if (path / TRAINER_STATE_NAME).is_file():
-            return str(path)
-        logger.warning("ignoring incomplete checkpoint %s (no %s)", path, TRAINER_STATE_NAME)
-    return None
 
 
 def resolve_resume(train_args: TrainingArguments) -> str | None:

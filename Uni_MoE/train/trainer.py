@@ -10,7 +10,9 @@ half-written ``checkpoint-N`` for resume to pick.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..checkpoint.io import check_checkpoint_folder
 from .sampler import ModalityGroupedSampler
@@ -28,6 +30,25 @@ from .tracking import RoutingTracker
 
 BOOKKEEPING_KEYS = ("modality", "sample_index")
 STAGING_DIR = ".saving"  # under output_dir: checkpoints being written; never read by resume
+CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+logger = logging.getLogger(__name__)
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The highest ``checkpoint-N`` in ``folder`` holding ``trainer_state.json`` (the Trainer's last write).
+
+    Checkpoints are renamed into place only once complete; the state-file test also skips incomplete
+    folders left by other writers.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = {int(m.group(1)): p for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))}
+    for path in (steps[step] for step in sorted(steps, reverse=True)):
+        if (path / TRAINER_STATE_NAME).is_file():
+            return str(path)
+        logger.warning("ignoring incomplete checkpoint %s (no %s)", path, TRAINER_STATE_NAME)
+    return None
 
 
 def publish_checkpoint(staged: Path, final: Path) -> None:
@@ -60,7 +81,7 @@ class UniMoETrainer(Trainer):
         """The Trainer's ``train``, after checking every pickle of the checkpoint to resume from (DeepSpeed
         reads its states with ``weights_only=False``; a pickle that could run code is refused, named)."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
             check_checkpoint_folder(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -74,8 +95,8 @@ class UniMoETrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = run_dir / STAGING_DIR
-        if self.args.should_save and (staging / name).exists():  # left by a run killed while saving
-            shutil.rmtree(staging / name)
+        if self.args.should_save and staging.exists():  # left by a run killed while saving
+            shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
         self._staging_dir = staging
         try:
