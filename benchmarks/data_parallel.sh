@@ -6,14 +6,16 @@
 #   DATA=data/train.json DATA_ROOT=data NUM_GPUS=2 bash benchmarks/data_parallel.sh [more --flags]
 # DATA: image + speech training JSON, e.g. from `python -m Uni_MoE.data.synthetic --tasks image_colour
 # speech_word image_speech`. WORK (scratch, default runs/data_parallel), LAYERS (4), STEPS (30), RESULT (a
-# markdown file to append the table to).
+# markdown file to append the table to), WIDTH (LLM width flags of Uni_MoE.checkpoint.tiny; small ones for a CPU
+# smoke run with LAUNCHER="python -m" and --bf16 False --tf32 False --deepspeed "").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${WORK:-runs/data_parallel}"
 NUM_GPUS="${NUM_GPUS:-2}"
 LAYERS="${LAYERS:-4}"
-[ -f "$WORK/wide/config.json" ] || python -m Uni_MoE.checkpoint.tiny --out "$WORK/wide" --hidden_size 4096 \
-  --intermediate_size 11008 --num_heads 32 --num_layers "$LAYERS"
+read -r -a width <<< "${WIDTH:---hidden_size 4096 --intermediate_size 11008 --num_heads 32}"
+[ -f "$WORK/wide/config.json" ] || python -m Uni_MoE.checkpoint.tiny --out "$WORK/wide" "${width[@]}" \
+  --num_layers "$LAYERS"
 NUM_GPUS="$NUM_GPUS" MODEL="$WORK/wide" OUTPUT="$WORK/out" bash Uni_MoE/finetune_speech_dp.sh \
   --max_steps "${STEPS:-30}" --logging_steps 5 --report_to none --save_strategy no --dataloader_num_workers 2 \
   "$@" 2>&1 | tee "$WORK/train.log"
