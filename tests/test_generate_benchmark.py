@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_table(tmp_path):
     out = tmp_path / "generation.md"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
