@@ -94,6 +94,14 @@ def server(tmp_path_factory) -> Server:
     app.close()
 
 
+def wait_for(condition, seconds: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the queue"
+        time.sleep(0.1)
+
+
 def client(server: Server) -> gradio_client.Client:
     """A new browser-like session (its own chat history)."""
     return gradio_client.Client(server.url, verbose=False)
@@ -223,9 +231,7 @@ def test_fifty_concurrent_users_are_queued_then_all_answered(server):
     with server.engine.lock:  # the model is busy: every request has to wait its turn
         jobs = [s.submit(*chat_args(f"Question {i}?", max_new_tokens=3), api_name="/chat")
                 for i, s in enumerate(sessions)]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and sum(j.status().code == Status.IN_QUEUE for j in jobs) < 49:
-            time.sleep(0.2)
+        wait_for(lambda: sum(j.status().code == Status.IN_QUEUE for j in jobs) == 49)
         codes = [j.status().code for j in jobs]
         assert codes.count(Status.IN_QUEUE) == 49 and codes.count(Status.PROCESSING) == 1, codes
     for i, job in enumerate(jobs):
@@ -241,11 +247,11 @@ def test_a_full_queue_refuses_politely_and_the_demo_keeps_serving(server):
     try:
         sessions = [gradio_client.Client(url, verbose=False) for _ in range(6)]
         with server.engine.lock:
-            jobs = [s.submit(*chat_args("Hi?", max_new_tokens=3), api_name="/chat") for s in sessions]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and any(j.status().code in (Status.STARTING, Status.JOINING_QUEUE)
-                                                      for j in jobs):
-                time.sleep(0.2)
+            jobs = [sessions[0].submit(*chat_args("Hi?", max_new_tokens=3), api_name="/chat")]
+            wait_for(lambda: jobs[0].status().code == Status.PROCESSING)  # the model's one slot is taken
+            jobs += [s.submit(*chat_args("Hi?", max_new_tokens=3), api_name="/chat") for s in sessions[1:]]
+            wait_for(lambda: all(j.status().code in (Status.IN_QUEUE, Status.QUEUE_FULL, Status.FINISHED)
+                                 for j in jobs[1:]))
         answered, refused = 0, 0
         for job in jobs:
             try:
