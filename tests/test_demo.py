@@ -268,6 +268,8 @@ def test_a_full_queue_refuses_politely_and_the_demo_keeps_serving(server):
 
 @pytest.mark.slow
 def test_browser_chat_shows_answer_plot_and_upload_errors(server, media, tmp_path):
+    """A user's session: image and wav, answer and routing plot; an oversized image and a corrupt wav are
+    refused with a message; the next question is answered. Screenshots: after the first answer, at the end."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed (Debian package 'chromium'; scripts/setup_env.sh installs it)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the 'dev' extra")
@@ -296,6 +298,11 @@ def test_browser_chat_shows_answer_plot_and_upload_errors(server, media, tmp_pat
             plot = page.locator("#routing-plot img")
             assert plot.evaluate("img => img.naturalWidth") > 300
             page.screenshot(path=str(shots[0]), full_page=True)
+
+            page.locator("#image input[type=file]").set_input_files(str(media["huge"]))
+            toast = page.get_by_text('exceed the maximum allowed size of 1.0 Mb: "huge.png"')
+            toast.wait_for()  # refused in the page, never sent
+            assert page.locator("#image img").count() == 0
 
             page.locator("#audio input[type=file]").set_input_files(str(media["broken_wav"]))
             page.locator("#question textarea").fill("And this sound?")

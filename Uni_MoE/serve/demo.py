@@ -6,7 +6,9 @@ MoE layer chose for the answer's and the prompt's tokens.
     python -m Uni_MoE.serve.demo --model checkpoint/Uni-MoE-speech --device cuda --dtype bfloat16
 
 It listens on 127.0.0.1 unless --host says otherwise, sends nothing outside (no analytics, no share
-link unless --share), and answers one request at a time, queueing the rest.
+link unless --share), and answers one request at a time, queueing up to --queue_size more. Uploads over
+--max_upload_mb are refused by the server before they are stored; recordings and videos over their
+duration limits, files of the wrong kind and files that do not decode get a message in the chat.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def launch(app: gr.Blocks, limits: UploadLimits, host: str = "127.0.0.1", port: 
     app.launch(server_name=host, server_port=port, share=share, ssr_mode=False, quiet=not block,
                prevent_thread_lock=not block, max_file_size=int(limits.max_upload_mb * 2**20),
                theme=gr.themes.Default(font=LOCAL_FONTS, font_mono=LOCAL_MONO_FONTS))
+
 
 def ensure_model(path: str) -> Path:
     """The model folder; the default tiny model is built there first if it is missing."""
