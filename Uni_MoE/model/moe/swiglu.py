@@ -7,6 +7,7 @@ pass, which saves writing ``gate + delta`` as a separate tensor.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Callable
@@ -20,6 +21,7 @@ def _fused_on_cuda(fn: Callable) -> Callable:
     """``fn`` compiled into one kernel for CUDA tensors; eager on other devices or if compiling fails."""
     compiled: list[Callable] = []
 
+    @functools.wraps(fn)
     def call(*args: torch.Tensor | None) -> object:
         global _COMPILE
         if _COMPILE and args[0].is_cuda:
@@ -32,8 +34,6 @@ def _fused_on_cuda(fn: Callable) -> Callable:
                 _COMPILE = False
         return fn(*args)
 
-    call.__name__ = fn.__name__
-    call.__doc__ = fn.__doc__
     return call
 
 
