@@ -142,7 +142,11 @@ def test_real_training_states_pass_the_check(trainer, tmp_path) -> None:
     loss_scaler = checkpoint / "ds_states.pt"
     loss_scaler.write_bytes(b"\x80\x02cdeepspeed.runtime.fp16.loss_scaler\nLossScaler\n)R.")
     check_pickle(loss_scaler)
+    reexported = checkpoint / "reexported.pt"  # a class DeepSpeed imported, not one of its own
+    reexported.write_bytes(b"\x80\x02cdeepspeed.launcher.launch\ndefaultdict\n)R.")
+    with pytest.raises(UnsafeCheckpointError, match=r"would call \['deepspeed.launcher.launch.defaultdict'\]"):
+        check_pickle(reexported)
     launcher = checkpoint / "launch.pt"
     launcher.write_bytes(b"\x80\x02cdeepspeed.launcher.runner\nmain\n)R.")
     with pytest.raises(UnsafeCheckpointError, match=r"would call \['deepspeed.launcher.runner.main'\]"):
-        check_checkpoint_folder(checkpoint)
+        check_pickle(launcher)

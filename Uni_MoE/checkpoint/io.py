@@ -88,20 +88,21 @@ def pickle_globals(path: str | Path) -> set[str]:
     """Every global a pickle file (torch zip or legacy format) names, found without importing or running it."""
     path = Path(path)
     found: set[str] = set()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.namelist():
-                if member.endswith(".pkl"):
-                    _GlobalLister(io.BytesIO(archive.read(member)), found).load()
-        return found
-    with path.open("rb") as stream:  # legacy torch.save: several pickles, then raw storage bytes
-        for count in range(5):
-            try:
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".pkl"):
+                        _GlobalLister(io.BytesIO(archive.read(member)), found).load()
+            return found
+        with path.open("rb") as stream:  # legacy torch.save: up to five pickles, then raw storage bytes
+            _GlobalLister(stream, found).load()
+            for _ in range(4):
                 _GlobalLister(stream, found).load()
-            except (pickle.UnpicklingError, EOFError, ValueError, IndexError, TypeError, KeyError):
-                if count == 0:
-                    raise UnsafeCheckpointError(f"{path}: not a readable pickle") from None
-                break
+    except EOFError:  # the stream ended: a plain pickle or a short legacy file
+        pass
+    except Exception as err:  # noqa: BLE001 - whatever breaks the listing, the file is not loaded
+        raise UnsafeCheckpointError(f"{path}: refused to load; not a readable pickle ({type(err).__name__}: {err})") from err
     return found
 
 
@@ -115,9 +116,10 @@ def _is_safe_global(qualified: str) -> bool:
         return name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
     if module.startswith("deepspeed."):  # DeepSpeed's own state classes (enums, loss scalers); no functions
         try:
-            return isinstance(getattr(importlib.import_module(module), name, None), type)
+            obj = getattr(importlib.import_module(module), name, None)
         except ImportError:
             return False
+        return isinstance(obj, type) and obj.__module__.startswith("deepspeed.")  # not one it imported
     return False
 
 
