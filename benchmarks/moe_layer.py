@@ -14,7 +14,7 @@ import argparse
 import datetime
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -201,12 +201,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts to run (default 8192 32768)")
     parser.add_argument("--profile", choices=["mlp", "shared"], help="print a kernel profile of one kind instead")
     args = parser.parse_args()
     if args.smoke:
         args.device, args.small, args.reps, args.warmup = "cpu", True, 2, 1
     device = torch.device(args.device)
     shapes = SMALL if args.small else FULL
+    if args.tokens:
+        shapes = replace(shapes, tokens=tuple(args.tokens))
     if args.profile:
         print(profile(shapes, device, args.profile))
         return

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import json
-import os
+import inspect
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +208,11 @@ class UniMoEModel(UniMoEPreTrainedModel):
         return embeds
 
 
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values", "padding_mask")
+# The KV cache's keyword and output field: "cache" in transformers >= 5.18, "past_key_values" before.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
 class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
     """Uni-MoE: multimodal inputs, MoE language model, LM head; loss = LM loss + coef * balance loss."""
 
@@ -258,6 +260,15 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
     def moe_layers(self) -> list[MoELayer]:
         return self.model.moe_layers()
 
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        """Media inputs enter on the prefill step only (later steps hold no placeholders); without a
+        cache every step re-reads them. Older transformers did not drop the audio inputs themselves."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in MEDIA_INPUTS:
+                inputs.pop(key, None)
+        return inputs
+
     def routing(self) -> list[torch.Tensor]:
         """Experts chosen in the last forward, one [B, S, k] tensor per MoE layer."""
         return [layer.routing for layer in self.moe_layers()]
@@ -284,7 +295,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         pixel_values [N_img, 3, S, S]; pixel_values_videos [N_vid, F, 3, S, S]; input_features
         [N_speech_windows, mel, frames]; input_values / padding_mask [N_audio_windows, samples].
         """
-        kwargs.pop("past_key_values", None)
+        cache = kwargs.pop("past_key_values", cache)
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_multimodal(
                 input_ids, pixel_values, pixel_values_videos, input_features, input_values, padding_mask
@@ -292,7 +303,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         out = self.model.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            **{CACHE_ARG: cache},
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -317,7 +328,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         return UniMoECausalLMOutput(
             loss=loss,
             logits=logits,
-            cache=out.cache,
+            **{CACHE_ARG: getattr(out, CACHE_ARG)},
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             aux_loss=aux_loss,

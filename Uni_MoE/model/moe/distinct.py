@@ -16,7 +16,7 @@ import torch
 
 from .lora_blocks import spread, stack_b
 from .segments import SlotGrouping, segment_mm, segment_mm_tn, unsort_sum
-from .swiglu import swiglu_backward, swiglu_forward
+from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
 
 
 @dataclass
@@ -31,13 +31,6 @@ def _own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tup
     """Gate and up LoRA-A activations of every expert [T, 2*E*r] -> each sorted slot's own [S, r] pair."""
     own = za.view(za.shape[0], 2, num_experts, -1)[g.token, :, g.expert]  # [S, 2, r]
     return own[:, 0].contiguous(), own[:, 1].contiguous()
-
-
-def _dropout_mask(h: torch.Tensor, p: float) -> torch.Tensor | None:
-    """Inverted-dropout multiplier for h (0 or 1/(1-p)), or None when p is 0."""
-    if p <= 0:
-        return None
-    return (torch.rand_like(h) >= p).to(h.dtype) / (1.0 - p)
 
 
 class DistinctExperts(torch.autograd.Function):
@@ -64,25 +57,25 @@ class DistinctExperts(torch.autograd.Function):
         xs = x[g.token]  # [S, H]
         gate = segment_mm(xs, gate_w.transpose(1, 2), g)  # [S, I]
         up = segment_mm(xs, up_w.transpose(1, 2), g)  # [S, I]
-        zg = zu = zd = keep = None
+        zg = zu = zd = None
+        keep, keep_scale = dropout_mask(gate, lora.down_dropout) if za is not None else (None, 1.0)
         if za is not None:
             zg, zu = _own_lora_inputs(za, g, num_experts)  # [S, r] each
             gate.addmm_(spread(zg, g.expert, num_experts), stack_b(gate_b), alpha=lora.scale)
             up.addmm_(spread(zu, g.expert, num_experts), stack_b(up_b), alpha=lora.scale)
-        h = swiglu_forward(gate, up, None, None)  # [S, I]
+        h, h_dropped, _ = swiglu_forward(gate, up, None, None, keep, keep_scale, None, None)  # [S, I]
         ys = segment_mm(h, down_w.transpose(1, 2), g)  # [S, H]
         if za is not None:
-            keep = _dropout_mask(h, lora.down_dropout)
-            zd = segment_mm(h if keep is None else h * keep, down_a.transpose(1, 2), g)  # [S, r]
+            zd = segment_mm(h if keep is None else h_dropped, down_a.transpose(1, 2), g)  # [S, r]
             ys.addmm_(spread(zd, g.expert, num_experts), stack_b(down_b), alpha=lora.scale)
-        del h
+        del h, h_dropped
         slots = ys[g.inverse].view(t, k, -1)
         out = slots[:, 0] * weights[:, :1]
         for j in range(1, k):  # over a token's k slots, not over experts
             out.addcmul_(slots[:, j], weights[:, j : j + 1])
         ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b)
         ctx.grouping, ctx.lora = g, lora
-        ctx.gate, ctx.up, ctx.zg, ctx.zu, ctx.zd, ctx.keep = gate, up, zg, zu, zd, keep
+        ctx.gate, ctx.up, ctx.zg, ctx.zu, ctx.zd, ctx.keep, ctx.keep_scale = gate, up, zg, zu, zd, keep, keep_scale
         ctx.ys = ys if ctx.needs_input_grad[1] else None
         return out
 
@@ -96,7 +89,7 @@ class DistinctExperts(torch.autograd.Function):
         dy = grad_out.contiguous()[g.token]  # [S, H]
         grad_w = None
         if need[1]:
-            grad_w = (ctx.ys.float() * dy.float()).sum(-1)[g.inverse].view(t, k).to(weights.dtype)
+            grad_w = row_dot(ctx.ys, dy)[g.inverse].view(t, k).to(weights.dtype)
         dys = dy * weights.reshape(-1)[g.order, None]  # [S, H]
         dh = segment_mm(dys, down_w, g)  # [S, I]
         grads_lora: list[torch.Tensor | None] = [None] * 4
@@ -107,12 +100,14 @@ class DistinctExperts(torch.autograd.Function):
             if ctx.keep is None:
                 dh.addmm_(spread(dzd, g.expert, num_experts), down_a.reshape(-1, down_a.shape[-1]))
             else:
-                extra = (spread(dzd, g.expert, num_experts) @ down_a.reshape(-1, down_a.shape[-1])) * ctx.keep
-        d_gate, d_up, h, _ = swiglu_backward(dh, ctx.gate, ctx.up, None, None, extra, None, None)
+                extra = spread(dzd, g.expert, num_experts) @ down_a.reshape(-1, down_a.shape[-1])
+        d_gate, d_up, h_dropped, *_ = swiglu_backward(
+            dh, ctx.gate, ctx.up, None, None, extra, ctx.keep, ctx.keep_scale, None, None, None, None
+        )
         del dh, extra
         grad_za = None
         if has_lora:
-            grads_lora[2] = segment_mm_tn(dzd, h if ctx.keep is None else h * ctx.keep, g)  # [E, r, I]
+            grads_lora[2] = segment_mm_tn(dzd, h_dropped, g)  # [E, r, I]
             grads_lora[0] = segment_mm_tn(d_gate, ctx.zg, g) * s  # [E, I, r]
             grads_lora[1] = segment_mm_tn(d_up, ctx.zu, g) * s
             dz = torch.cat([spread(segment_mm(d, b, g) * s, g.expert, num_experts)
@@ -126,6 +121,7 @@ class DistinctExperts(torch.autograd.Function):
         grads_base: list[torch.Tensor | None] = [None] * 3
         if any(need[3:6]):
             xs = x[g.token]
+            h = h_dropped if ctx.keep is None else swiglu_forward(ctx.gate, ctx.up, None, None, None, 1.0, None, None)[0]
             grads_base = [segment_mm_tn(d, a, g) if n else None
                           for d, a, n in ((d_gate, xs, need[3]), (d_up, xs, need[4]), (dys, h, need[5]))]
         return grad_x, grad_w, grad_za, *grads_base, *grads_lora, None, None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .lora_blocks import one_hot
+
 
 def route_tokens(
     logits: torch.Tensor,
@@ -36,5 +38,5 @@ def balance_loss(logits: torch.Tensor, indices: torch.Tensor, num_experts: int) 
     """
     probs = F.softmax(logits, dim=-1)  # [T, E]
     me = probs.mean(dim=0)
-    ce = F.one_hot(indices[:, 0], num_experts).to(probs.dtype).mean(dim=0)
+    ce = one_hot(indices[:, 0], num_experts, probs.dtype).mean(dim=0)  # no host sync, unlike F.one_hot
     return (me * ce).mean() * num_experts * num_experts

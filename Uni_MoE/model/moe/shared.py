@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .distinct import LoRASettings, _dropout_mask
+from .distinct import LoRASettings
 from .lora_blocks import keep_block, stack_b, unstack_b
-from .swiglu import swiglu_backward, swiglu_forward
+from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
 
 
 def _slot_deltas(
@@ -51,17 +51,17 @@ class SharedBaseExperts(torch.autograd.Function):
         zd_slots, keeps = [], []
         for j in range(weights.shape[1]):  # over a token's k slots, not over experts
             d_gate, d_up, _ = _slot_deltas(za, indices[:, j], gate_b, up_b, lora.scale)
-            h = swiglu_forward(gate, up, d_gate, d_up)  # [T, I]
+            keep, keep_scale = dropout_mask(gate, lora.down_dropout) if za is not None else (None, 1.0)
+            w = weights[:, j]
+            h, h_dropped, mixed = swiglu_forward(gate, up, d_gate, d_up, keep, keep_scale, w, mixed)  # [T, I]
             del d_gate, d_up
-            w = weights[:, j : j + 1]
-            mixed = h * w if mixed is None else mixed.addcmul_(h, w)
             if za is not None:
-                keep = _dropout_mask(h, lora.down_dropout)
-                zd = keep_block((h if keep is None else h * keep) @ down_a.reshape(-1, down_a.shape[-1]).t(),
+                zd = keep_block((h if keep is None else h_dropped) @ down_a.reshape(-1, down_a.shape[-1]).t(),
                                 indices[:, j], down_a.shape[0])  # [T, E*r], the slot's expert block only
-                zd_mix = zd * w if zd_mix is None else zd_mix.addcmul_(zd, w)
+                zd_mix = zd * w[:, None] if zd_mix is None else zd_mix.addcmul_(zd, w[:, None])
                 zd_slots.append(zd)
-                keeps.append(keep)
+                keeps.append((keep, keep_scale))
+            del h, h_dropped
         y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
         if za is not None:
             y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
@@ -91,27 +91,28 @@ class SharedBaseExperts(torch.autograd.Function):
         for j in range(weights.shape[1]):
             w = weights[:, j]
             d_gate, d_up, z = _slot_deltas(za, indices[:, j], gate_b, up_b, s)
-            extra = None
+            extra = keep = None
+            keep_scale = 1.0
             if has_lora:
                 dz_own = keep_block(dz_mix, indices[:, j], num_experts)  # [T, E*r]
                 extra = dz_own @ a_stack
-                if ctx.keeps[j] is not None:
-                    extra *= ctx.keeps[j]
+                keep, keep_scale = ctx.keeps[j]
             probe = d_mixed if need[1] else None
-            g_j, u_j, h, dot = swiglu_backward(d_mixed, ctx.gate, ctx.up, d_gate, d_up, extra, w, probe)
+            g_j, u_j, h_dropped, dot, sum_gate, sum_up = swiglu_backward(
+                d_mixed, ctx.gate, ctx.up, d_gate, d_up, extra, keep, keep_scale, w, probe, sum_gate, sum_up
+            )
+            if j == 0:
+                sum_gate, sum_up = g_j, u_j
             del d_gate, d_up, extra
             if need[1]:
-                grad_w[:, j] = dot if not has_lora else dot + (ctx.zd_slots[j].float() * dz_mix.float()).sum(-1)
+                grad_w[:, j] = dot if not has_lora else dot + row_dot(ctx.zd_slots[j], dz_mix)
             if has_lora:
-                hd = h if ctx.keeps[j] is None else h * ctx.keeps[j]
-                updates = (z[0].t() @ g_j, z[1].t() @ u_j, (dz_own * w[:, None]).t() @ hd)  # [E*r, *] each
+                updates = (z[0].t() @ g_j, z[1].t() @ u_j, (dz_own * w[:, None]).t() @ h_dropped)  # [E*r, *]
                 d_stacks = [u if d is None else d.add_(u) for d, u in zip(d_stacks, updates)]
                 for i, (grad_part, b) in enumerate(((g_j, gate_b), (u_j, up_b))):
                     part = keep_block(grad_part @ stack_b(b).t(), indices[:, j], num_experts) * s
                     dz[i] = part if dz[i] is None else dz[i].add_(part)
-            del h
-            sum_gate = g_j if sum_gate is None else sum_gate.add_(g_j)
-            sum_up = u_j if sum_up is None else sum_up.add_(u_j)
+            del h_dropped
         grad_za = None
         if has_lora:
             grads_lora[0] = unstack_b(d_stacks[0], num_experts)
