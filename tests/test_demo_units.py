@@ -11,6 +11,8 @@ from torch import nn
 pytest.importorskip("gradio")
 
 from Uni_MoE.data import synthetic  # noqa: E402
+from Uni_MoE.data.dataset import MediaProcessor  # noqa: E402
+from Uni_MoE.serve.demo_cache import CachedMediaProcessor  # noqa: E402
 from Uni_MoE.serve.demo_chat import decoding_settings, upload_path, user_messages  # noqa: E402
 from Uni_MoE.serve.demo_engine import Conversation  # noqa: E402
 from Uni_MoE.serve.demo_media import RequestError, UploadError, UploadLimits, check_upload, has_soundtrack  # noqa: E402
@@ -164,3 +166,23 @@ def test_a_reply_whose_reader_leaves_stops_generating(engine):
 
     full = engine.reply(inputs, temperature=0.0, max_new_tokens=20)
     assert "".join(full) and int(full.routing[ANSWER][0].sum()) == 2 * 19  # every fed-back token, top-2
+
+
+def test_media_are_decoded_once_while_a_chat_goes_on(engine, files, monkeypatch):
+    calls = []
+    decode_speech = MediaProcessor.speech
+
+    def counted(self, path):
+        calls.append(str(path))
+        return decode_speech(self, path)
+
+    monkeypatch.setattr(MediaProcessor, "speech", counted)
+    monkeypatch.setattr(engine, "processor", CachedMediaProcessor(engine.config, size=2))
+    wav, video = str(files / "short.wav"), str(files / "sound.mp4")
+    conversation = Conversation().with_question("Hi", engine.check_uploads({"speech": wav}))
+    first = engine.inputs(conversation, 4)["input_features"]
+    second = engine.inputs(conversation.with_answer("Yes.").with_question("And?", {}), 4)["input_features"]
+    assert calls == [wav] and torch.equal(first, second)  # checked, then two turns: one decode
+    engine.check_uploads({"video": video})  # its frames and its soundtrack push the wav out of the cache
+    engine.inputs(conversation, 4)
+    assert calls == [wav, video, wav]

@@ -20,10 +20,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from ..config import PLACEHOLDERS
 from ..data import media
 from ..data.collate import collate
-from ..data.dataset import MediaProcessor, UniMoEDataset
+from ..data.dataset import UniMoEDataset
 from ..data.schema import PLACEHOLDER_RE, Sample
 from ..data.tokenizer import load_tokenizer
 from ..model.uni_moe import UniMoEForCausalLM
+from .demo_cache import CachedMediaProcessor
 from .demo_media import RequestError, UploadError, UploadLimits, check_upload, has_soundtrack
 from .demo_routing import RoutingRecorder
 
@@ -106,7 +107,7 @@ class DemoEngine:
         self.config = self.model.config
         self.device = torch.device(device)
         self.limits = limits
-        self.processor = MediaProcessor(self.config)
+        self.processor = CachedMediaProcessor(self.config)
         self.lock = threading.Lock()
         self.recorder = RoutingRecorder(self.model.moe_layers())
         self.moe_layer_ids = self.config.moe_layer_indices()
