@@ -185,6 +185,13 @@ def test_dense_checkpoint_upcycles_into_deepspeed_experts(dist_world, make_confi
     assert len(model.moe_layers()) == 4 and len(model.moe_layers()[3].local_experts()) == 8
     name = "model.language_model.layers.2.self_attn.q_proj.weight"
     torch.testing.assert_close(model.get_parameter(name), dense.get_parameter(name))
+    from Uni_MoE.model.moe.deepspeed_backend import mark_expert_parameters, with_moe_param_groups
+
+    experts = [p for layer in model.moe_layers() for p in layer.local_experts().parameters()]
+    assert mark_expert_parameters(model) == len(experts) == 4 * 8 * 9  # flags lost when loading replaced them
+    optimizer = with_moe_param_groups(torch.optim.SGD)([{"params": list(model.parameters())}], lr=0.1)
+    moe_groups = [g for g in optimizer.param_groups if g.get("moe")]
+    assert {id(p) for g in moe_groups for p in g["params"]} == {id(p) for p in experts}
 
 
 def test_v2_expert_files_fill_deepspeed_experts(dist_world, make_config, tmp_path):

@@ -1,4 +1,5 @@
-"""A DeepSpeed ZeRO-2 run on the CPU (gloo, world size 1) trains a few steps and exports a loadable model."""
+"""DeepSpeed ZeRO-2 runs on the CPU (gloo, world size 1) train a few steps and export a loadable model: with
+the local MoE backend, and with DeepSpeed-MoE experts (``--enable_deepspeed_moe``, the v2 launch flags)."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
@@ -22,9 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_zero2_on_cpu_trains_and_exports(tmp_path):
+def _train_stage3(tmp_path: Path, *extra: str) -> Path:
+    """Three ZeRO-2 steps of stage 3 from the tiny model (2 experts); returns the output folder."""
     pytest.importorskip("deepspeed")
     tiny = build_tiny(tmp_path / "tiny")
     out = tmp_path / "out"
@@ -34,9 +35,28 @@ def test_zero2_on_cpu_trains_and_exports(tmp_path):
            "--num_experts", "2", "--data_path", str(SAMPLES), "--data_root", str(SAMPLES.parent),
            "--output_dir", str(out), "--deepspeed", str(ROOT / "scripts" / "zero2.json"), "--ddp_backend", "gloo",
            "--per_device_train_batch_size", "2", "--max_steps", "3", "--save_steps", "3", "--logging_steps", "1",
-           "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "True"]
+           "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "True", *extra]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=880)
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_zero2_on_cpu_trains_and_exports(tmp_path):
+    out = _train_stage3(tmp_path)
     assert UniMoEForCausalLM.from_pretrained(out).moe_layers()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_zero2_with_deepspeed_moe_experts_trains_and_exports_the_local_layout(tmp_path):
+    out = _train_stage3(tmp_path, "--enable_deepspeed_moe", "True", "--ep_size", "1")
+    experts = sorted(p.name for p in (out / "checkpoint-3" / "global_step3").glob("layer_*_expert_*"))
+    assert "layer_0_expert_1_mp_rank_00_model_states.pt" in experts  # DeepSpeed's own expert files
+    model = UniMoEForCausalLM.from_pretrained(out)  # exported for the local backend
+    assert model.config.moe_backend == "local" and model.config.num_experts == 2
+    lora_b = torch.stack([layer.experts.up_lora_B for layer in model.moe_layers()])
+    assert lora_b.abs().max() > 0  # zero-initialised, so non-zero only if the expert LoRA trained

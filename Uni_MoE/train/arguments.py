@@ -49,6 +49,13 @@ class ModelArguments:
     mm_projector_type: str | None = None
     mm_vision_select_layer: int | None = None
     mm_vision_select_feature: str | None = None
+    enable_deepspeed_moe: bool = field(
+        default=False, metadata={"help": "stage 3: DeepSpeed-MoE experts, sharded over --ep_size ranks (v2)"}
+    )
+    ep_size: int | None = field(default=None, metadata={"help": "expert-parallel ranks (default: config's ep_size)"})
+    mlp_dir: str | None = field(
+        default=None, metadata={"help": "stage 3: the original v2 Experts folder (mlp_*.bin) for the expert bases"}
+    )
     vision_tower: str | None = field(default=None, metadata={"help": "recorded; the checkpoint holds the encoder"})
     audio_tower: str | None = field(default=None, metadata={"help": "recorded; the checkpoint holds the encoder"})
 
@@ -124,8 +131,6 @@ class AcceptedArguments:
     cache_dir: str | None = None
     mpt_attn_impl: str = "triton"
     language: str | None = None
-    enable_deepspeed_moe: bool = False
-    mlp_dir: str | None = None
     eval_ep_size: int = 1
 
 

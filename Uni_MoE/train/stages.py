@@ -27,7 +27,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint.io import load_state_dict
+from ..checkpoint.v2_experts import from_pretrained_expert_parallel, load_v2_expert_bases
 from ..config import UniMoEConfig
+from ..model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_dict
 from ..model.uni_moe import UniMoEForCausalLM
 from .arguments import ModelArguments, TrainingArguments
 
@@ -43,8 +45,8 @@ GROUPS: dict[str, str] = {
     "speech_qformer": r"^model\.speech_aligner\.",
     "audio_qformer": r"^model\.audio_aligner\.",
     "audio_projectors": r"^model\.(speech|audio)_aligner\.projector\.",
-    "routers": r"\.mlp\.router\.weight$",
-    "expert_lora": r"\.mlp\.experts\.(gate|up|down)_lora_[AB]$",
+    "routers": r"\.mlp\.(router|moe\.deepspeed_moe\.gate\.wg)\.weight$",
+    "expert_lora": r"\.mlp\.(experts|moe\.deepspeed_moe\.experts\.deepspeed_experts\.\d+)\.(gate|up|down)_lora_[AB]$",
     "peft_lora": r"\.lora_[AB]\.",
     "llm": r"^(model\.language_model\.|lm_head\.)",
     "lm_head": r"^lm_head\.",
@@ -67,11 +69,13 @@ class Recipe:
 def llm_linear_names(model: UniMoEForCausalLM) -> list[str]:
     """Full names of the LLM's nn.Linear layers (attention, and MLPs of dense layers), routers excluded.
 
-    MoE experts are stacked nn.Parameters, not nn.Linear, so they are never PEFT targets."""
+    MoE experts are stacked nn.Parameters, not nn.Linear, so they are never PEFT targets; nor is the
+    DeepSpeed-MoE gate (``.mlp.moe.``)."""
     return [
         name
         for name, module in model.named_modules()
-        if name.startswith("model.language_model.") and isinstance(module, nn.Linear) and ".mlp.router" not in name
+        if name.startswith("model.language_model.") and isinstance(module, nn.Linear)
+        and ".mlp.router" not in name and ".mlp.moe." not in name
     ]
 
 
@@ -158,34 +162,52 @@ def _moe_overrides(model_args: ModelArguments, config: UniMoEConfig) -> dict:
     return out
 
 
+def _backend_overrides(model_args: ModelArguments, config: UniMoEConfig) -> dict:
+    """``--enable_deepspeed_moe``: DeepSpeed-MoE experts over ``--ep_size`` ranks (default: the config's)."""
+    if not model_args.enable_deepspeed_moe:
+        return {}
+    if model_args.stage != 3:
+        raise ValueError("--enable_deepspeed_moe applies to stage 3 (the MoE stage)")
+    return {"moe_backend": "deepspeed", "ep_size": model_args.ep_size or config.ep_size}
+
+
 def build_model(model_args: ModelArguments) -> UniMoEForCausalLM:
     """The model a stage starts from: the checkpoint itself (stages 1, 2), or a MoE model made from a dense
-    base and stage-2 MLPs (stage 3; a checkpoint that already is MoE is continued as it is)."""
+    base and stage-2 MLPs (stage 3; a checkpoint that already is MoE is continued as it is); in stage 3
+    ``--mlp_dir`` then replaces the expert bases with the original v2 Experts files."""
     path = model_args.model_name_or_path
     config = UniMoEConfig.from_pretrained(path)
+    backend = _backend_overrides(model_args, config)
     if model_args.stage in (1, 2):
         if config.moe_layer_indices():
             raise ValueError(f"stage {model_args.stage} trains a dense model, but {path} has MoE layers")
         return UniMoEForCausalLM.from_pretrained(path, **_overrides(model_args))
-    if config.moe_layer_indices() and not model_args.expert_dirs:
-        return UniMoEForCausalLM.from_pretrained(path, **_overrides(model_args))
-    if config.moe_layer_indices():
+    if config.moe_layer_indices() and model_args.expert_dirs:
         raise ValueError(f"--expert_dirs needs a dense base, but {path} already has MoE layers")
-    return upcycle(path, model_args.expert_dirs, {**_overrides(model_args), **_moe_overrides(model_args, config)})
+    if config.moe_layer_indices() and backend:
+        model = from_pretrained_expert_parallel(path, backend["ep_size"], **_overrides(model_args))
+    elif config.moe_layer_indices():
+        model = UniMoEForCausalLM.from_pretrained(path, **_overrides(model_args))
+    else:
+        overrides = {**_overrides(model_args), **_moe_overrides(model_args, config), **backend}
+        model = upcycle(path, model_args.expert_dirs, overrides)
+    if model_args.mlp_dir:
+        load_v2_expert_bases(model, model_args.mlp_dir)
+    return model
 
 
 def upcycle(base: str, expert_dirs: list[str], overrides: dict) -> UniMoEForCausalLM:
     """A MoE model: every weight from the dense ``base`` except the MoE layers, whose expert bases are the
     MLPs of ``expert_dirs`` in order (cycled when there are fewer dirs than experts)."""
     model, info = UniMoEForCausalLM.from_pretrained(base, output_loading_info=True, **overrides)
-    unexpected_missing = [k for k in info["missing_keys"] if not re.search(r"\.mlp\.(router|experts)\.", k)]
+    unexpected_missing = [k for k in info["missing_keys"] if not re.search(r"\.mlp\.(router|experts|moe)\.", k)]
     if unexpected_missing:
         raise KeyError(f"{base}: weights missing for {unexpected_missing[:5]} (of {len(unexpected_missing)})")
     dirs = list(expert_dirs) or [base]
     if not expert_dirs:
         logger.warning("no --expert_dirs: every expert starts from the base MLP of %s", base)
     layers = model.config.moe_layer_indices()
-    bases = model.moe_layers()[0].experts.num_bases
+    bases = model.config.num_experts if model.config.expert_type == "mlp" else 1
     if len(dirs) < bases:
         logger.warning("%d expert dirs for %d experts: cycling them (expert j uses dir j mod %d)",
                        len(dirs), bases, len(dirs))
@@ -196,10 +218,15 @@ def upcycle(base: str, expert_dirs: list[str], overrides: dict) -> UniMoEForCaus
     std = getattr(model.config.text_config, "initializer_range", 0.02)
     for layer, moe in zip(layers, model.moe_layers()):
         # initialised here: the checkpoint has no router or expert LoRA, and loading does not promise to
+        per_base = [mlps[j % len(mlps)][layer] for j in range(bases)]
+        if isinstance(moe, DeepSpeedMoELayer):
+            moe.reset_parameters(std)
+            moe.load_dense_mlps(per_base)
+            continue
         with torch.no_grad():
             moe.router.weight.normal_(0.0, std)
         moe.experts.reset_parameters(std)
-        moe.experts.load_dense_mlps([mlps[j % len(mlps)][layer] for j in range(bases)])
+        moe.experts.load_dense_mlps(per_base)
     return model
 
 
@@ -309,6 +336,17 @@ def save_connectors(model: UniMoEForCausalLM, out: Path) -> None:
             save_file(state, str(out / file), metadata={"format": "pt"})
 
 
+def save_local_layout(model: UniMoEForCausalLM, out: Path, state: dict[str, torch.Tensor]) -> None:
+    """``save_pretrained`` in the local backend's layout and config, which loads anywhere; expert-parallel
+    runs load it back with ``from_pretrained_expert_parallel``."""
+    backend = model.config.moe_backend
+    model.config.moe_backend = "local"
+    try:
+        model.save_pretrained(out, state_dict=state)
+    finally:
+        model.config.moe_backend = backend
+
+
 def export(model: UniMoEForCausalLM, stage: int, out: str | Path, tokenizer=None, is_main: bool = True) -> Path:
     """Write the stage's final output: adapter files (``adapter/``), then the LoRA-merged model as a plain
     ``save_pretrained`` folder (+ stage 1's connector files, stage 2's expert MLPs)."""
@@ -317,9 +355,10 @@ def export(model: UniMoEForCausalLM, stage: int, out: str | Path, tokenizer=None
         out.mkdir(parents=True, exist_ok=True)
         save_adapter(model, out / ADAPTER_DIR)
     merge_lora(model)
+    state = local_layout_state_dict(model)  # a collective under expert parallelism: every rank joins
     if not is_main:
         return out
-    model.save_pretrained(out)
+    save_local_layout(model, out, state)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if stage == 1:

@@ -25,6 +25,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..checkpoint.io import check_checkpoint_folder
+from ..model.moe.deepspeed_backend import mark_expert_parameters, with_moe_param_groups
 from .sampler import ModalityGroupedSampler
 from .tracking import RoutingTracker
 
@@ -124,6 +125,16 @@ class UniMoETrainer(Trainer):
             raise ValueError("--group_by_modality_length needs per-sample modalities and lengths")
         megabatch = self.args.world_size * self.args.train_batch_size * self.args.gradient_accumulation_steps
         return ModalityGroupedSampler(self.sample_modalities, self.sample_lengths, megabatch, self.args.seed)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """DeepSpeed-MoE experts get their own parameter groups (DeepSpeed reduces them over the
+        expert-data-parallel ranks only)."""
+        if self.optimizer is None and mark_expert_parameters(self.model):
+            optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+                self.args, self.model
+            )
+            self.optimizer_cls_and_kwargs = (with_moe_param_groups(optimizer_cls), kwargs)
+        return super().create_optimizer(model)
 
     def compute_loss(
         self,

@@ -14,6 +14,7 @@ creates the expert-parallel process groups.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -45,6 +46,25 @@ class LoRAExpert(MoEExperts):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(0, x)
+
+
+@functools.cache
+def deepspeed_moe_class() -> type:
+    """``deepspeed.moe.layer.MoE`` whose process groups may be set more than once: the layer sets them
+    when built (so it runs without a DeepSpeed engine) and ``deepspeed.initialize`` sets them again."""
+    from deepspeed.moe.layer import MoE
+
+    class ReentrantMoE(MoE):
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            done = getattr(self, "_groups_set_with", None)
+            if done is None:
+                super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+                self._groups_set_with = use_data_before_expert_parallel_
+            elif done != use_data_before_expert_parallel_:
+                raise ValueError("the MoE layers were built with use_data_before_expert_parallel_="
+                                 f"{done}; the DeepSpeed config asks for {use_data_before_expert_parallel_}")
+
+    return ReentrantMoE
 
 
 def noisy_gate_policy(router_jitter: float) -> str | None:
@@ -79,8 +99,7 @@ class DeepSpeedMoELayer(nn.Module):
     ) -> None:
         """``expert_options`` (hidden_act, lora_r, lora_alpha, lora_dropout) configure every LoRAExpert."""
         super().__init__()
-        from deepspeed.moe.layer import MoE
-
+        MoE = deepspeed_moe_class()
         if expert_type != "mlp":
             raise ValueError(f"expert_type={expert_type!r}: the deepspeed backend gives every expert its own MLP")
         if not dist.is_initialized():
@@ -122,6 +141,22 @@ class DeepSpeedMoELayer(nn.Module):
         """Global expert ``expert`` if this rank holds it (local b on EP rank r is r * num_local + b)."""
         b = expert - self.ep_rank * self.num_local_experts
         return self.local_experts()[b] if 0 <= b < self.num_local_experts else None
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Router ~ N(0, std) and every local expert re-initialised (bases N(0, std), LoRA B zero)."""
+        self.router.weight.normal_(0.0, std)
+        for expert in self.local_experts():
+            expert.reset_parameters(std)
+
+    def load_dense_mlps(self, mlps: list[dict[str, torch.Tensor]]) -> None:
+        """Expert bases from dense MLP state dicts, one per global expert; this rank loads its own."""
+        if len(mlps) != self.num_experts:
+            raise ValueError(f"expected {self.num_experts} MLP state dicts (one per expert), got {len(mlps)}")
+        for e, sd in enumerate(mlps):
+            expert = self.local_expert(e)
+            if expert is not None:
+                expert.load_dense_mlps([sd])
 
     def _keep_routes(self, gate: nn.Module, inputs: Any, output: tuple) -> None:
         self._routes = output[3].t().long().detach()  # sparse routes: [k, T] expert indices
@@ -187,6 +222,30 @@ def moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]
 
     named = [{"name": f"group{i}", **group} for i, group in enumerate(param_groups)]
     return split_params_into_different_moe_groups_for_optimizer(named)
+
+
+def mark_expert_parameters(model: nn.Module) -> int:
+    """Flag every DeepSpeed-MoE expert parameter as DeepSpeed does when it builds the experts
+    (``allreduce=False``, ``group_name``); loading that replaces parameters (transformers'
+    ``from_pretrained`` materialising them from the meta device) drops the flags. Returns the count."""
+    count = 0
+    for layer in (m for m in model.modules() if isinstance(m, DeepSpeedMoELayer)):
+        for param in layer.local_experts().parameters():
+            param.allreduce = False
+            param.group_name = layer.moe.expert_group_name
+            count += 1
+    return count
+
+
+def with_moe_param_groups(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """A subclass of ``optimizer_cls`` that passes its parameter groups through :func:`moe_param_groups`."""
+
+    class MoEGroupedOptimizer(optimizer_cls):  # type: ignore[valid-type, misc]
+        def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(moe_param_groups(list(params)), *args, **kwargs)
+
+    MoEGroupedOptimizer.__name__ = MoEGroupedOptimizer.__qualname__ = f"MoEGrouped{optimizer_cls.__name__}"
+    return MoEGroupedOptimizer
 
 
 def local_layout_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
