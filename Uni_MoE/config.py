@@ -11,7 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.18 has no SubConfigSpec: sub-configs are built in __post_init__
+    SubConfigSpec = None
 
 MODALITIES = ("image", "video", "speech", "audio")
 PLACEHOLDERS = {"image": "<image>", "video": "<video>", "speech": "<speech>", "audio": "<audio>"}
@@ -19,6 +23,12 @@ MOE_LAYER_CHOICES = ("all", "even", "odd", "none")
 EXPERT_TYPES = ("mlp", "shared")
 MOE_BACKENDS = ("local", "deepspeed")
 MOE_IMPLEMENTATIONS = ("auto", "reference", "grouped")
+SUB_CONFIG_TYPES = {  # field: (default model_type, may be None)
+    "text_config": ("llama", False),
+    "vision_config": ("clip_vision_model", True),
+    "speech_config": ("whisper", True),
+    "audio_qformer_config": ("blip_2_qformer", True),
+}
 
 
 class UniMoEConfig(PreTrainedConfig):
@@ -36,14 +46,13 @@ class UniMoEConfig(PreTrainedConfig):
     """
 
     model_type = "uni_moe"
-    sub_configs_defaults = {
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", optional=True),
-        "speech_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
-        "audio_qformer_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="blip_2_qformer", optional=True
-        ),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            key: SubConfigSpec(config_class=AutoConfig, model_type=kind, optional=optional)
+            for key, (kind, optional) in SUB_CONFIG_TYPES.items()
+        }
+    else:
+        sub_configs = {key: AutoConfig for key in SUB_CONFIG_TYPES}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -85,8 +94,22 @@ class UniMoEConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if SubConfigSpec is None:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
         self.validate_fields()
+
+    def _build_sub_configs(self) -> None:
+        """Dict sub-configs to config objects, as SubConfigSpec does in newer transformers."""
+        from transformers import CONFIG_MAPPING
+
+        for key, (kind, optional) in SUB_CONFIG_TYPES.items():
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                value = CONFIG_MAPPING[value.get("model_type", kind)](**value)
+            elif value is None and not optional:
+                value = CONFIG_MAPPING[kind]()
+            setattr(self, key, value)
 
     def validate_fields(self) -> None:
         """Reject settings that cannot work, naming the field."""

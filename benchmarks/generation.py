@@ -105,14 +105,14 @@ def ours(model, tokenizer, items: list[dict], batch_size: int, new_tokens: int) 
     return out
 
 
-def _cache_names(model: UniMoEForCausalLM) -> str:
-    """The cache keyword of this transformers version's forward ("cache" or "past_key_values")."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_keyword() -> str:
+    """The KV cache's keyword and output field in this transformers version ("past_key_values" before 5.18)."""
+    return "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters else "past_key_values"
 
 
 def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: bool) -> list[list[int]]:
     """One sample at a time, greedy argmax, no batching: with the KV cache, or re-running everything."""
-    device, dtype, cache_kw = model.device, model.dtype, _cache_names(model)
+    device, dtype, cache_kw = model.device, model.dtype, cache_keyword()
     out = []
     desc = "one-by-one, " + ("KV cache" if use_cache else "no cache")
     for item in tqdm(items, desc=desc, leave=False):
