@@ -66,8 +66,13 @@ def build(shapes: Shapes, device: torch.device):
     config = presets.speech_v1(text_config=shapes.text, vision_config=shapes.vision, speech_config=None,
                                num_experts=shapes.num_experts, num_experts_per_tok=2, moe_layers="all", **ids)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = UniMoEForCausalLM(config).to(shapes.dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(shapes.dtype)  # built in its dtype: no float32 copy of ~3B parameters
+    try:
+        with torch.device(device):
+            model = UniMoEForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model, tokenizer
 
 
