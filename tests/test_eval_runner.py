@@ -12,6 +12,7 @@ import pytest
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.eval import metrics as M
 from Uni_MoE.eval.__main__ import main
+from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.eval.fixtures import BUILDERS, write_benchmark_files
 from Uni_MoE.eval.runner import read_records
 from Uni_MoE.data.schema import SampleError
@@ -84,17 +85,22 @@ def test_bad_eval_file_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_parallel_eval_matches_local(workspace, tmp_path):
-    """--enable_deepspeed_moe True --eval_ep_size 1 (DeepSpeed-MoE layers, one rank) == local experts."""
+def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
+    """--enable_deepspeed_moe True --eval_ep_size 2 on two gloo ranks (half the experts each, the same
+    batches on both) gives the local backend's predictions; rank 0 alone writes and prints."""
     model, files, root = workspace
-    local_rows, _ = _run(workspace, "pope")
-    out = tmp_path / "pope.json"
+    local_rows, _ = _run(workspace, "mmbench_audio")
+    out = tmp_path / "mm.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "Uni_MoE.eval", "--model_path", str(model), "--data_path",
-           str(files["pope"]["data"]), "--data_type", "pope", "--output_dir", str(out), "--batch_size", "3",
-           *FAST_DECODING, "--enable_deepspeed_moe", "True", "--eval_ep_size", "1", "--deepspeed", "zero2.json"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "Uni_MoE.eval", "--model_path", str(model), "--data_path",
+           str(files["mmbench_audio"]["data"]), "--data_type", "mmbench_audio", "--output_dir", str(out),
+           "--batch_size", "3", *FAST_DECODING, "--enable_deepspeed_moe", "True", "--eval_ep_size", "2",
+           "--deepspeed", "zero2.json"]
+    run = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
     rows = json.loads(out.read_text())
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in local_rows]
-    metrics = json.loads(out.with_name("pope_metrics.json").read_text())
-    assert metrics["expert_parallel"] == {"ep_size": 1, "world_size": 1}
+    metrics = json.loads(out.with_name("mm_metrics.json").read_text())
+    assert metrics["expert_parallel"] == {"ep_size": 2, "world_size": 2}
+    assert run.stdout.count("mmbench_audio  accuracy") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mm.json", "mm_metrics.json"]

@@ -30,7 +30,8 @@ class RankInfo:
         return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused local TCP port (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +45,7 @@ def init_expert_parallel(ep_size: int) -> RankInfo:
     import deepspeed
 
     if "RANK" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
