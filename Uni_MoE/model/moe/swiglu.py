@@ -111,4 +111,4 @@ def dropout_mask(like: Tensor, p: float) -> tuple[Maybe, float]:
     """A bool keep-mask shaped like ``like`` and its inverted-dropout scale 1/(1-p); (None, 1) when p is 0."""
     if p <= 0:
         return None, 1.0
-    return torch.rand(like.shape, device=like.device) >= p, 1.0 / (1.0 - p)
+    return torch.empty(like.shape, device=like.device, dtype=torch.bool).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
