@@ -134,12 +134,18 @@ def test_command_line_prints_the_report_and_fails(tiny, bad_data, tmp_path, caps
     path, cases = bad_data
     malformed = tmp_path / "broken.json"
     malformed.write_text('[{"conversations": [}')
+    lines_file = tmp_path / "lines.jsonl"
+    lines_file.write_text(json.dumps({"id": "ok", "conversations": ask()}) + '\n\n{"id": "cut", "conv\n'
+                          + json.dumps({"id": "no-field"}) + "\n")
     json_report = tmp_path / "report.json"
-    status = main([str(path), str(malformed), "--data_root", str(path.parent), "--model_name_or_path", str(tiny),
-                   "--model_max_length", str(MAX_LENGTH), "--report", str(json_report)])
+    status = main([str(path), str(malformed), str(lines_file), "--data_root", str(path.parent),
+                   "--model_name_or_path", str(tiny), "--model_max_length", str(MAX_LENGTH), "--report", str(json_report)])
     assert status == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == f"{len(cases)} samples: 4 usable, {len(cases) - 4} bad, 1 warning(s), 1 unreadable file(s)"
+    assert lines[-1] == f"{len(cases) + 3} samples: 5 usable, {len(cases) - 2} bad, 1 warning(s), 1 unreadable file(s)"
+    assert f"{lines_file} sample 1 (id None): error: malformed JSON on line 3 column 15: Unterminated string " \
+        "starting at" in lines
+    assert f"{lines_file} sample 2 (id no-field): error: 'conversations' must be a non-empty list" in lines
     assert f"{path} sample 6 (id missing): error: {path.parent / 'nowhere.png'}: file not found" in lines
     assert any(line.startswith(f"{malformed} sample -1 (id None): error: malformed JSON at line 1") for line in lines)
     assert len(json.loads(json_report.read_text())["issues"]) == len(lines) - 1

@@ -64,6 +64,8 @@ def parse_sample(record: Any, index: int, voice_modality: str = "speech", source
     """Check one record and normalise it; placeholders missing from the text are put in front of the
     first human turn (as LLaVA does for images), and ``<audio>`` becomes ``<speech>`` for speech."""
     where = f"{source} sample {index}"
+    if isinstance(record, SampleError):
+        raise SampleError(f"{where}: {record}")
     if not isinstance(record, dict):
         raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
     sid = str(record.get("id", record.get("question_id", index)))
@@ -117,6 +119,19 @@ def _check_placeholders(sample: Sample, where: str) -> None:
             raise SampleError(f"{where}: {n_text} '{token}' placeholders but {n_media} {modality} file(s)")
 
 
+def _json_lines(text: str) -> list[Any]:
+    """One record per non-empty line; a malformed line becomes a SampleError in its place, so only that
+    sample is reported bad (by ``parse_sample``)."""
+    records: list[Any] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                records.append(SampleError(f"malformed JSON on line {number} column {err.colno}: {err.msg}"))
+    return records
+
+
 def read_records(path: str | Path) -> list[Any]:
     """The raw records of a JSON list (or JSON-lines) file; an unreadable or malformed file names itself."""
     path = Path(path)
@@ -124,11 +139,10 @@ def read_records(path: str | Path) -> list[Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise SampleError(f"{path}: cannot read data file ({err})") from err
+    if path.suffix == ".jsonl":
+        return _json_lines(text)
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
+        records = json.loads(text)
     except json.JSONDecodeError as err:
         raise SampleError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
     if not isinstance(records, list):
