@@ -23,6 +23,7 @@ def run_smoke(script: str, tmp_path: Path) -> tuple[str, str]:
     return result.stdout, out.read_text()
 
 
+@pytest.mark.slow
 def test_moe_layer_smoke(tmp_path: Path) -> None:
     stdout, table = run_smoke("moe_layer.py", tmp_path)
     for row in ("| mlp (k×dense) | 4 | 8 | 64 |", "| shared (1×dense) | 4 | 8 | 64 |"):
