@@ -178,6 +178,32 @@ def test_resume_skips_a_checkpoint_without_trainer_state(tmp_path) -> None:
     assert last_complete_checkpoint(tmp_path / "absent") is None
 
 
+@pytest.mark.timeout(60)
+def test_checkpoint_is_renamed_into_place_with_its_state(tmp_path, make_config) -> None:
+    """In-process save: the folder appears complete under its final name, the best-checkpoint path in its
+    state is the final one, and saving the same step again swaps the folder without leftovers."""
+    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+    from Uni_MoE.train.arguments import TrainingArguments
+    from Uni_MoE.train.trainer import UniMoETrainer
+
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), report_to="none", save_strategy="steps", save_steps=3)
+    trainer = UniMoETrainer(model=UniMoEForCausalLM(make_config()), args=args, train_dataset=[{}])
+    trainer.create_optimizer_and_scheduler(num_training_steps=3)
+    (out / ".saving" / "checkpoint-1").mkdir(parents=True)  # left by a killed run
+    trainer.state.global_step = trainer.state.best_global_step = 3
+    trainer._save_checkpoint(trainer.model, None)
+    final = out / "checkpoint-3"
+    assert trainer.state.best_model_checkpoint == str(final)
+    assert json.loads((final / "trainer_state.json").read_text())["best_model_checkpoint"] == str(final)
+    assert {"model.safetensors", "optimizer.pt", "rng_state.pth"} <= {p.name for p in final.iterdir()}
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
+    (final / "stale").write_text("from the first save")
+    trainer._save_checkpoint(trainer.model, None)
+    assert not (final / "stale").exists() and (final / "trainer_state.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
+
+
 if __name__ == "__main__":
     from Uni_MoE.train.train import main
 
