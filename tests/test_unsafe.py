@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from Uni_MoE.checkpoint.io import (
     UnsafeCheckpointError,
@@ -82,6 +83,21 @@ def test_beats_and_connector_loaders_refuse(tmp_path, marker, make_config) -> No
     adapter = evil_file(tmp_path / "mm_projector.bin", marker)
     with pytest.raises(UnsafeCheckpointError, match=f"{adapter}: refused to load"):
         load_connector_weights(UniMoEForCausalLM(make_config()), str(adapter), "image")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_connector_weights_in_safe_files_still_load(tmp_path, make_config, suffix) -> None:
+    source, target = UniMoEForCausalLM(make_config()), UniMoEForCausalLM(make_config())
+    state = {f"model.mm_projector.{k}": v.clone() for k, v in source.model.mm_projector.state_dict().items()}
+    path = tmp_path / f"mm_projector{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    assert not all(torch.equal(target.get_parameter(k), v) for k, v in state.items())
+    assert load_connector_weights(target, str(path), "image") == len(state)
+    for key, value in target.model.mm_projector.state_dict().items():
+        assert torch.equal(value, source.model.mm_projector.state_dict()[key])
 
 
 def test_from_pretrained_refuses_a_pickled_model(tmp_path, marker, make_config) -> None:
