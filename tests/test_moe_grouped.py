@@ -160,3 +160,22 @@ def test_other_activations_use_the_reference_loop(monkeypatch: pytest.MonkeyPatc
     layer = MoELayer(H, I, 4, 2, hidden_act="gelu")
     layer(torch.randn(1, 3, H))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("expert_type", ["mlp", "shared"])
+def test_autocast_computes_in_its_dtype_and_grads_reach_fp32_parameters(expert_type: str) -> None:
+    layer = make_layer(4, 2, expert_type, lora_r=8)
+    x = torch.rand(2, T // 2, H)
+    ref = run_layer(layer, x, "reference")
+    layer.implementation = "grouped"
+    layer.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xg)
+    assert y.dtype == torch.bfloat16
+    probe = torch.linspace(-1.0, 1.0, y.numel()).view_as(y)
+    ((y.float() * probe).sum() + 0.01 * layer.aux_loss).backward()
+    ours = {"y": y.float(), "dx": xg.grad, "experts.up_lora_B": layer.experts.up_lora_B.grad}
+    for name, value in ours.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, ref[name], rtol=0.05, atol=0.05 * ref[name].abs().max().item())

@@ -6,7 +6,8 @@ terms (``shared.py``). The gate/up LoRA-A products of all experts are one dense 
 the fused block, so LoRA dropout on the expert input and the A gradients are plain autograd; dropout on
 the down LoRA's input is drawn inside. The input dropout mask is drawn once per token and shared by the
 token's k slots (the reference loop draws one per slot); without dropout both compute the same function.
-Activations other than SiLU run the reference loop.
+Activations other than SiLU run the reference loop. Under autocast the block computes in autocast's
+dtype, with explicit (differentiable) casts of its inputs and parameters.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ def _frozen(p: torch.Tensor | None) -> torch.Tensor | None:
     return p if p is None or p.requires_grad else p.detach()
 
 
-def _lora_input_acts(x: torch.Tensor, experts: MoEExperts) -> torch.Tensor | None:
+def _lora_input_acts(x: torch.Tensor, experts: MoEExperts, dtype: torch.dtype) -> torch.Tensor | None:
     """Gate and up LoRA-A activations of every expert, [T, 2*E*r] (gate block first), or None."""
     if not experts.has_lora:
         return None
-    a = torch.cat([experts.gate_lora_A.flatten(0, 1), experts.up_lora_A.flatten(0, 1)])  # [2*E*r, H]
+    a = torch.cat([experts.gate_lora_A.flatten(0, 1), experts.up_lora_A.flatten(0, 1)]).to(dtype)  # [2*E*r, H]
     return experts.lora_dropout(x) @ a.t()
 
 
@@ -52,10 +53,24 @@ def experts_grouped(
     """
     if experts.hidden_act not in SILU:
         return experts_reference(x, weights, indices, experts)
-    lora = [_frozen(getattr(experts, name, None))
-            for name in ("gate_lora_B", "up_lora_B", "down_lora_A", "down_lora_B")]
-    bases = [_frozen(p) for p in experts.base_parameters()]
-    za = _lora_input_acts(x, experts)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # the fused blocks run in one dtype: autocast's, cast explicitly
+        with torch.autocast(device, enabled=False):
+            return _fused(x, weights, indices, experts, torch.get_autocast_dtype(device))
+    return _fused(x, weights, indices, experts, x.dtype)
+
+
+def _fused(
+    x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts, dtype: torch.dtype
+) -> torch.Tensor:
+    """The fused block of the experts' kind with every tensor in ``dtype`` (casts are differentiable)."""
+    def cast(p: torch.Tensor | None) -> torch.Tensor | None:
+        return None if p is None else _frozen(p).to(dtype)
+
+    x, weights = x.to(dtype), weights.to(dtype)
+    lora = [cast(getattr(experts, name, None)) for name in ("gate_lora_B", "up_lora_B", "down_lora_A", "down_lora_B")]
+    bases = [cast(p) for p in experts.base_parameters()]
+    za = _lora_input_acts(x, experts, dtype)
     if experts.expert_type == "shared":
         return SharedBaseExperts.apply(x, weights, indices, za, *(b[0] for b in bases), *lora, _lora_settings(experts))
     grouping = group_slots(indices, experts.num_experts)

@@ -60,7 +60,7 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned strides and base pointers on CUDA."""
+    """grouped_mm needs 16-byte aligned strides and base pointers."""
     step = 16 // t.element_size()
     return t.data_ptr() % 16 == 0 and all(s % step == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
 
@@ -69,7 +69,7 @@ def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
     a = tensors[0]
     if not _grouped_mm_works(a.device.type, a.dtype) or any(t.dtype != a.dtype for t in tensors):
         return False
-    return not a.is_cuda or all(_aligned(t) for t in tensors)
+    return all(_aligned(t) for t in tensors)
 
 
 def _row_positions(g: SlotGrouping) -> torch.Tensor:
