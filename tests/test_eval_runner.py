@@ -104,3 +104,21 @@ def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
     assert metrics["expert_parallel"] == {"ep_size": 2, "world_size": 2}
     assert run.stdout.count("mmbench_audio  accuracy") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mm.json", "mm_metrics.json"]
+
+
+def test_missing_media_is_named_or_skipped(workspace, tmp_path):
+    model, files, _ = workspace
+    records = json.loads(files["pope"]["data"].read_text())
+    records[1]["image"] = "/images/gone.png"
+    broken = files["pope"]["data"].with_name("pope_broken.json")
+    broken.write_text(json.dumps(records))
+    argv = ["--model_path", str(model), "--data_path", str(broken), "--data_type", "pope", *FAST_DECODING,
+            "--output", str(tmp_path / "p.json")]
+    with pytest.raises(SampleError, match=r"pope_broken.json sample 1 \(id 3001\): missing media \['/images/gone"):
+        main(argv)
+    assert not (tmp_path / "p.json").exists()
+    main([*argv, "--skip_missing_media"])
+    rows = json.loads((tmp_path / "p.json").read_text())
+    metrics = json.loads((tmp_path / "p_metrics.json").read_text())
+    assert [r["id"] for r in rows] == ["3000"]
+    assert metrics["skipped_missing_media"] == {"count": 1, "samples": [{"id": "3001", "missing": ["/images/gone.png"]}]}

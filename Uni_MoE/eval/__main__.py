@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=0, help="processes loading media")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--skip_missing_media", action="store_true",
+                   help="skip (and count in the metrics file) samples whose media files are missing")
     p.add_argument("--circular", action=argparse.BooleanOptionalAction, default=True,
                    help="MMBench CircularEval (every rotation of the options must be answered right)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled decoding")
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, circular=args.circular,
         seed=args.seed, device=args.device, dtype=args.dtype, overrides=overrides,
         enable_deepspeed_moe=args.enable_deepspeed_moe, eval_ep_size=args.eval_ep_size,
+        skip_missing_media=args.skip_missing_media,
     ))
 
 

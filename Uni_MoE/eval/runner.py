@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ import torch
 
 from ..data.conversation import render_prompt
 from ..data.dataset import UniMoEDataset
-from ..data.schema import MEDIA_KEYS, SampleError, parse_sample
+from ..config import UniMoEConfig
+from ..data.schema import MEDIA_KEYS, Sample, SampleError, parse_sample, resolve_media_path
 from ..serve.generate import GenerationSettings, iter_replies, load_model
 from . import metrics as M
 from .distributed import RankInfo, init_expert_parallel
@@ -44,6 +45,7 @@ class EvalConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     enable_deepspeed_moe: bool = False
     eval_ep_size: int = 1
+    skip_missing_media: bool = False
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -88,6 +90,30 @@ def rebase_media(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
     return {k: fix(v) if k in MEDIA_KEYS else v for k, v in record.items()}
 
 
+def missing_media(sample: Sample, data_root: Path) -> list[str]:
+    """The sample's media files that do not exist (a long string is an inline base64 image, not a file)."""
+    frames = [f for v in sample.videos for f in (v if isinstance(v, list) else [v])]
+    paths = [*sample.images, *frames, *sample.speech, *sample.audio]
+    return [p for p in paths if len(p) < 200 and not resolve_media_path(p, data_root).exists()]
+
+
+def drop_missing_media(items: list[EvalItem], samples: list[Sample], data_root: Path, data_path: str,
+                       skip: bool) -> tuple[list[EvalItem], list[Sample], list[dict[str, Any]]]:
+    """Items whose media all exist; the others raise an error naming the first, or are skipped and listed."""
+    kept_items, kept_samples, skipped = [], [], []
+    for item, sample in zip(items, samples):
+        missing = missing_media(sample, data_root)
+        if not missing:
+            kept_items.append(item)
+            kept_samples.append(replace(sample, index=len(kept_samples)))
+        elif skip:
+            skipped.append({"id": sample.id, "missing": missing})
+        else:
+            raise SampleError(f"{data_path} sample {sample.index} (id {sample.id}): missing media {missing} "
+                              f"(under {data_root}; --skip_missing_media skips such samples)")
+    return kept_items, kept_samples, skipped
+
+
 def prediction_row(item: EvalItem, prompt: str, prediction: str, score: Any, position: int) -> dict[str, Any]:
     row: dict[str, Any] = {"id": record_id(item.meta.get("source", {}), position)}
     for key in ("index", "mode", "category"):
@@ -102,6 +128,21 @@ def default_metrics_path(output: str | Path) -> Path:
     return output.with_name(output.stem + "_metrics.json")
 
 
+def prepare_items(task: Task, records: list[dict[str, Any]], data_root: Path, options: TaskOptions,
+                  data_path: str) -> list[EvalItem]:
+    """The task's generations for every record (media paths rebased); errors name the record."""
+    items: list[EvalItem] = []
+    for i, record in enumerate(records):
+        try:
+            prepared = task.prepare(rebase_media(record, data_root), i, options)
+        except (TaskError, ValueError, KeyError) as err:
+            raise TaskError(f"{data_path} sample {i} (id {record_id(record, i)}): {err}") from err
+        for item in prepared:
+            item.meta["source"] = record
+        items += prepared
+    return items
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Generate and score ``cfg.data_path`` as ``cfg.data_type``; returns the metrics file's content."""
     task = get_task(cfg.data_type)
@@ -111,22 +152,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     options = TaskOptions(annotations=annotations, circular=cfg.circular)
 
     records = read_records(cfg.data_path)[: cfg.limit]
-    items: list[EvalItem] = []
-    for i, record in enumerate(records):
-        try:
-            prepared = task.prepare(rebase_media(record, data_root), i, options)
-        except (TaskError, ValueError, KeyError) as err:
-            raise TaskError(f"{cfg.data_path} sample {i} (id {record_id(record, i)}): {err}") from err
-        for item in prepared:
-            item.meta["source"] = record
-        items += prepared
+    items = prepare_items(task, records, data_root, options, cfg.data_path)
+    voice = UniMoEConfig.from_pretrained(cfg.model_path).voice_modality
+    samples = [parse_sample(it.record, n, voice, cfg.data_path) for n, it in enumerate(items)]
+    items, samples, skipped = drop_missing_media(items, samples, data_root, cfg.data_path, cfg.skip_missing_media)
 
     ranks, ep_size, device = RankInfo(), None, cfg.device
     if cfg.enable_deepspeed_moe:
         ranks, ep_size = init_expert_parallel(cfg.eval_ep_size), cfg.eval_ep_size
         device = device or ranks.device()
     model, tokenizer = load_model(cfg.model_path, device, cfg.dtype, ep_size)
-    samples = [parse_sample(it.record, n, model.config.voice_modality, cfg.data_path) for n, it in enumerate(items)]
     dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
     torch.manual_seed(cfg.seed)
     predictions = [""] * len(items)
@@ -142,6 +177,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "model_path": str(cfg.model_path), "num_records": len(records), "num_generations": len(items),
         "generation": settings.as_dict(), "metrics": metrics,
     }
+    if skipped:
+        result["skipped_missing_media"] = {"count": len(skipped), "samples": skipped}
     if cfg.enable_deepspeed_moe:
         result["expert_parallel"] = {"ep_size": cfg.eval_ep_size, "world_size": ranks.world_size}
     if task.notes:
