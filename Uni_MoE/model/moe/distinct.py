@@ -73,43 +73,44 @@ class DistinctExperts(torch.autograd.Function):
         out = slots[:, 0] * weights[:, :1]
         for j in range(1, k):  # over a token's k slots, not over experts
             out.addcmul_(slots[:, j], weights[:, j : j + 1])
-        ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b)
-        ctx.grouping, ctx.lora = g, lora
-        ctx.gate, ctx.up, ctx.zg, ctx.zu, ctx.zd, ctx.keep, ctx.keep_scale = gate, up, zg, zu, zd, keep, keep_scale
-        ctx.ys = ys if ctx.needs_input_grad[1] else None
+        ys = ys if ctx.needs_input_grad[1] else None
+        # intermediates too go through save_for_backward, so activation checkpointing can drop them
+        ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
+                              gate, up, zg, zu, zd, keep, ys)
+        ctx.grouping, ctx.lora, ctx.keep_scale = g, lora, keep_scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b = ctx.saved_tensors
+        x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, zg, zu, zd, keep, ys = ctx.saved_tensors
         g, lora, need = ctx.grouping, ctx.lora, ctx.needs_input_grad
         t, k = weights.shape
         num_experts, s = gate_w.shape[0], lora.scale
-        has_lora = ctx.zg is not None
+        has_lora = zg is not None
         dy = grad_out.contiguous()[g.token]  # [S, H]
         grad_w = None
         if need[1]:
-            grad_w = row_dot(ctx.ys, dy)[g.inverse].view(t, k).to(weights.dtype)
+            grad_w = row_dot(ys, dy)[g.inverse].view(t, k).to(weights.dtype)
         dys = dy * weights.reshape(-1)[g.order, None]  # [S, H]
         dh = segment_mm(dys, down_w, g)  # [S, I]
         grads_lora: list[torch.Tensor | None] = [None] * 4
         extra = dzd = None
         if has_lora:
             dzd = segment_mm(dys, down_b, g) * s  # [S, r]
-            grads_lora[3] = segment_mm_tn(dys, ctx.zd, g) * s  # [E, H, r]
-            if ctx.keep is None:
+            grads_lora[3] = segment_mm_tn(dys, zd, g) * s  # [E, H, r]
+            if keep is None:
                 dh.addmm_(spread(dzd, g.expert, num_experts), down_a.reshape(-1, down_a.shape[-1]))
             else:
                 extra = spread(dzd, g.expert, num_experts) @ down_a.reshape(-1, down_a.shape[-1])
         d_gate, d_up, h_dropped, *_ = swiglu_backward(
-            dh, ctx.gate, ctx.up, None, None, extra, ctx.keep, ctx.keep_scale, None, None, None, None
+            dh, gate, up, None, None, extra, keep, ctx.keep_scale, None, None, None, None
         )
         del dh, extra
         grad_za = None
         if has_lora:
             grads_lora[2] = segment_mm_tn(dzd, h_dropped, g)  # [E, r, I]
-            grads_lora[0] = segment_mm_tn(d_gate, ctx.zg, g) * s  # [E, I, r]
-            grads_lora[1] = segment_mm_tn(d_up, ctx.zu, g) * s
+            grads_lora[0] = segment_mm_tn(d_gate, zg, g) * s  # [E, I, r]
+            grads_lora[1] = segment_mm_tn(d_up, zu, g) * s
             dz = torch.cat([spread(segment_mm(d, b, g) * s, g.expert, num_experts)
                             for d, b in ((d_gate, gate_b), (d_up, up_b))], dim=1)  # [S, 2*E*r]
             grad_za = unsort_sum(dz, g, k)
@@ -121,7 +122,7 @@ class DistinctExperts(torch.autograd.Function):
         grads_base: list[torch.Tensor | None] = [None] * 3
         if any(need[3:6]):
             xs = x[g.token]
-            h = h_dropped if ctx.keep is None else swiglu_forward(ctx.gate, ctx.up, None, None, None, 1.0, None, None)[0]
+            h = h_dropped if keep is None else swiglu_forward(gate, up, None, None, None, 1.0, None, None)[0]
             grads_base = [segment_mm_tn(d, a, g) if n else None
                           for d, a, n in ((d_gate, xs, need[3]), (d_up, xs, need[4]), (dys, h, need[5]))]
         return grad_x, grad_w, grad_za, *grads_base, *grads_lora, None, None

@@ -65,15 +65,19 @@ class SharedBaseExperts(torch.autograd.Function):
         y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
         if za is not None:
             y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
-        ctx.save_for_backward(x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b)
-        ctx.lora, ctx.gate, ctx.up = lora, gate, up
-        ctx.zd_slots, ctx.zd_mix, ctx.keeps = zd_slots, zd_mix, keeps
-        ctx.mixed = mixed if ctx.needs_input_grad[6] else None
+        mixed = mixed if ctx.needs_input_grad[6] else None
+        # intermediates too go through save_for_backward, so activation checkpointing can drop them
+        ctx.save_for_backward(x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
+                              gate, up, zd_mix, mixed, *zd_slots, *(keep for keep, _ in keeps))
+        ctx.lora, ctx.keep_scales = lora, [scale for _, scale in keeps]
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b = ctx.saved_tensors
+        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, zd_mix, mixed, *per_slot = (
+            ctx.saved_tensors
+        )
+        zd_slots, keeps = per_slot[: len(ctx.keep_scales)], per_slot[len(ctx.keep_scales):]
         need, s, has_lora = ctx.needs_input_grad, ctx.lora.scale, za is not None
         dy = grad_out.contiguous()
         d_mixed = dy @ down_w  # [T, I]
@@ -84,7 +88,7 @@ class SharedBaseExperts(torch.autograd.Function):
         if has_lora:
             num_experts = down_a.shape[0]
             dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
-            grads_lora[3] = unstack_b((ctx.zd_mix.t() @ dy) * s, num_experts)
+            grads_lora[3] = unstack_b((zd_mix.t() @ dy) * s, num_experts)
             a_stack = down_a.reshape(-1, down_a.shape[-1])  # [E*r, I]
         grad_w = torch.zeros_like(weights, dtype=torch.float32) if need[1] else None
         sum_gate = sum_up = None
@@ -96,16 +100,16 @@ class SharedBaseExperts(torch.autograd.Function):
             if has_lora:
                 dz_own = keep_block(dz_mix, indices[:, j], num_experts)  # [T, E*r]
                 extra = dz_own @ a_stack
-                keep, keep_scale = ctx.keeps[j]
+                keep, keep_scale = keeps[j], ctx.keep_scales[j]
             probe = d_mixed if need[1] else None
             g_j, u_j, h_dropped, dot, sum_gate, sum_up = swiglu_backward(
-                d_mixed, ctx.gate, ctx.up, d_gate, d_up, extra, keep, keep_scale, w, probe, sum_gate, sum_up
+                d_mixed, gate, up, d_gate, d_up, extra, keep, keep_scale, w, probe, sum_gate, sum_up
             )
             if j == 0:
                 sum_gate, sum_up = g_j, u_j
             del d_gate, d_up, extra
             if need[1]:
-                grad_w[:, j] = dot if not has_lora else dot + row_dot(ctx.zd_slots[j], dz_mix)
+                grad_w[:, j] = dot if not has_lora else dot + row_dot(zd_slots[j], dz_mix)
             if has_lora:
                 updates = (z[0].t() @ g_j, z[1].t() @ u_j, (dz_own * w[:, None]).t() @ h_dropped)  # [E*r, *]
                 d_stacks = [u if d is None else d.add_(u) for d, u in zip(d_stacks, updates)]
@@ -126,7 +130,7 @@ class SharedBaseExperts(torch.autograd.Function):
         grads_base = [
             sum_gate.t() @ x if need[4] else None,
             sum_up.t() @ x if need[5] else None,
-            dy.t() @ ctx.mixed if need[6] else None,
+            dy.t() @ mixed if need[6] else None,
         ]
         grad_w = grad_w.to(weights.dtype) if grad_w is not None else None
         return grad_x, grad_w, None, grad_za, *grads_base, *grads_lora, None
