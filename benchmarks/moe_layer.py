@@ -161,7 +161,8 @@ def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int) ->
         "# MoE layer forward+backward",
         "",
         f"- device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}",
-        f"- H={shapes.hidden}, I={shapes.intermediate}, SwiGLU, top-{TOP_K}, {str(shapes.dtype).removeprefix('torch.')};"
+        f"- H={shapes.hidden}, I={shapes.intermediate}, SwiGLU, top-{TOP_K},"
+        f" {str(shapes.dtype).removeprefix('torch.')};"
         f" router random (near-uniform); median of {reps} after warm-up, CUDA events",
         "- trainable: LoRA A/B on gate, up, down (alpha 16) and router; bases frozen; x.requires_grad;"
         " loss = y.float().sum() + 0.01 aux",

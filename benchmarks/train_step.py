@@ -13,6 +13,7 @@ and input gradient), 6 x trainable ones, per token, plus causal attention 6*S*H 
 Q-former's FLOPs are not counted. Peak is the device's dense bf16 rate.
 
     python benchmarks/train_step.py --out train_step.md   # real width, CUDA
+    python benchmarks/train_step.py --checkpointing       # the same with activation checkpointing
     python benchmarks/train_step.py --smoke               # tiny shapes on the CPU
 """
 
@@ -53,6 +54,7 @@ class StepShapes:
     speech_layers: int
     speech_frames: int
     dtype: torch.dtype
+    checkpointing: bool = False
 
 
 FULL = StepShapes(4096, 11008, 4, 32, 32004, 4, 8, 8, 2048, 576, 1024, 768, 12, 1500, torch.bfloat16)
@@ -79,7 +81,8 @@ class Stage3Model(nn.Module):
         self.image_projector = build_projector("mlp2x_gelu", s.image_dim, s.hidden)
         self.speech_aligner = SpeechQFormer(whisper, QUERIES, s.hidden, "linear")
         inject_adapter_in_model(
-            LoraConfig(r=s.rank, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            LoraConfig(r=s.rank, lora_alpha=16, lora_dropout=0.05,
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
             self.llm,
         )
 
@@ -94,7 +97,9 @@ class Stage3Model(nn.Module):
             )
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, image: torch.Tensor, speech: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, speech: torch.Tensor, text: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """image [B, 576, d_img], speech [B*chunks, frames, d_sp], text [B, S_text] -> loss."""
         b = text.shape[0]
         media = [self.image_projector(image), self.speech_aligner(speech).view(b, -1, self.llm.config.hidden_size)]
@@ -154,11 +159,14 @@ def time_steps(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, devi
 
 def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: int, steps: int) -> list[dict]:
     rows = []
-    peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     for expert_type in expert_types:
         torch.manual_seed(0)
         with torch.device(device):
             model = Stage3Model(s, expert_type).to(s.dtype)
+        if s.checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = torch.optim.AdamW(model.set_trainable(), lr=1e-5)
         batch = make_batch(s, device)
         tokens = s.batch * s.seq
@@ -196,7 +204,7 @@ def report(rows: list[dict], s: StepShapes, device: torch.device, steps: int) ->
         f"- {s.layers} decoder layers, H={s.hidden}, I={s.intermediate}, {s.heads} heads, vocab {s.vocab}, "
         f"all layers MoE: E={s.experts}, top-{TOP_K}, expert LoRA r={s.rank}; {str(s.dtype).removeprefix('torch.')}",
         f"- batch {s.batch} × {s.seq} tokens ({s.image_tokens} image, {SPEECH_CHUNKS * QUERIES} speech, rest text); "
-        f"AdamW; median of {steps} steps after warm-up",
+        f"AdamW; median of {steps} steps after warm-up; activation checkpointing {'on' if s.checkpointing else 'off'}",
         "- useful FLOPs: 4 × frozen + 6 × trainable parameters per token + causal attention (speech Q-former not "
         "counted); MFU against dense bf16 peak",
         "",
@@ -214,6 +222,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="decoder layers (default 4)")
     parser.add_argument("--batch", type=int, help="sequences per step (default 8)")
     parser.add_argument("--experts", type=int, help="experts per MoE layer (default 4)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of decoder layers")
     parser.add_argument("--expert-types", nargs="+", default=["mlp", "shared"], choices=["mlp", "shared"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -223,7 +232,7 @@ def main() -> None:
     if args.smoke:
         args.device, args.steps, args.warmup = "cpu", 1, 1
     overrides = {k: v for k, v in (("layers", args.layers), ("batch", args.batch), ("experts", args.experts)) if v}
-    shapes = replace(shapes, **overrides)
+    shapes = replace(shapes, checkpointing=args.checkpointing, **overrides)
     device = torch.device(args.device)
     rows = run(shapes, args.expert_types, device, args.warmup, args.steps)
     text = report(rows, shapes, device, args.steps)

@@ -28,7 +28,8 @@ def test_moe_layer_smoke(tmp_path: Path) -> None:
     stdout, table = run_smoke("moe_layer.py", tmp_path)
     for row in ("| mlp (k×dense) | 4 | 8 | 64 |", "| shared (1×dense) | 4 | 8 | 64 |"):
         assert row in table and row in stdout
-    errors = [float(line.rsplit("|", 2)[1]) for line in table.splitlines() if line.startswith("| mlp") or line.startswith("| shared")]
+    rows = [line for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
+    errors = [float(line.rsplit("|", 2)[1]) for line in rows]
     assert errors and max(errors) < 1e-5  # fused and loop agree in float32
 
 

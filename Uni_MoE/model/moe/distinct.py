@@ -82,7 +82,8 @@ class DistinctExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, zg, zu, zd, keep, ys = ctx.saved_tensors
+        x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, *kept = ctx.saved_tensors
+        gate, up, zg, zu, zd, keep, ys = kept
         g, lora, need = ctx.grouping, ctx.lora, ctx.needs_input_grad
         t, k = weights.shape
         num_experts, s = gate_w.shape[0], lora.scale

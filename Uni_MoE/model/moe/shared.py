@@ -74,9 +74,8 @@ class SharedBaseExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, zd_mix, mixed, *per_slot = (
-            ctx.saved_tensors
-        )
+        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, *kept = ctx.saved_tensors
+        gate, up, zd_mix, mixed, *per_slot = kept
         zd_slots, keeps = per_slot[: len(ctx.keep_scales)], per_slot[len(ctx.keep_scales):]
         need, s, has_lora = ctx.needs_input_grad, ctx.lora.scale, za is not None
         dy = grad_out.contiguous()
