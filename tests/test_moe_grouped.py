@@ -202,3 +202,11 @@ def test_activation_checkpointing_recomputes_the_fused_block(expert_type: str) -
     for name, p in layer.named_parameters():
         if p.requires_grad:
             assert_close(p.grad, plain[name])
+
+
+@pytest.mark.parametrize("expert_type", ["mlp", "shared"])
+def test_no_tokens(expert_type: str) -> None:
+    layer = make_layer(4, 2, expert_type, lora_r=4)
+    out = run_layer(layer, torch.rand(1, 0, H), "grouped")
+    assert out["y"].shape == (1, 0, H) and out["dx"].shape == (1, 0, H)
+    assert float(out["experts.gate_lora_B"].abs().sum()) == 0.0

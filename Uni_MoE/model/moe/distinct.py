@@ -29,7 +29,7 @@ class LoRASettings:
 
 def _own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate and up LoRA-A activations of every expert [T, 2*E*r] -> each sorted slot's own [S, r] pair."""
-    own = za.view(za.shape[0], 2, num_experts, -1)[g.token, :, g.expert]  # [S, 2, r]
+    own = za.view(za.shape[0], 2, num_experts, za.shape[1] // (2 * num_experts))[g.token, :, g.expert]  # [S, 2, r]
     return own[:, 0].contiguous(), own[:, 1].contiguous()
 
 
@@ -69,7 +69,7 @@ class DistinctExperts(torch.autograd.Function):
             zd = segment_mm(h if keep is None else h_dropped, down_a.transpose(1, 2), g)  # [S, r]
             ys.addmm_(spread(zd, g.expert, num_experts), stack_b(down_b), alpha=lora.scale)
         del h, h_dropped
-        slots = ys[g.inverse].view(t, k, -1)
+        slots = ys[g.inverse].view(t, k, ys.shape[1])
         out = slots[:, 0] * weights[:, :1]
         for j in range(1, k):  # over a token's k slots, not over experts
             out.addcmul_(slots[:, j], weights[:, j : j + 1])

@@ -31,13 +31,12 @@ def spread(z: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Ten
     return (one_hot(expert, num_experts, z.dtype)[:, :, None] * z[:, None, :]).flatten(1)
 
 
+def _blocks(z_all: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[n, E*r] -> [n, E, r] (explicit sizes, so n = 0 works)."""
+    return z_all.view(z_all.shape[0], num_experts, z_all.shape[1] // num_experts)
+
+
 def keep_block(z_all: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[n, E*r] activations of every expert -> [n, E*r] with only each row's own expert block kept."""
     mask = one_hot(expert, num_experts, z_all.dtype)[:, :, None]
-    return (z_all.view(z_all.shape[0], num_experts, -1) * mask).flatten(1)
-
-
-def own_block(z_all: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[n, E*r] activations of every expert -> [n, r] of each row's own expert."""
-    rows = torch.arange(z_all.shape[0], device=z_all.device)
-    return z_all.view(z_all.shape[0], num_experts, -1)[rows, expert]
+    return (_blocks(z_all, num_experts) * mask).flatten(1)

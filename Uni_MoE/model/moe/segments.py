@@ -41,7 +41,7 @@ def group_slots(indices: torch.Tensor, num_experts: int) -> SlotGrouping:
 
 def unsort_sum(rows: torch.Tensor, g: SlotGrouping, top_k: int) -> torch.Tensor:
     """Sorted per-slot rows [S, D] -> per-token sums over the token's k slots [T, D] (one gather)."""
-    per_slot = rows[g.inverse].view(-1, top_k, rows.shape[-1])
+    per_slot = rows[g.inverse].view(rows.shape[0] // top_k, top_k, rows.shape[1])
     return per_slot.sum(1) if top_k > 1 else per_slot[:, 0]
 
 
