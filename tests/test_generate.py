@@ -122,3 +122,26 @@ def test_build_chat_sample_puts_media_in_the_first_turn(tmp_path):
     assert [t["from"] for t in rec["conversations"]] == ["human", "gpt", "human", "gpt"]
     assert rec["conversations"][0]["value"] == "<image>\n<speech>\n<video>\nwhat is it?"
     assert rec["conversations"][1]["value"] == "a cat" and rec["conversations"][3]["value"] == ""
+
+
+def test_beams_of_a_multi_window_sample_all_see_its_whole_speech(tiny, tmp_path):
+    """With beams, every copy of a sample gets all its speech windows in order (not window 1 twice)."""
+    model, tokenizer, _, _ = tiny
+    rec = json.loads(make_dataset(tmp_path, 1, seed=5, split="test", tasks=["speech_long"],
+                                  long_speech_seconds=6.0).read_text())
+    (item,) = _items(model, tokenizer, rec, tmp_path)
+    assert item["input_features"].shape[0] == 2  # two 4 s windows
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            generate_token_ids(model, tokenizer, collate([item], tokenizer.pad_token_id, "left"),
+                               GenerationSettings(max_new_tokens=2, num_beams=2))
+    finally:
+        hook.remove()
+    prefill = seen[0]
+    assert prefill.shape[0] == 2
+    torch.testing.assert_close(prefill[0], prefill[1])
+    alone = model.model.embed_multimodal(item["input_ids"][None], input_features=item["input_features"])
+    torch.testing.assert_close(prefill[0], alone[0])

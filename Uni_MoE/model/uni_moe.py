@@ -260,10 +260,13 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
     def moe_layers(self) -> list[MoELayer]:
         return self.model.moe_layers()
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """Media inputs enter on the prefill step only (later steps hold no placeholders); without a
-        cache every step re-reads them. Older transformers did not drop the audio inputs themselves."""
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        cache every step re-reads them. Older transformers did not drop the audio inputs themselves.
+        (``inputs_embeds`` is named so that generate accepts precomputed embeddings.)"""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in MEDIA_INPUTS:
                 inputs.pop(key, None)

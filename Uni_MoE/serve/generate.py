@@ -102,15 +102,21 @@ def generate_token_ids(
 ) -> torch.Tensor:
     """New tokens [B, T] for one left-padded collated batch (pad after a sequence ends).
 
-    ``synced_gpus`` keeps every rank stepping until all are done, as expert parallelism needs.
+    The media are encoded and spliced here, once, and generate starts from those embeddings: generate
+    repeats every tensor it is given row by row for beams, which would misalign media tensors whose rows
+    are not one per sample (speech windows, several images). ``synced_gpus`` keeps every rank stepping
+    until all are done, as expert parallelism needs.
     """
     kwargs = settings.generate_kwargs()
     if settings.stop:
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     inputs = _to_device(batch, model)
-    out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         synced_gpus=synced_gpus, **kwargs)
-    return out[:, inputs["input_ids"].shape[1]:]
+    input_ids = inputs.pop("input_ids")
+    media = {key: inputs.pop(key) for key in MEDIA_FIELDS if key in inputs}
+    embeds = model.model.embed_multimodal(input_ids, **media)
+    out = model.generate(input_ids=input_ids, inputs_embeds=embeds, **inputs, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, **kwargs)
+    return out[:, input_ids.shape[1]:]
 
 
 def iter_replies(
