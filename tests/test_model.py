@@ -27,17 +27,24 @@ def _inputs():
     return ids, media
 
 
-def test_save_load_round_trip_gives_identical_logits(tmp_path, make_config):
-    model = UniMoEForCausalLM(make_config(expert_lora_r=4)).eval()
+@pytest.mark.parametrize("implementation", ["reference", "grouped"])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, make_config, implementation):
+    model = UniMoEForCausalLM(make_config(expert_lora_r=4, moe_implementation=implementation)).eval()
     ids, media = _inputs()
     with torch.no_grad():
         before = model(input_ids=ids, **media).logits
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = UniMoEForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     with torch.no_grad():
         after = loaded(input_ids=ids, **media).logits
-    assert torch.equal(before, after)
+    if implementation == "reference":
+        assert torch.equal(before, after)
+    else:
+        # same weights, but the loaded tensors sit at other memory alignments (mapped from the file), and
+        # the CPU batched-matmul kernels the grouped path uses then sum in another order: float32 rounding
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
 def _llama_twin(model):
