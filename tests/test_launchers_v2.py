@@ -1,0 +1,142 @@
+"""Uni_MoE_v2 launchers: valid bash; their dry runs print commands that parse into the v2 settings (8 experts,
+DeepSpeed-MoE over the expert-parallel size, the original argument names); the expert-parallel chat answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from Uni_MoE.eval.__main__ import build_parser as eval_parser
+from Uni_MoE.train.arguments import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = sorted([*ROOT.glob("Uni_MoE_v2/*.sh"), *ROOT.glob("Uni_MoE_v2/*.slurm")])
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[str]:
+    """The script's DRY_RUN output lines (stdout then stderr)."""
+    done = subprocess.run(["bash", str(ROOT / script), *args], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", **env},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return (done.stdout + done.stderr).splitlines()
+
+
+def after(line: str, marker: str) -> list[str]:
+    """The arguments following ``marker`` in a printed ``+ command`` line."""
+    return shlex.split(line.split(f" {marker} ", 1)[1])
+
+
+def chat_module():
+    spec = importlib.util.spec_from_file_location("chat_expert_parallel", ROOT / "Uni_MoE_v2" / "chat_expert_parallel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_there_are_three_launchers():
+    assert [p.name for p in LAUNCHERS] == ["eval_speech.sh", "inference_speech.sh", "train_deepspeed_8moe.slurm"]
+
+
+@pytest.mark.parametrize("script", LAUNCHERS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_slurm_training_shards_eight_experts_over_the_nodes():
+    lines = dry_run("Uni_MoE_v2/train_deepspeed_8moe.slurm", "--bf16", "False", "--tf32", "False",
+                    MODEL="dense", DATA="a.json b.json", MLP_DIR="Experts", SLURM_JOB_NODELIST="gpu01,gpu02",
+                    SLURM_JOB_ID="9", EP_SIZE="4")
+    assert lines[:3] == ["# hostfile.9", "gpu01 slots=8", "gpu02 slots=8"]
+    assert lines[3].startswith("+ deepspeed --hostfile hostfile.9 --master_addr gpu01 ")
+    model_args, data_args, train_args, _ = parse_args(after(lines[3], "Uni_MoE.train"))
+    assert (model_args.stage, model_args.enable_deepspeed_moe, model_args.ep_size) == (3, True, 4)
+    assert (model_args.mlp_dir, model_args.num_experts, model_args.expert_lora_r) == ("Experts", 8, 8)
+    assert model_args.aux_balance_loss_coef == 0.01 and model_args.expert_dirs == []
+    assert data_args.data_path == ["a.json", "b.json"] and train_args.output_dir == "output/Uni-MoE-v2-e2"
+    assert (train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps) == (2, 4)
+    assert train_args.num_train_epochs == 2 and train_args.group_by_modality_length and not train_args.bf16
+
+
+def test_slurm_training_needs_expert_weights():
+    done = subprocess.run(["bash", str(ROOT / "Uni_MoE_v2/train_deepspeed_8moe.slurm")],
+                          env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "MODEL": "m", "DATA": "d.json",
+                               "SLURM_JOB_NODELIST": "gpu01"}, capture_output=True, text=True)
+    assert done.returncode == 2 and "MLP_DIR" in done.stderr
+
+
+def test_eval_runs_expert_parallel_with_the_original_arguments():
+    args = ["--data_path", "vqa.json", "--data_type", "vqa", "--output_dir", "o.json", "--model_base", "base",
+            "--mlp_dir", "Experts", "--version", "v1"]
+    (line,) = dry_run("Uni_MoE_v2/eval_speech.sh", *args)
+    assert line.startswith("+ deepspeed --num_gpus 2 ")
+    parsed = eval_parser().parse_args(after(line, "Uni_MoE.eval"))
+    assert (parsed.enable_deepspeed_moe, parsed.eval_ep_size) == (True, 2)
+    assert (parsed.model_path, parsed.output, parsed.mlp_dir) == ("checkpoint/uni-moe-v2-e2", "o.json", "Experts")
+    (single,) = dry_run("Uni_MoE_v2/eval_speech.sh", *args, EP_SIZE="1", MODEL="m")
+    assert single.startswith("+ python -m Uni_MoE.eval --model_path m ") and "--eval_ep_size" not in single
+
+
+def test_inference_chats_expert_parallel_or_on_one_gpu():
+    (line,) = dry_run("Uni_MoE_v2/inference_speech.sh", "--image", "cat.png", "--mlp_dir", "Experts", EP_SIZE="4")
+    assert line.startswith("+ deepspeed --num_gpus 4 ")
+    parsed = chat_module().parse_args(after(line, "Uni_MoE_v2/chat_expert_parallel.py"))
+    assert (parsed.eval_ep_size, parsed.image, parsed.mlp_dir) == (4, "cat.png", "Experts")
+    (single,) = dry_run("Uni_MoE_v2/inference_speech.sh", "--question", "hi", EP_SIZE="1")
+    assert single.startswith("+ python -m Uni_MoE.serve.cli --model_path checkpoint/uni-moe-v2-e2 ")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_moe_checkpoint(folder: Path) -> Path:
+    """The tiny model with 4 random experts in every layer, saved with its tokenizer."""
+    import torch
+
+    from Uni_MoE.checkpoint.tiny import build_tiny
+    from Uni_MoE.data.tokenizer import load_tokenizer
+    from Uni_MoE.model.uni_moe import UniMoEForCausalLM
+
+    tiny = build_tiny(folder / "tiny")
+    model = UniMoEForCausalLM.from_pretrained(tiny, moe_layers="all", num_experts=4, expert_lora_r=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.router.weight.normal_(0.0, 0.02)
+            layer.experts.reset_parameters()
+    model.save_pretrained(folder / "moe")
+    load_tokenizer(tiny).save_pretrained(folder / "moe")
+    return folder / "moe"
+
+
+@pytest.mark.slow
+def test_expert_parallel_chat_over_two_processes_answers_as_one_process(tmp_path):
+    """Two gloo ranks, two experts each: rank 0 reads the questions, both decode in step, and the sampled
+    reply equals the single-process CLI's on the same seed."""
+    pytest.importorskip("deepspeed")
+    model = tiny_moe_checkpoint(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    decoding = ["--max_new_tokens", "8", "--temperature", "1.0", "--seed", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "Uni_MoE_v2" / "chat_expert_parallel.py"), "--model_path", str(model), "--eval_ep_size", "2",
+           *decoding]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, input="What is this?\nAgain?\n\n", capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    replies = [line.split("ASSISTANT: ", 1)[1] for line in done.stdout.splitlines() if "ASSISTANT: " in line]
+    assert len(replies) == 2
+    single = subprocess.run([sys.executable, "-m", "Uni_MoE.serve.cli", "--model_path", str(model), "--question",
+                             "What is this?", *decoding], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert replies[0] == single.stdout.strip() != ""
