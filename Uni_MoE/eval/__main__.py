@@ -1,11 +1,11 @@
 """Command line: ``python -m Uni_MoE.eval --model_path M --data_path X --data_type vqa --output preds.json``.
 
 Also accepts the original scripts' argument names: ``--output_dir`` (the 8e name of the predictions
-file) and ``--enable_deepspeed_moe True --eval_ep_size N``: DeepSpeed-MoE experts sharded over N ranks,
+file); ``--enable_deepspeed_moe True --eval_ep_size N``: DeepSpeed-MoE experts sharded over N ranks,
 started with ``deepspeed --num_gpus=N --module Uni_MoE.eval ...`` (every rank runs the same batches, rank 0
-writes). ``--model_base``, ``--mlp_dir``, ``--deepspeed``, ``--version``, ``--vision_tower`` and
-``--audio_tower`` are parsed and ignored: a converted checkpoint (``python -m
-Uni_MoE.checkpoint.convert_original``) already holds the base, experts and encoders.
+writes); and, when ``--model_path`` is an original release folder (converted in memory), ``--model_base``,
+``--mlp_dir`` (v2/8e experts), ``--vision_tower`` (CLIP folder) and ``--audio_tower`` (Whisper folder or
+BEATs .pt file). ``--deepspeed`` and ``--version`` are parsed and ignored.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from .runner import EvalConfig, run_eval
 from .tasks import ALIASES, TASKS
 
-NO_OP_ARGS = ("model_base", "mlp_dir", "deepspeed", "version", "vision_tower", "audio_tower")
+NO_OP_ARGS = ("deepspeed", "version")
 
 
 def str_to_bool(text: str) -> bool:
@@ -61,18 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the experts over --eval_ep_size ranks with DeepSpeed-MoE")
     e.add_argument("--eval_ep_size", type=int, default=1, help="expert-parallel group size")
     e.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    r = p.add_argument_group("an original release folder's other parts")
+    r.add_argument("--model_base", default=None, help="the base release the --model_path folder fine-tunes")
+    r.add_argument("--mlp_dir", default=None, help="v2/8e: the Experts directory (mlp_*.bin)")
+    r.add_argument("--vision_tower", default=None, help="CLIP folder (default: the release config's path)")
+    r.add_argument("--audio_tower", default=None, help="Whisper folder or BEATs .pt (default: the config's)")
     o = p.add_argument_group("original arguments, accepted and ignored")
     for name in NO_OP_ARGS:
         o.add_argument(f"--{name}", default=None)
     return p
 
 
+def release_parts(args: argparse.Namespace) -> dict[str, str | None]:
+    """The original's loader arguments, named as the in-memory converter takes them."""
+    tower = args.audio_tower
+    beats = tower if tower and tower.endswith(".pt") else None
+    return {"model_base": args.model_base, "experts_dir": args.mlp_dir, "clip_dir": args.vision_tower,
+            "whisper_dir": None if beats else tower, "beats_path": beats}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     ignored = [f"--{n}" for n in NO_OP_ARGS if getattr(args, n) is not None]
     if ignored:
-        print(f"ignoring {' '.join(ignored)}: not needed with a converted checkpoint in one process",
-              file=sys.stderr)
+        print(f"ignoring {' '.join(ignored)}", file=sys.stderr)
     overrides = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
                                                "top_p", "num_beams")}
     overrides["stop"] = tuple(args.stop) if args.stop else None
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, circular=args.circular,
         seed=args.seed, device=args.device, dtype=args.dtype, overrides=overrides,
         enable_deepspeed_moe=args.enable_deepspeed_moe, eval_ep_size=args.eval_ep_size,
-        skip_missing_media=args.skip_missing_media,
+        skip_missing_media=args.skip_missing_media, release=release_parts(args),
     ))
 
 

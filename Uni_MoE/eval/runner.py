@@ -16,7 +16,6 @@ import torch
 
 from ..data.conversation import render_prompt
 from ..data.dataset import UniMoEDataset
-from ..config import UniMoEConfig
 from ..data.schema import MEDIA_KEYS, Sample, SampleError, parse_sample, resolve_media_path
 from ..serve.generate import GenerationSettings, iter_replies, load_model
 from . import metrics as M
@@ -46,6 +45,7 @@ class EvalConfig:
     enable_deepspeed_moe: bool = False
     eval_ep_size: int = 1
     skip_missing_media: bool = False
+    release: dict[str, Any] = field(default_factory=dict)  # an original release's other folders
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -153,15 +153,17 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     records = read_records(cfg.data_path)[: cfg.limit]
     items = prepare_items(task, records, data_root, options, cfg.data_path)
-    voice = UniMoEConfig.from_pretrained(cfg.model_path).voice_modality
-    samples = [parse_sample(it.record, n, voice, cfg.data_path) for n, it in enumerate(items)]
+    # media paths are checked before the model loads; whether `voice` is speech or sound comes after
+    samples = [parse_sample(it.record, n, "speech", cfg.data_path) for n, it in enumerate(items)]
     items, samples, skipped = drop_missing_media(items, samples, data_root, cfg.data_path, cfg.skip_missing_media)
 
     ranks, ep_size, device = RankInfo(), None, cfg.device
     if cfg.enable_deepspeed_moe:
         ranks, ep_size = init_expert_parallel(cfg.eval_ep_size), cfg.eval_ep_size
         device = device or ranks.device()
-    model, tokenizer = load_model(cfg.model_path, device, cfg.dtype, ep_size)
+    model, tokenizer = load_model(cfg.model_path, device, cfg.dtype, ep_size, cfg.release)
+    voice = model.config.voice_modality
+    samples = [parse_sample(it.record, n, voice, cfg.data_path) for n, it in enumerate(items)]
     dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
     torch.manual_seed(cfg.seed)
     predictions = [""] * len(items)

@@ -7,6 +7,7 @@ new token costs one cached forward step. The original decoded one sample at a ti
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -224,25 +225,55 @@ def build_chat_sample(
     return record
 
 
+def is_original_release(model_path: str | Path) -> bool:
+    """Whether the folder holds an original Uni-MoE release (a llava config) rather than our checkpoint."""
+    from ..checkpoint.original_config import ORIGINAL_MODEL_TYPES
+
+    config_file = Path(model_path) / "config.json"
+    return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in ORIGINAL_MODEL_TYPES
+
+
+def _tokenizer_folder(folders: Sequence[str | Path | None]) -> Path:
+    """The first folder that holds tokenizer files (an original fine-tuned release may have none)."""
+    from ..checkpoint.convert_original import TOKENIZER_FILES
+
+    found = [Path(f) for f in folders if f is not None and any((Path(f) / n).is_file() for n in TOKENIZER_FILES)]
+    if not found:
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {[str(f) for f in folders if f]}")
+    return found[0]
+
+
 def load_model(
     model_path: str | Path,
     device: str | None = None,
     dtype: str | None = None,
     ep_size: int | None = None,
+    release: dict[str, Any] | None = None,
 ) -> tuple[UniMoEForCausalLM, PreTrainedTokenizerBase]:
     """Model (eval mode) and tokenizer from a ``save_pretrained`` folder; dtype "auto" keeps the saved one.
 
-    With ``ep_size`` the MoE layers are DeepSpeed-MoE layers holding this rank's share of the experts
-    (torch.distributed must be initialised, and every rank must call this).
+    An original release folder is converted in memory; ``release`` then names its other parts as the
+    original's arguments did (``model_base``, ``experts_dir``, ``clip_dir``, ``whisper_dir``,
+    ``beats_path``). With ``ep_size`` the MoE layers are DeepSpeed-MoE layers holding this rank's share
+    of the experts (torch.distributed must be initialised, and every rank must call this).
     """
     from ..data.tokenizer import load_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
+    release = {k: v for k, v in (release or {}).items() if v is not None}
+    original = is_original_release(model_path)
+    if original and ep_size is not None:
+        raise ValueError(f"{model_path}: expert-parallel evaluation reads a converted checkpoint; convert the "
+                         "release first (python -m Uni_MoE.checkpoint.convert_original)")
     if ep_size is not None:
         from ..checkpoint.v2_experts import from_pretrained_expert_parallel
 
-        model = from_pretrained_expert_parallel(model_path, ep_size, None if dtype in (None, "auto") else getattr(torch, dtype))
+        model = from_pretrained_expert_parallel(model_path, ep_size, torch_dtype)
+    elif original:
+        model = UniMoEForCausalLM.from_pretrained(str(model_path), **release,
+                                                  **({"dtype": torch_dtype} if torch_dtype else {}))
     else:
-        torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
-        model = UniMoEForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)
-    return model.to(device).eval(), load_tokenizer(model_path)
+        model = UniMoEForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype or "auto")
+    folders = [model_path, release.get("model_base")] if original else [model_path]
+    return model.to(device).eval(), load_tokenizer(_tokenizer_folder(folders))
