@@ -125,6 +125,16 @@ def test_original_v2_names_load(dist_world):
     torch.testing.assert_close(ds(x), local(x))
 
 
+def test_settings_the_backend_cannot_honour_are_errors(dist_world):
+    with pytest.raises(ValueError, match="expert_type='shared'"):
+        _ds_layer(expert_type="shared")
+    with pytest.raises(ValueError, match="router_jitter=0.1: .* only 0 or 0.01"):
+        _ds_layer(router_jitter=0.1)
+    with pytest.raises(ValueError, match="num_experts=4 is not divisible by ep_size=3"):
+        _ds_layer(ep_size=3)
+    assert _ds_layer(router_jitter=0.01).moe.deepspeed_moe.gate.noisy_gate_policy == "Jitter"
+
+
 def test_wrong_expert_count_names_the_key(dist_world):
     sd = MoELayer(**{**LAYER, "num_experts": 2}).state_dict()
     with pytest.raises(ValueError, match="experts.gate_proj.*2 experts"):

@@ -1,4 +1,5 @@
-"""Loading the original v2 Experts directory (``--mlp_dir``) into the expert bases of a local-backend model."""
+"""Loading the original v2 Experts directory (``--mlp_dir``) into the expert bases of a local-backend model;
+the DeepSpeed-MoE layer refusing to build without a process group."""
 
 from __future__ import annotations
 
@@ -66,3 +67,12 @@ def test_missing_key_and_wrong_expert_count_are_errors(make_config, tmp_path):
         load_v2_expert_bases(model, tmp_path / "experts")
     with pytest.raises(ValueError, match="fills 8 experts; the model has 4"):
         load_v2_expert_bases(UniMoEForCausalLM(make_config()), tmp_path / "experts")
+
+
+def test_deepspeed_layer_needs_a_process_group():
+    from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer
+
+    if torch.distributed.is_initialized():
+        pytest.skip("another test left a process group initialised")
+    with pytest.raises(RuntimeError, match=r"deepspeed\.init_distributed\(\)"):
+        DeepSpeedMoELayer(16, 32, 4, 2)

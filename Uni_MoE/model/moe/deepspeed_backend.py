@@ -99,7 +99,6 @@ class DeepSpeedMoELayer(nn.Module):
     ) -> None:
         """``expert_options`` (hidden_act, lora_r, lora_alpha, lora_dropout) configure every LoRAExpert."""
         super().__init__()
-        MoE = deepspeed_moe_class()
         if expert_type != "mlp":
             raise ValueError(f"expert_type={expert_type!r}: the deepspeed backend gives every expert its own MLP")
         if not dist.is_initialized():
@@ -112,10 +111,12 @@ class DeepSpeedMoELayer(nn.Module):
         self.second_expert_sampling = second_expert_sampling
         expert = LoRAExpert(hidden_size, intermediate_size, **expert_options)
         self.expert_names = BASE_NAMES + (LORA_NAMES if expert.has_lora else ())
-        self.moe = MoE(hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=top_k,
-                       capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-                       min_capacity=MIN_CAPACITY, use_residual=False, noisy_gate_policy=noisy_gate_policy(router_jitter),
-                       drop_tokens=False, top2_2nd_expert_sampling=second_expert_sampling)
+        moe_cls = deepspeed_moe_class()
+        self.moe = moe_cls(hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=top_k,
+                           capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+                           min_capacity=MIN_CAPACITY, use_residual=False,
+                           noisy_gate_policy=noisy_gate_policy(router_jitter), drop_tokens=False,
+                           top2_2nd_expert_sampling=second_expert_sampling)
         self.moe.set_deepspeed_parallelism()
         self.ep_size = ep_size
         self.ep_group = self.moe.deepspeed_moe.ep_group
