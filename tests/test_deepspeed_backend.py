@@ -152,6 +152,8 @@ def test_param_groups_mark_expert_parameters(dist_world):
     assert {id(p) for p in moe[0]["params"]} == expert_params
     dense = [p for g in groups if not g.get("moe") for p in g["params"]]
     assert [id(p) for p in dense] == [id(ds.router.weight)]
+    plain = moe_param_groups(list(ds.parameters()))  # a bare parameter list is one group
+    assert sum(len(g["params"]) for g in plain if g.get("moe")) == len(expert_params)
 
 
 def _model_pair(make_config):

@@ -136,6 +136,7 @@ class DeepSpeedMoELayer(nn.Module):
         return self.moe.deepspeed_moe.gate.wg
 
     def local_experts(self) -> nn.ModuleList:
+        """This rank's LoRAExperts, local index b being global expert ep_rank * num_local + b."""
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     def local_expert(self, expert: int) -> LoRAExpert | None:
@@ -215,12 +216,15 @@ def _load_local_layout(layer: DeepSpeedMoELayer, state: dict[str, Any], prefix: 
             state.setdefault(prefix + EXPERT_KEY.format(match.group(1), name), state.pop(key).unsqueeze(0))
 
 
-def moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def moe_param_groups(param_groups: list[dict[str, Any]] | list[nn.Parameter]) -> list[dict[str, Any]]:
     """Optimizer groups with expert parameters moved into DeepSpeed-MoE groups (``moe=True``), which
-    DeepSpeed requires to reduce expert gradients over the expert-data-parallel group only.
-    Groups without a ``name`` are named ``group<i>`` (DeepSpeed keys its MoE groups by name)."""
+    DeepSpeed requires to reduce expert gradients over the expert-data-parallel group only. A plain
+    parameter list is one group; groups without a ``name`` are named ``group<i>`` (DeepSpeed keys its
+    MoE groups by name)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    if param_groups and isinstance(param_groups[0], torch.Tensor):
+        param_groups = [{"params": list(param_groups)}]
     named = [{"name": f"group{i}", **group} for i, group in enumerate(param_groups)]
     return split_params_into_different_moe_groups_for_optimizer(named)
 
