@@ -1,4 +1,6 @@
-"""Batched, KV-cached generation from samples of mixed modalities, and one-prompt building for the CLI.
+"""Batched, KV-cached generation from samples of mixed modalities, one-prompt building for the CLI,
+and model loading. The media stack (PyAV, soundfile) is imported only where samples are read, so the
+generation core also runs where it is missing (the GPU benchmark machine).
 
 Samples go through the training data pipeline (``UniMoEDataset(for_generation=True)``), are left-padded
 into batches, and decoded with ``model.generate``: the media enter on the prefill step only, then every
@@ -10,18 +12,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data import media
 from ..data.collate import MEDIA_FIELDS, Collator
-from ..data.dataset import UniMoEDataset
 from ..data.schema import Sample, parse_sample
 from ..model.uni_moe import UniMoEForCausalLM
+
+if TYPE_CHECKING:
+    from ..data.dataset import UniMoEDataset
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 NON_MODEL_KEYS = ("labels", "modality", "sample_index")
@@ -123,7 +126,7 @@ def generate_token_ids(
 def iter_replies(
     model: UniMoEForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    dataset: UniMoEDataset,
+    dataset: "UniMoEDataset",
     settings: GenerationSettings,
     batch_size: int = 8,
     num_workers: int = 0,
@@ -165,6 +168,8 @@ def generate_batch(
     Each sample's last gpt turn, if present, is dropped, so eval records with an empty answer turn work.
     ``seed`` makes sampled decoding repeatable.
     """
+    from ..data.dataset import UniMoEDataset  # the media stack (PyAV, soundfile) loads only when needed
+
     settings = settings or GenerationSettings()
     samples = to_samples(samples_or_records, model.config.voice_modality)
     dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
@@ -178,6 +183,8 @@ def generate_batch(
 
 def video_frames_or_file(video: str | Path) -> list[str] | str:
     """A folder of frames becomes its sorted frame list (the original read it unsorted); a file stays."""
+    from ..data import media  # the media stack (PyAV, soundfile) loads only when needed
+
     p = Path(video)
     if p.is_dir():
         frames = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
@@ -202,6 +209,8 @@ def build_chat_sample(
     question, as the original's CLI builds it. ``history`` holds earlier (question, answer) pairs.
     A video file's soundtrack, if it has one, is added as ``video_track_as`` ("speech", "audio" or None).
     """
+    from ..data import media
+
     record: dict[str, Any] = {}
     if image:
         record["image"] = str(image)
