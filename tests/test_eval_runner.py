@@ -122,3 +122,12 @@ def test_missing_media_is_named_or_skipped(workspace, tmp_path):
     metrics = json.loads((tmp_path / "p_metrics.json").read_text())
     assert [r["id"] for r in rows] == ["3000"]
     assert metrics["skipped_missing_media"] == {"count": 1, "samples": [{"id": "3001", "missing": ["/images/gone.png"]}]}
+
+
+def test_bad_annotation_file_is_named(workspace, tmp_path):
+    model, files, _ = workspace
+    bad = tmp_path / "anns.json"
+    bad.write_text('{"annotations": [{"question_id": 1}]}')
+    with pytest.raises(SampleError, match="anns.json: cannot read the annotation file.*answers"):
+        main(["--model_path", str(model), "--data_path", str(files["vqa"]["data"]), "--data_type", "vqa",
+              "--annotation_file", str(bad), "--output", str(tmp_path / "o.json")])

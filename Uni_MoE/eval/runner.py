@@ -76,6 +76,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_annotations(path: str | Path) -> dict[Any, list[str]]:
+    """Reference answers from an annotation file (VQA / TextVQA JSON); errors name the file."""
+    try:
+        return load_annotations(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, KeyError, TaskError) as err:
+        raise SampleError(f"{path}: cannot read the annotation file ({err!r})") from err
+
+
 def rebase_media(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
     """Media paths that do not exist as written are looked up under ``data_root``, a leading "/" too:
     the original's eval files hold paths such as "/coco_images/x.jpg" that it joined to a folder."""
@@ -148,7 +156,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     task = get_task(cfg.data_type)
     settings: GenerationSettings = task.settings.with_overrides(**cfg.overrides)
     data_root = Path(cfg.data_root) if cfg.data_root else Path(cfg.data_path).resolve().parent
-    annotations = load_annotations(json.loads(Path(cfg.annotation_file).read_text())) if cfg.annotation_file else {}
+    annotations = read_annotations(cfg.annotation_file) if cfg.annotation_file else {}
     options = TaskOptions(annotations=annotations, circular=cfg.circular)
 
     records = read_records(cfg.data_path)[: cfg.limit]
