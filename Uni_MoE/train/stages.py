@@ -168,6 +168,10 @@ def _backend_overrides(model_args: ModelArguments, config: UniMoEConfig) -> dict
         return {}
     if model_args.stage != 3:
         raise ValueError("--enable_deepspeed_moe applies to stage 3 (the MoE stage)")
+    if not torch.distributed.is_initialized():  # the layers create their expert-parallel groups when built
+        import deepspeed
+
+        deepspeed.init_distributed()
     return {"moe_backend": "deepspeed", "ep_size": model_args.ep_size or config.ep_size}
 
 
