@@ -9,7 +9,7 @@ import pytest
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data.synthetic import make_dataset
 from Uni_MoE.serve import cli
-from Uni_MoE.serve.generate import GenerationSettings, build_chat_sample, generate_batch, load_model
+from Uni_MoE.serve.generate import GenerationSettings, build_chat_sample, generate_batch, load_model, release_parts
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,12 @@ def test_no_video_audio_leaves_the_soundtrack_out(workspace):
     assert args.no_video_audio
     record = build_chat_sample("q", video=media["video"], video_track_as=None)
     assert "speech" not in record and record["conversations"][0]["value"] == "<video>\nq"
+
+
+def test_original_release_arguments_map_to_the_converter():
+    args = cli.build_parser().parse_args(["--model_path", "e2", "--model_base", "base", "--vision_tower", "clip",
+                                          "--audio_tower", "BEATs_iter3_plus_AS2M.pt"])
+    assert release_parts(args) == {"model_base": "base", "experts_dir": None, "clip_dir": "clip",
+                                   "whisper_dir": None, "beats_path": "BEATs_iter3_plus_AS2M.pt"}
+    args = cli.build_parser().parse_args(["--model_path", "e2", "--audio_tower", "whisper-small"])
+    assert release_parts(args)["whisper_dir"] == "whisper-small" and release_parts(args)["beats_path"] is None

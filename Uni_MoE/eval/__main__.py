@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..serve.generate import add_release_arguments, release_parts
 from .runner import EvalConfig, run_eval
 from .tasks import ALIASES, TASKS
 
@@ -61,23 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the experts over --eval_ep_size ranks with DeepSpeed-MoE")
     e.add_argument("--eval_ep_size", type=int, default=1, help="expert-parallel group size")
     e.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    r = p.add_argument_group("an original release folder's other parts")
-    r.add_argument("--model_base", default=None, help="the base release the --model_path folder fine-tunes")
-    r.add_argument("--mlp_dir", default=None, help="v2/8e: the Experts directory (mlp_*.bin)")
-    r.add_argument("--vision_tower", default=None, help="CLIP folder (default: the release config's path)")
-    r.add_argument("--audio_tower", default=None, help="Whisper folder or BEATs .pt (default: the config's)")
+    add_release_arguments(p)
     o = p.add_argument_group("original arguments, accepted and ignored")
     for name in NO_OP_ARGS:
         o.add_argument(f"--{name}", default=None)
     return p
-
-
-def release_parts(args: argparse.Namespace) -> dict[str, str | None]:
-    """The original's loader arguments, named as the in-memory converter takes them."""
-    tower = args.audio_tower
-    beats = tower if tower and tower.endswith(".pt") else None
-    return {"model_base": args.model_base, "experts_dir": args.mlp_dir, "clip_dir": args.vision_tower,
-            "whisper_dir": None if beats else tower, "beats_path": beats}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,9 @@
     python -m Uni_MoE.serve.cli --model_path checkpoint/tiny --image cat.png [--speech q.wav] [--audio s.wav]
         [--video clip.mp4 | --video frames_folder/] [--question "What is this?"]
 
-With ``--question`` it answers once and exits. A video file's soundtrack is added as the model's voice
+``--model_path`` may also be an original release folder, with ``--model_base``, ``--vision_tower``,
+``--audio_tower`` (and ``--mlp_dir``) as the original scripts take them. With ``--question`` it answers
+once and exits. A video file's soundtrack is added as the model's voice
 modality (speech or audio) unless ``--no_video_audio``. Decoding: greedy when an image is given, else
 sampled at T=0.2, as the original CLI; KV-cached, unlike the original.
 """
@@ -13,7 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate import GenerationSettings, build_chat_sample, generate_batch, load_model
+from .generate import (
+    GenerationSettings,
+    add_release_arguments,
+    build_chat_sample,
+    generate_batch,
+    load_model,
+    release_parts,
+)
 
 EXIT_WORDS = ("exit", "quit", ":q")
 
@@ -34,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    add_release_arguments(p)
     return p
 
 
@@ -45,7 +55,7 @@ def chat_settings(args: argparse.Namespace) -> GenerationSettings:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    model, tokenizer = load_model(args.model_path, args.device, args.dtype)
+    model, tokenizer = load_model(args.model_path, args.device, args.dtype, release=release_parts(args))
     settings = chat_settings(args)
     track = None if args.no_video_audio else model.config.voice_modality
     history: list[tuple[str, str]] = []

@@ -9,6 +9,7 @@ new token costs one cached forward step. The original decoded one sample at a ti
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -250,6 +251,23 @@ def _tokenizer_folder(folders: Sequence[str | Path | None]) -> Path:
     if not found:
         raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {[str(f) for f in folders if f]}")
     return found[0]
+
+
+def add_release_arguments(parser: argparse.ArgumentParser) -> None:
+    """The original scripts' arguments that locate an original release's other parts."""
+    group = parser.add_argument_group("when --model_path is an original release folder")
+    group.add_argument("--model_base", default=None, help="the base release the --model_path folder fine-tunes")
+    group.add_argument("--mlp_dir", default=None, help="v2/8e: the Experts directory (mlp_*.bin)")
+    group.add_argument("--vision_tower", default=None, help="CLIP folder (default: the release config's path)")
+    group.add_argument("--audio_tower", default=None, help="Whisper folder or BEATs .pt (default: the config's)")
+
+
+def release_parts(args: argparse.Namespace) -> dict[str, str | None]:
+    """Those arguments, named as ``load_model``'s ``release`` (the in-memory converter) takes them."""
+    tower = args.audio_tower
+    beats = tower if tower and tower.endswith(".pt") else None
+    return {"model_base": args.model_base, "experts_dir": args.mlp_dir, "clip_dir": args.vision_tower,
+            "whisper_dir": None if beats else tower, "beats_path": beats}
 
 
 def load_model(
