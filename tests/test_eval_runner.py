@@ -121,7 +121,8 @@ def test_missing_media_is_named_or_skipped(workspace, tmp_path):
     rows = json.loads((tmp_path / "p.json").read_text())
     metrics = json.loads((tmp_path / "p_metrics.json").read_text())
     assert [r["id"] for r in rows] == ["3000"]
-    assert metrics["skipped_missing_media"] == {"count": 1, "samples": [{"id": "3001", "missing": ["/images/gone.png"]}]}
+    skipped = {"count": 1, "samples": [{"id": "3001", "missing": ["/images/gone.png"]}]}
+    assert metrics["skipped_missing_media"] == skipped
 
 
 def test_bad_annotation_file_is_named(workspace, tmp_path):

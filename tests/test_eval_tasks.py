@@ -118,7 +118,8 @@ def test_pope_scores_yes_no_readings():
 
 def test_clothoaqa_splits_yes_no_and_open_questions():
     task = get_task("clothoaqa")
-    recs = [{"id": "a", "question": "Is it rain?", "answer": "yes"}, {"id": "b", "question": "What?", "answer": "a dog"}]
+    recs = [{"id": "a", "question": "Is it rain?", "answer": "yes"},
+            {"id": "b", "question": "What?", "answer": "a dog"}]
     items = [task.prepare(r, i, NO_OPTIONS)[0] for i, r in enumerate(recs)]
     metrics, hits = task.score(items, ["Yes it is", "A dog."], NO_OPTIONS)
     assert hits == [1.0, 1.0]

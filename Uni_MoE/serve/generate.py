@@ -80,7 +80,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut].strip()
 
 
-def to_samples(samples_or_records: Sequence[Sample | dict], voice_modality: str, source: str = "<memory>") -> list[Sample]:
+def to_samples(
+    samples_or_records: Sequence[Sample | dict], voice_modality: str, source: str = "<memory>"
+) -> list[Sample]:
     """Parsed samples from records in the data JSON schema (samples pass through unchanged)."""
     return [s if isinstance(s, Sample) else parse_sample(s, i, voice_modality, source)
             for i, s in enumerate(samples_or_records)]
@@ -249,7 +251,8 @@ def _tokenizer_folder(folders: Sequence[str | Path | None]) -> Path:
 
     found = [Path(f) for f in folders if f is not None and any((Path(f) / n).is_file() for n in TOKENIZER_FILES)]
     if not found:
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {[str(f) for f in folders if f]}")
+        named = [str(f) for f in folders if f]
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {named}")
     return found[0]
 
 
