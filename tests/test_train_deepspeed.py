@@ -24,15 +24,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_stage3(tmp_path: Path, *extra: str) -> Path:
-    """Three ZeRO-2 steps of stage 3 from the tiny model (2 experts); returns the output folder."""
+def _train_stage3(tmp_path: Path, *extra: str, processes: int = 1, experts: int = 2) -> Path:
+    """Three ZeRO-2 steps of stage 3 from the tiny model on ``processes`` gloo ranks; returns the output folder."""
     pytest.importorskip("deepspeed")
     tiny = build_tiny(tmp_path / "tiny")
     out = tmp_path / "out"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "Uni_MoE.train", "--stage", "3", "--model_name_or_path", str(tiny),
-           "--num_experts", "2", "--data_path", str(SAMPLES), "--data_root", str(SAMPLES.parent),
+    launch = [sys.executable, "-m", "Uni_MoE.train"]
+    if processes > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                  "--master_port", env["MASTER_PORT"], "-m", "Uni_MoE.train", "--use_cpu", "True"]
+        env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    cmd = [*launch, "--stage", "3", "--model_name_or_path", str(tiny), "--num_experts", str(experts), "--data_path", str(SAMPLES), "--data_root", str(SAMPLES.parent),
            "--output_dir", str(out), "--deepspeed", str(ROOT / "scripts" / "zero2.json"), "--ddp_backend", "gloo",
            "--per_device_train_batch_size", "2", "--max_steps", "3", "--save_steps", "3", "--logging_steps", "1",
            "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "True", *extra]
@@ -60,3 +64,16 @@ def test_zero2_with_deepspeed_moe_experts_trains_and_exports_the_local_layout(tm
     assert model.config.moe_backend == "local" and model.config.num_experts == 2
     lora_b = torch.stack([layer.experts.up_lora_B for layer in model.moe_layers()])
     assert lora_b.abs().max() > 0  # zero-initialised, so non-zero only if the expert LoRA trained
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_zero2_expert_parallel_over_two_processes_exports_every_expert(tmp_path):
+    """ep_size 2 on two gloo ranks, two of four experts each: every expert trains, and the export gathers
+    them all into the local layout."""
+    out = _train_stage3(tmp_path, "--enable_deepspeed_moe", "True", "--ep_size", "2", processes=2, experts=4)
+    files = {p.name for p in (out / "checkpoint-3" / "global_step3").glob("layer_0_expert_*")}
+    assert files == {f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)}
+    model = UniMoEForCausalLM.from_pretrained(out)
+    for layer in model.moe_layers():
+        assert torch.all(layer.experts.up_lora_B.abs().amax(dim=(1, 2)) > 0)  # every expert's LoRA moved

@@ -67,6 +67,14 @@ def deepspeed_moe_class() -> type:
     return ReentrantMoE
 
 
+def _join_deepspeed_comm() -> None:
+    """Let deepspeed.comm (whose groups DeepSpeed-MoE creates) use the initialised torch.distributed world;
+    a no-op when it already does, as after ``deepspeed.init_distributed()``."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 def noisy_gate_policy(router_jitter: float) -> str | None:
     """DeepSpeed's gate noise for our ``router_jitter``: none, or its fixed 1e-2 multiplicative jitter."""
     if router_jitter == 0:
@@ -112,6 +120,7 @@ class DeepSpeedMoELayer(nn.Module):
         expert = LoRAExpert(hidden_size, intermediate_size, **expert_options)
         self.expert_names = BASE_NAMES + (LORA_NAMES if expert.has_lora else ())
         moe_cls = deepspeed_moe_class()
+        _join_deepspeed_comm()
         self.moe = moe_cls(hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=top_k,
                            capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
                            min_capacity=MIN_CAPACITY, use_residual=False,
