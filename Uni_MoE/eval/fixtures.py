@@ -32,6 +32,7 @@ class MediaMaker:
         self.root = root
         self.rng = np.random.default_rng(seed)
         self.count = 0
+        self.answers: dict[Any, list[str]] = {}  # question id -> human answers kept out of the records
 
     def _path(self, folder: str, suffix: str) -> tuple[Path, str]:
         self.count += 1
@@ -91,16 +92,15 @@ def _shuffled(m: MediaMaker, answer: str, pool: Any, n: int = 4) -> list[str]:
 def okvqa(m: MediaMaker, i: int) -> dict[str, Any]:
     colour, shape = m.pick(syn.COLOURS), m.pick(syn.SHAPES)
     text = f"What colour is the {shape}?\n{SHORT_ANSWER}"
+    m.answers[1000 + i] = [colour] * 8 + [m.pick(syn.COLOURS) for _ in range(2)]  # mostly right, as humans
     return {"question_id": 1000 + i, "image": m.image(colour, shape), "text": text, "category": "default",
             "conversations": _turns(f"<image>\n{text}")}
 
 
 def vqa_annotations(records: list[dict[str, Any]], m: MediaMaker) -> dict[str, Any]:
-    """VQA's annotation file: ten human answers per question id (the colour in the picture's name)."""
-    anns = []
-    for r in records:
-        answers = [m.pick(syn.COLOURS) for _ in range(10)]
-        anns.append({"question_id": r["question_id"], "answers": [{"answer": a} for a in answers]})
+    """VQA's annotation file: the ten human answers of each question, apart from the questions."""
+    anns = [{"question_id": r["question_id"], "answers": [{"answer": a} for a in m.answers[r["question_id"]]]}
+            for r in records]
     return {"annotations": anns}
 
 
