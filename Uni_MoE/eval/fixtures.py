@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ..data import synthetic as syn
 from .tasks import LETTER_ANSWER, SHORT_ANSWER
@@ -236,7 +237,7 @@ def write_benchmark_files(out: str | Path, n: int = 3, seed: int = 0,
         raise ValueError(f"no fixture builder for {unknown}; known: {sorted(BUILDERS)}")
     maker = MediaMaker(out, seed)
     files: dict[str, dict[str, Path]] = {}
-    for data_type in data_types or list(BUILDERS):
+    for data_type in tqdm(data_types or list(BUILDERS), desc="benchmark files", unit="file"):
         records = [BUILDERS[data_type](maker, i) for i in range(n)]
         path = out / f"{data_type}.json"
         path.write_text(json.dumps(records, indent=1) + "\n")
