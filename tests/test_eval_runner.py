@@ -132,3 +132,14 @@ def test_bad_annotation_file_is_named(workspace, tmp_path):
     with pytest.raises(SampleError, match="anns.json: cannot read the annotation file.*answers"):
         main(["--model_path", str(model), "--data_path", str(files["vqa"]["data"]), "--data_type", "vqa",
               "--annotation_file", str(bad), "--output", str(tmp_path / "o.json")])
+
+
+def test_relative_data_root_from_the_working_directory(workspace, tmp_path, monkeypatch):
+    """A --data_root given relative to the working directory is applied once, not joined twice."""
+    model, files, root = workspace
+    data = files["pope"]["data"]
+    monkeypatch.chdir(data.parent.parent)
+    rel_root = os.path.relpath(data.parent)
+    main(["--model_path", str(model), "--data_path", os.path.join(rel_root, data.name), "--data_root", rel_root,
+          "--data_type", "pope", *FAST_DECODING, "--output", str(tmp_path / "p.json")])
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 2

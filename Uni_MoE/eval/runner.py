@@ -86,14 +86,17 @@ def read_annotations(path: str | Path) -> dict[Any, list[str]]:
 
 def rebase_media(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
     """Media paths that do not exist as written are looked up under ``data_root``, a leading "/" too:
-    the original's eval files hold paths such as "/coco_images/x.jpg" that it joined to a folder."""
+    the original's eval files hold paths such as "/coco_images/x.jpg" that it joined to a folder. Found
+    paths become absolute, so no later step joins them to ``data_root`` a second time."""
     def fix(p: Any) -> Any:
         if isinstance(p, list):
             return [fix(q) for q in p]
-        if not isinstance(p, str) or len(p) >= 200 or Path(p).exists():
+        if not isinstance(p, str) or len(p) >= 200:
             return p
+        if Path(p).exists():
+            return str(Path(p).resolve())
         under = data_root / p.lstrip("/")
-        return str(under) if under.exists() else p
+        return str(under.resolve()) if under.exists() else p
 
     return {k: fix(v) if k in MEDIA_KEYS else v for k, v in record.items()}
 
