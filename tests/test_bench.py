@@ -39,3 +39,10 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     rows = [line for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
     assert [r.split("|")[2].strip() for r in rows] == ["per-expert loop", "fused grouped"] * 2
     assert "tokens/s" in table and "device: cpu" in table
+
+
+@pytest.mark.slow
+def test_moe_decode_smoke(tmp_path: Path) -> None:
+    _, table = run_smoke("moe_decode.py", tmp_path)
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
+    assert [(k.strip(), t.strip()) for k, t in rows] == [("mlp", "1"), ("mlp", "4"), ("shared", "1"), ("shared", "4")]

@@ -102,10 +102,15 @@ def test_function_matches_reference_with_weight_grads(
         assert_close(ours, ref)
 
 
-def test_auto_uses_grouped() -> None:
+def test_auto_uses_grouped_except_for_a_lone_decoding_token() -> None:
     assert resolve_expert_implementation("auto") is experts_grouped
     layer = MoELayer(H, I, 4, 2)
-    assert resolve_expert_implementation(layer.implementation) is experts_grouped
+    assert resolve_expert_implementation(layer.implementation, 8) is experts_grouped
+    assert resolve_expert_implementation(layer.implementation, 1) is experts_grouped  # training keeps grouped
+    with torch.no_grad():
+        assert resolve_expert_implementation(layer.implementation, 1) is experts_reference
+        assert resolve_expert_implementation(layer.implementation, 2) is experts_grouped
+        assert resolve_expert_implementation("grouped", 1) is experts_grouped
 
 
 class _Block(torch.nn.Module):

@@ -21,9 +21,12 @@ def register_expert_implementation(name: str, fn: ExpertFn) -> None:
     EXPERT_IMPLEMENTATIONS[name] = fn
 
 
-def resolve_expert_implementation(name: str) -> ExpertFn:
+def resolve_expert_implementation(name: str, num_tokens: int | None = None) -> ExpertFn:
+    """The named implementation. ``auto``: the grouped one, except for a lone token without gradient (a
+    batch-1 decoding step), where the per-expert loop is faster (benchmarks/results/moe_decode_h200.md)."""
     if name == "auto":
-        name = "grouped" if "grouped" in EXPERT_IMPLEMENTATIONS else "reference"
+        single_decode = num_tokens == 1 and not torch.is_grad_enabled()
+        name = "grouped" if "grouped" in EXPERT_IMPLEMENTATIONS and not single_decode else "reference"
     if name not in EXPERT_IMPLEMENTATIONS:
         raise ValueError(f"unknown moe_implementation {name!r}; available: {sorted(EXPERT_IMPLEMENTATIONS)}")
     return EXPERT_IMPLEMENTATIONS[name]
@@ -79,5 +82,6 @@ class MoELayer(nn.Module):
         )
         self.aux_loss = balance_loss(logits, indices, self.num_experts)
         self.routing = indices.detach().view(*shape[:-1], self.top_k)
-        out = resolve_expert_implementation(self.implementation)(x, weights.to(x.dtype), indices, self.experts)
+        implementation = resolve_expert_implementation(self.implementation, x.shape[0])
+        out = implementation(x, weights.to(x.dtype), indices, self.experts)
         return out.view(shape)
