@@ -5,9 +5,8 @@ same turn in step (one expert-parallel forward needs all of them), with ``synced
     deepspeed --num_gpus 2 Uni_MoE_v2/chat_expert_parallel.py --model_path checkpoint/uni-moe-v2-e2 \\
         --enable_deepspeed_moe True --eval_ep_size 2 --image cat.png [--question "What is this?"]
 
-Every flag of ``python -m Uni_MoE.serve.cli`` works; the original's ``--model_base``, ``--mlp_dir``,
-``--deepspeed``, ``--version``, ``--vision_tower`` and ``--audio_tower`` are accepted and not needed (the
-converted checkpoint holds them).
+Every flag of ``python -m Uni_MoE.serve.cli`` works; the original's ``--deepspeed`` and ``--version`` are
+accepted and not needed. The model is a converted checkpoint (it holds base, experts and encoders).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from Uni_MoE.eval.distributed import init_expert_parallel
 from Uni_MoE.serve.cli import EXIT_WORDS, build_parser, chat_settings
 from Uni_MoE.serve.generate import build_chat_sample, iter_replies, load_model, to_samples
 
-ORIGINAL_ARGS = ("model_base", "mlp_dir", "deepspeed", "version", "vision_tower", "audio_tower")
+ORIGINAL_ARGS = ("deepspeed", "version")  # the CLI parser already takes --model_base, --mlp_dir, towers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
