@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_short_quickstart_learns(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "qs"), "TINY": str(tmp_path / "tiny"), "N_TRAIN": "60",
-           "N_TEST": "16", "EPOCHS1": "6", "EPOCHS2": "1", "EPOCHS3": "1",
+    env = {**os.environ, "OUT": str(tmp_path / "qs"), "TINY": str(tmp_path / "tiny"), "N_TRAIN": "80",
+           "N_TEST": "16", "EPOCHS1": "10", "EPOCHS2": "2", "EPOCHS3": "2",
            "GROUPS_SPEC": "vision:image_colour,video_colour audio:audio_class"}
     done = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
