@@ -186,6 +186,10 @@ def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_p
     local.save_pretrained(tmp_path / "from_local")
     ep_model = from_pretrained_expert_parallel(tmp_path / "from_local", ep_size=1)
     torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
+    # from_pretrained with the deepspeed backend splits the saved experts too, instead of leaving them random
+    ep_model = UniMoEForCausalLM.from_pretrained(tmp_path / "from_local", moe_backend="deepspeed").eval()
+    assert ep_model.config.moe_backend == "deepspeed"
+    torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
 
 
 def test_dense_checkpoint_upcycles_into_deepspeed_experts(dist_world, make_config, tmp_path):

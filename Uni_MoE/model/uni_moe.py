@@ -245,16 +245,29 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         ``load_pretrained_model(model_path, model_base)``: ``model_base`` names the base release when the
         folder is a fine-tuned one; ``experts_dir``, ``clip_dir``, ``whisper_dir``, ``beats_path``,
         ``strict`` and ``dtype`` pass through.
+
+        With the DeepSpeed-MoE backend (``moe_backend="deepspeed"`` given, or in the saved config) a checkpoint
+        that has experts gets them split over the expert-parallel ranks while loading, through
+        :func:`Uni_MoE.checkpoint.v2_experts.from_pretrained_expert_parallel` (call it on every rank).
         """
         from ..checkpoint.original_config import ORIGINAL_MODEL_TYPES
 
         config_file = Path(str(pretrained_model_name_or_path)) / "config.json"
-        if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in ORIGINAL_MODEL_TYPES:
+        saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if saved.get("model_type") in ORIGINAL_MODEL_TYPES:
             from ..checkpoint.convert_original import load_original
 
             base = kwargs.pop("model_base", None)
             finetuned = pretrained_model_name_or_path if base else None
             return load_original(base or pretrained_model_name_or_path, finetuned, **kwargs)
+        has_experts = saved.get("moe_layers", "all") not in ("none", [])  # a dense base upcycles as usual
+        if has_experts and kwargs.get("moe_backend", saved.get("moe_backend")) == "deepspeed" and not args:
+            from ..checkpoint.v2_experts import from_pretrained_expert_parallel
+
+            kwargs.pop("moe_backend", None)
+            ep_size = kwargs.pop("ep_size", saved.get("ep_size", 1))
+            dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+            return from_pretrained_expert_parallel(pretrained_model_name_or_path, ep_size, dtype=dtype, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def moe_layers(self) -> list[MoELayer]:
