@@ -3,7 +3,7 @@
 # stage 1 -> stage 2 (one expert per modality group) -> stage 3 (MoE), then held-out accuracy per task.
 #
 #   bash scripts/quickstart.sh                 # everything under runs/quickstart
-#   OUT=/tmp/qs N_TRAIN=40 bash scripts/quickstart.sh   # smaller and faster
+#   OUT=runs/qs_small N_TRAIN=40 bash scripts/quickstart.sh   # smaller and faster
 #   DRY_RUN=1 bash scripts/quickstart.sh       # print the commands only
 #   NO_SETUP=1 bash scripts/quickstart.sh      # use the active Python environment as it is
 #
