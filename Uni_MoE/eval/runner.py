@@ -16,6 +16,7 @@ import torch
 
 from ..data.conversation import render_prompt
 from ..data.dataset import UniMoEDataset
+from ..data import schema
 from ..data.schema import MEDIA_KEYS, Sample, SampleError, parse_sample, resolve_media_path
 from ..serve.generate import GenerationSettings, iter_replies, load_model
 from . import metrics as M
@@ -59,20 +60,14 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """A JSON list or JSON-lines file of eval records."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except OSError as err:
-        raise SampleError(f"{path}: cannot read eval file ({err})") from err
-    except json.JSONDecodeError as err:
-        raise SampleError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise SampleError(f"{path}: expected a list of JSON objects")
+    """A JSON list or JSON-lines file of eval records, read as training data is; any bad record stops the
+    run with the file named (eval has no sample to skip to)."""
+    records = schema.read_records(path)
+    for index, record in enumerate(records):
+        if isinstance(record, SampleError):
+            raise SampleError(f"{path}: {record}")
+        if not isinstance(record, dict):
+            raise SampleError(f"{path}: expected a list of JSON objects (record {index} is {type(record).__name__})")
     return records
 
 
