@@ -387,16 +387,25 @@ def prepare_synthetic(record: dict[str, Any], position: int, options: TaskOption
     return [EvalItem(with_question(record), str(record["answer"]), {"category": record["task"]})]
 
 
-def score_synthetic(items: list[EvalItem], preds: list[str], options: TaskOptions) -> tuple[dict[str, Any], list[Any]]:
-    """Per task: accuracy of the reply's first word against the answer, and chance (1 / #choices)."""
-    hits = [float(first_word(p) == first_word(it.reference)) for it, p in zip(items, preds)]
+def synthetic_accuracy(
+    tasks: list[str], answers: list[str], replies: list[str]
+) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Per task: n, accuracy of the reply's first word against the answer, and chance (1 / #choices: the
+    task's choice list, else the distinct answers seen); and each reply's hit (1.0 or 0.0)."""
+    hits = [float(first_word(p) == first_word(a)) for a, p in zip(answers, replies)]
     by_task: dict[str, list[float]] = defaultdict(list)
     seen: dict[str, set[str]] = defaultdict(set)
-    for it, h in zip(items, hits):
-        by_task[it.meta["category"]].append(h)
-        seen[it.meta["category"]].add(it.reference)
+    for task, answer, hit in zip(tasks, answers, hits):
+        by_task[task].append(hit)
+        seen[task].add(answer)
     per = {t: {"n": len(v), "accuracy": sum(v) / len(v), "chance": 1.0 / len(TASK_CHOICES.get(t) or seen[t])}
            for t, v in sorted(by_task.items())}
+    return per, hits
+
+
+def score_synthetic(items: list[EvalItem], preds: list[str], options: TaskOptions) -> tuple[dict[str, Any], list[Any]]:
+    """Per task: accuracy of the reply's first word against the answer, and chance (1 / #choices)."""
+    per, hits = synthetic_accuracy([it.meta["category"] for it in items], [it.reference for it in items], preds)
     return {"n": len(hits), "accuracy": sum(hits) / len(hits), "per_task": per}, hits
 
 

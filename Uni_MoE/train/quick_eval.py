@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -18,21 +16,10 @@ from tqdm import tqdm
 
 from ..data.collate import Collator
 from ..data.dataset import UniMoEDataset
-from ..data.schema import Sample, load_samples
-from ..data.synthetic import TASK_CHOICES
+from ..data.schema import load_samples
 from ..data.tokenizer import load_tokenizer
+from ..eval.tasks import synthetic_accuracy
 from ..model.uni_moe import UniMoEForCausalLM
-
-
-def first_word(text: str) -> str:
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return words[0] if words else ""
-
-
-def chance_level(task: str, samples: list[Sample]) -> float:
-    """1 / number of choices: the synthetic task's choice list, else the distinct answers seen."""
-    choices = TASK_CHOICES.get(task) or {s.meta.get("answer") for s in samples if s.meta.get("task") == task}
-    return 1.0 / max(1, len(choices))
 
 
 @torch.no_grad()
@@ -61,13 +48,9 @@ def evaluate(model_dir: str, data_path: str, data_root: str | None, batch_size: 
         raise KeyError(f"{data_path}: samples {missing[:3]} have no 'task'/'answer' field")
     dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
     replies = predict(model, dataset, tokenizer.pad_token_id, batch_size, max_new_tokens)
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for sample, reply in zip(samples, replies):
-        hits[sample.meta["task"]].append(first_word(reply) == first_word(str(sample.meta["answer"])))
-    return {
-        task: {"n": len(h), "accuracy": sum(h) / len(h), "chance": chance_level(task, samples)}
-        for task, h in sorted(hits.items())
-    }
+    per_task, _ = synthetic_accuracy([s.meta["task"] for s in samples], [str(s.meta["answer"]) for s in samples],
+                                     replies)
+    return per_task
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
