@@ -200,6 +200,12 @@ def test_extract_choice(prediction, expected):
     assert extract_choice(prediction, OPTIONS) == expected
 
 
+@pytest.mark.parametrize("prediction, expected", [("I", "A"), ("(I)", "A"), ("II", "B"), ("III.", "C"), ("V", None)])
+def test_lone_letter_that_is_an_option_text(prediction, expected):
+    """MMBench's matcher: a reply naming no option letter is matched by option text ("i" is in "i" only)."""
+    assert extract_choice(prediction, {"A": "I", "B": "II", "C": "III"}) == expected
+
+
 def test_multiple_choice_accuracy():
     options = [OPTIONS, OPTIONS, {"A": "red", "B": "blue"}, {"A": "yes", "B": "no"}]
     predictions = ["B", "The answer is D", "blue", "I cannot tell"]

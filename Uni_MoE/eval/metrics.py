@@ -245,17 +245,21 @@ def _text_choice(text: str, options: Mapping[str, str]) -> str | None:
 def extract_choice(prediction: str, options: Mapping[str, str]) -> str | None:
     """The option letter a free-text answer picks, or None when it picks none or several.
 
-    Tried in order: the whole answer is a letter ("B", "(b)", "C."); a stated answer ("Answer: C",
-    "The answer is (D)", "option B"); a leading labelled letter ("B. a cat", "(C) dog"); exactly one
-    capital option letter standing alone; the option text itself (case- and punctuation-insensitive).
+    Tried in order: the whole answer is an option's letter ("B", "(b)", "C."), or else a lone letter is
+    read as option text, as MMBench's matcher does ("I" among A "I", B "II", C "III" picks A); a stated
+    answer ("Answer: C", "The answer is (D)", "option B"); a leading labelled letter ("B. a cat", "(C) dog");
+    exactly one capital option letter standing alone; the option text itself (case- and
+    punctuation-insensitive).
     """
     letters = {str(k).strip().upper(): k for k in options}
     text = prediction.strip()
     if not text:
         return None
     bare = _BARE_LETTER.fullmatch(text)
-    if bare:
-        return letters.get(bare.group(1).upper())
+    if bare and bare.group(1).upper() in letters:
+        return letters[bare.group(1).upper()]
+    if bare:  # a lone letter that labels no option may be an option's text ("I" among "I", "II", "III")
+        return _text_choice(text, options)
     stated = {next(g for g in m.groups() if g).upper() for m in _STATED_LETTER.finditer(text)} & letters.keys()
     if len(stated) == 1:
         return letters[stated.pop()]
