@@ -418,3 +418,55 @@ def test_audio_e2_with_beats_and_router_lora(tmp_path, encoders) -> None:
     torch.testing.assert_close(sd[f"model.audio_encoder.{name}"], beats[name])
     torch.testing.assert_close(sd[f"{LM}.layers.0.mlp.router.weight"], final["model.layers.0.mlp.gate.weight"])
     check_logits(model, final, [0, 2])
+
+
+@pytest.mark.parametrize("key, rows", [("model.embed_tokens.weight", V - 1), ("lm_head.weight", V + 1)])
+def test_wrong_vocab_rows_are_named_and_nothing_is_written(tmp_path, encoders, key, rows) -> None:
+    """A short or long token table fails naming its shard, key and both shapes; no output folder appears."""
+    clip, whisper = encoders
+    torch.manual_seed(0)
+    base = base_state(list(range(LAYERS)))
+    base[key] = rand(rows, H)
+    save_shards(tmp_path / "base", base, llava_config(clip, whisper))
+    shard = json.loads((tmp_path / "base" / "pytorch_model.bin.index.json").read_text())["weight_map"][key]
+    with pytest.raises(ConversionError) as err:
+        convert_original(tmp_path / "base", clip_dir=clip, whisper_dir=whisper, out_dir=tmp_path / "out",
+                         dtype=torch.float32)
+    line = next(line for line in str(err.value).splitlines() if key in line)
+    assert line.strip().startswith(f"shape mismatch: {shard}: {key} -> ")
+    assert f"checkpoint ({rows}, {H}) vs ({V}, {H})" in line and f"(model ({V + 4}, {H})" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_rank_mismatch_is_named(tmp_path, encoders) -> None:
+    """lora_A of rank 8 with lora_B of rank 4: the adapter file, module and both shapes are named."""
+    clip, whisper = encoders
+    write_v1_release(tmp_path, clip, whisper, moe_layers=[1, 3], router_lora=False)
+    module = "model.layers.2.self_attn.q_proj"
+    adapter = torch.load(tmp_path / "e2" / "adapter_model.bin")
+    adapter[f"base_model.model.{module}.lora_A.weight"] = rand(2 * R, H)
+    torch.save(adapter, tmp_path / "e2" / "adapter_model.bin")
+    with pytest.raises(ConversionError) as err:
+        convert_original(tmp_path / "base", tmp_path / "e2", clip_dir=clip, whisper_dir=whisper,
+                         out_dir=tmp_path / "out", dtype=torch.float32)
+    assert f"adapter_model.bin: {module}: lora_A ({2 * R}, {H}), lora_B ({H}, {R}): ranks {2 * R} and {R}" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bfloat16_conversion_is_the_float32_merge_cast_once(tmp_path, encoders) -> None:
+    """Every bf16 weight is the fp32 conversion's weight cast once (LoRA sums and placeholder rows included)."""
+    clip, whisper = encoders
+    final = write_v1_release(tmp_path, clip, whisper, moe_layers=[1, 3], router_lora=True)
+    args = (tmp_path / "base", tmp_path / "e2")
+    f32 = convert_original(*args, clip_dir=clip, whisper_dir=whisper, dtype=torch.float32).state_dict()
+    bf16 = convert_original(*args, clip_dir=clip, whisper_dir=whisper, dtype=torch.bfloat16).state_dict()
+    assert f32.keys() == bf16.keys()
+    for key, value in f32.items():
+        assert torch.equal(bf16[key], value.to(torch.bfloat16)), key
+    embed = final["model.embed_tokens.weight"]
+    torch.testing.assert_close(f32[f"{LM}.embed_tokens.weight"][V:], embed.mean(dim=0).expand(4, H))
+    # rounding the base weight before adding the delta (the double rounding avoided) gives other bits
+    base = {k: v for path in (tmp_path / "base").glob("pytorch_model-*.bin") for k, v in torch.load(path).items()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    twice = (base[name].to(torch.bfloat16).float() + final[name] - base[name]).to(torch.bfloat16)
+    assert not torch.equal(twice, bf16[f"{LM}.layers.0.self_attn.q_proj.weight"])

@@ -9,6 +9,7 @@ Order (v1, ``load_all_pretrained_model``): base shards -> non_lora_trainables.bi
 -> mm_audio_aligner.bin -> mlp_gates.bin. Order (v2, ``load_all_pretrained_model_dp``): base shards
 (without the base's experts) -> per-expert LoRA ``{i}_mlp_experts.bin`` and expert bases from the
 Experts directory -> non_lora_trainables.bin -> mlp_gates.bin -> PEFT merge -> mm_audio_aligner.bin.
+Each LoRA delta is added in float32 to the weights written before the merge point, then cast once.
 Encoders always come from their own checkpoints. checkpoint/README.md describes the layouts.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import logging
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,8 @@ class _Conversion:
     def __init__(self, model: UniMoEForCausalLM, layout: Layout) -> None:
         self.model = model
         self.layout = layout
-        self.writer = StateWriter(model, row_prefix_keys=VOCAB_KEYS)
+        text_vocab = model.config.text_config.vocab_size - len(PLACEHOLDERS)
+        self.writer = StateWriter(model, vocab_rows={key: text_vocab for key in VOCAB_KEYS})
         self.dropped: Counter[str] = Counter()
 
     def target(self, name: str, local_to_global: int | None = None) -> Target | Drop | None:
@@ -77,15 +80,17 @@ class _Conversion:
         for path, state in iter_state_dicts(base_dir, keep=lambda n: not isinstance(self.target(n), Drop)):
             self.apply(state, path.name)
 
-    def merge_lora(self, folder: Path) -> None:
-        """Add each PEFT LoRA delta ``(alpha/r) B @ A`` to the weight it adapts, as merge_and_unload does."""
+    def stage_lora(self, folder: Path) -> None:
+        """Stage each PEFT LoRA delta ``(alpha/r) B @ A`` for the weight it adapts (merge_and_unload's
+        sum, taken in float32 as that weight is written, until ``writer.end_merge``)."""
         adapter = read_adapter(folder)
         self.writer.unmatched += adapter.unmatched
+        self.writer.mismatched += adapter.mismatched
         for module in adapter.pairs:
             target = self.target(f"{module}.weight")
             source = f"{adapter.path.name}: {module}"
             if isinstance(target, Target):
-                self.writer.add(target, adapter.delta(module), source)
+                self.writer.stage_delta(target, partial(adapter.delta, module), adapter.delta_shape(module), source)
             else:
                 self.writer.unmatched.append(f"{source}: LoRA for a module this model does not have")
 
@@ -139,16 +144,6 @@ class _Conversion:
     def _write_module(self, state: dict[str, torch.Tensor], prefix: str, source: str) -> None:
         for key, value in state.items():
             self.writer.write(Target(prefix + key), value, f"{source}: {key}")
-
-    @torch.no_grad()
-    def fill_placeholder_rows(self, text_vocab: int) -> None:
-        """Embedding and LM-head rows of the added placeholder tokens: the mean of the original rows
-        (inputs at placeholders are replaced by media features; the mean keeps them unlikely outputs)."""
-        for key in VOCAB_KEYS:
-            if Target(key) in set(self.writer.missing()):
-                continue
-            weight = self.writer.state[key]
-            weight[text_vocab:] = weight[:text_vocab].float().mean(dim=0).to(weight.dtype)
 
     def finish(self, strict: bool) -> None:
         """Raise (strict) or warn about every unmatched, mis-shaped or missing key; zero what is missing."""
@@ -250,6 +245,7 @@ def convert_original(
     config = build_config(raw, moe_layers, clip, whisper, beats_cfg and beats_cfg.to_dict(), config_overrides)
     conv = _Conversion(_build_model(config, dtype), Layout(config.voice_modality if raw.get("mm_audio_tower") else None, v2))
 
+    _stage_optional_lora(conv, finetuned)
     conv.apply_base(base_dir)
     if finetuned is None:
         for name in ("mm_projector.bin", "mm_audio_aligner.bin"):
@@ -260,15 +256,14 @@ def convert_original(
         _apply_optional(conv, finetuned, "non_lora_trainables.bin", strip_prefix=True)
         _apply_optional(conv, finetuned, "mlp_gates.bin")
         _apply_optional(conv, finetuned, "fm_adapter.bin")
-        _merge_optional(conv, finetuned)
+        conv.writer.end_merge()
         _apply_optional(conv, finetuned, "mm_audio_aligner.bin")
     else:
         _apply_optional(conv, finetuned, "non_lora_trainables.bin", strip_prefix=True)
-        _merge_optional(conv, finetuned)
+        conv.writer.end_merge()
         _apply_optional(conv, finetuned, "mm_audio_aligner.bin")
         _apply_optional(conv, finetuned, "mlp_gates.bin")
     conv.apply_encoders(clip, whisper, beats)
-    conv.fill_placeholder_rows(int(raw["vocab_size"]))
     conv.finish(strict)
     if out_dir is not None:
         save_converted(conv.model, Path(out_dir), [d for d in (base_dir, finetuned) if d is not None])
@@ -285,28 +280,32 @@ def _apply_optional(conv: _Conversion, folder: Path, name: str, strip_prefix: bo
         conv.apply_file(path, strip_prefix=strip_prefix)
 
 
-def _merge_optional(conv: _Conversion, folder: Path) -> None:
+def _stage_optional_lora(conv: _Conversion, folder: Path | None) -> None:
+    if folder is None:
+        return
     if find_adapter_file(folder) is None:
         logger.info("%s: no LoRA adapter", folder)
     else:
-        conv.merge_lora(folder)
+        conv.stage_lora(folder)
 
 
 def save_converted(model: UniMoEForCausalLM, out_dir: Path, tokenizer_dirs: list[Path]) -> None:
-    """save_pretrained the model, and the release's tokenizer with the placeholder tokens added."""
+    """save_pretrained the model, and the release's tokenizer with the placeholder tokens added (checked
+    against the model's placeholder ids before anything is written)."""
     from ..data.tokenizer import load_tokenizer
 
+    folder = next((d for d in tokenizer_dirs if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+    tokenizer = load_tokenizer(folder) if folder is not None else None
+    if tokenizer is not None:
+        expected = model.config.placeholder_token_ids()
+        got = {m: tokenizer.convert_tokens_to_ids(t) for m, t in PLACEHOLDERS.items()}
+        if got != expected:
+            raise ValueError(f"{folder}: tokenizer placeholder ids {got} differ from the model's {expected}")
     model.save_pretrained(out_dir)
-    for folder in tokenizer_dirs:
-        if any((folder / f).is_file() for f in TOKENIZER_FILES):
-            tokenizer = load_tokenizer(folder)
-            expected = model.config.placeholder_token_ids()
-            got = {m: tokenizer.convert_tokens_to_ids(t) for m, t in PLACEHOLDERS.items()}
-            if got != expected:
-                raise ValueError(f"{folder}: tokenizer placeholder ids {got} differ from the model's {expected}")
-            tokenizer.save_pretrained(out_dir)
-            return
-    logger.warning("no tokenizer found in %s; copy the release's tokenizer files to %s", tokenizer_dirs, out_dir)
+    if tokenizer is None:
+        logger.warning("no tokenizer found in %s; copy the release's tokenizer files to %s", tokenizer_dirs, out_dir)
+    else:
+        tokenizer.save_pretrained(out_dir)
 
 
 def load_original(

@@ -93,7 +93,7 @@ def build_config(
         audio_projector_type=raw.get("audio_projector_type") or "linear",
         num_experts=raw.get("num_experts", 4),
         num_experts_per_tok=raw.get("num_experts_per_tok", 2),
-        **{f"{m}_token_index": text_vocab + i for i, m in enumerate(PLACEHOLDERS)},
+        **presets.placeholder_token_indices(text_vocab),
     )
     if is_deepspeed_moe(raw):
         fields.update(

@@ -7,6 +7,8 @@ shape, so a conversion can report all problems at once instead of failing silent
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -20,15 +22,22 @@ class ConversionError(RuntimeError):
 
 
 class StateWriter:
-    """Fills ``model``'s state in place. ``row_prefix_keys`` may receive fewer rows than they have
-    (vocabulary grown by the placeholder tokens); their remaining rows are set by the caller."""
+    """Fills ``model``'s state in place. ``vocab_rows[key]`` is the exact row count a checkpoint gives
+    ``key`` (the release's vocabulary); the model's further rows (the added placeholder tokens) become the
+    mean of those rows: inputs there are replaced by media features, and the mean keeps them unlikely outputs.
 
-    def __init__(self, model: nn.Module, row_prefix_keys: tuple[str, ...] = ()) -> None:
+    LoRA deltas staged with ``stage_delta`` are added in float32 to every write of their weight until
+    ``end_merge``, so the merged weight is cast to the model's dtype once.
+    """
+
+    def __init__(self, model: nn.Module, vocab_rows: dict[str, int] | None = None) -> None:
         self.state = model.state_dict(keep_vars=True)
-        self.row_prefix_keys = row_prefix_keys
+        self.vocab_rows = vocab_rows or {}
         self.filled: set[tuple[str, int | None]] = set()
         self.unmatched: list[str] = []
         self.mismatched: list[str] = []
+        self.staged: dict[tuple[str, int | None], tuple[Callable[[], torch.Tensor], str]] = {}
+        self.merged: set[tuple[str, int | None]] = set()
 
     def _slot(self, target: Target) -> torch.Tensor | None:
         tensor = self.state.get(target.key)
@@ -40,10 +49,10 @@ class StateWriter:
             return None
         return tensor[target.index]
 
-    def _fits(self, dest: torch.Tensor, value: torch.Tensor, target: Target) -> bool:
-        if target.key in self.row_prefix_keys and target.index is None:
-            return value.dim() == dest.dim() and value.shape[1:] == dest.shape[1:] and value.shape[0] <= dest.shape[0]
-        return value.shape == dest.shape
+    def _expected_shape(self, dest: torch.Tensor, target: Target) -> tuple[int, ...]:
+        if target.key in self.vocab_rows and target.index is None:
+            return (self.vocab_rows[target.key], *dest.shape[1:])
+        return tuple(dest.shape)
 
     def _locate(self, target: Target, shape: torch.Size, source: str) -> tuple[torch.Tensor | None, str]:
         """The destination tensor (None, recorded as unmatched, when the model has no such key) and a
@@ -60,24 +69,41 @@ class StateWriter:
         dest, where = self._locate(target, value.shape, source)
         if dest is None:
             return
-        if not self._fits(dest, value, target):
-            self.mismatched.append(f"{where}: checkpoint {tuple(value.shape)} vs model {tuple(dest.shape)}")
+        expected = self._expected_shape(dest, target)
+        if tuple(value.shape) != expected:
+            model = f"model {expected}" if expected == tuple(dest.shape) else (
+                f"{expected} from the release's vocab_size {expected[0]} (model {tuple(dest.shape)} with placeholders)"
+            )
+            self.mismatched.append(f"{where}: checkpoint {tuple(value.shape)} vs {model}")
             return
+        slot = (target.key, target.index)
+        if slot in self.staged:
+            value = value.float() + self.staged[slot][0]()
+            self.merged.add(slot)
         dest[: value.shape[0]].copy_(value.to(dest.dtype))
-        self.filled.add((target.key, target.index))
+        if target.key in self.vocab_rows:
+            dest[value.shape[0]:] = value.float().mean(dim=0).to(dest.dtype)
+        self.filled.add(slot)
 
-    @torch.no_grad()
-    def add(self, target: Target, delta: torch.Tensor, source: str) -> None:
-        """Add an fp32 ``delta`` to an already written ``target`` (a LoRA merge)."""
-        dest, where = self._locate(target, delta.shape, source)
+    def stage_delta(
+        self, target: Target, delta: Callable[[], torch.Tensor], shape: tuple[int, ...], source: str
+    ) -> None:
+        """Add the float32 ``delta()`` (a LoRA merge, of ``shape``) to each write of ``target`` until
+        ``end_merge``."""
+        dest, where = self._locate(target, shape, source)
         if dest is None:
             return
-        if dest.shape != delta.shape:
-            self.mismatched.append(f"{where}: LoRA delta {tuple(delta.shape)} vs model {tuple(dest.shape)}")
-        elif not self.is_filled(target):
-            self.mismatched.append(f"{where}: LoRA delta for a weight the base checkpoint did not provide")
-        else:
-            dest.copy_((dest.float() + delta).to(dest.dtype))
+        if tuple(shape) != tuple(dest.shape):
+            self.mismatched.append(f"{where}: LoRA delta {tuple(shape)} vs model {tuple(dest.shape)}")
+            return
+        self.staged[(target.key, target.index)] = (delta, where)
+
+    def end_merge(self) -> None:
+        """Stop adding staged deltas; one whose weight was never written is reported."""
+        for slot, (_, where) in self.staged.items():
+            if slot not in self.merged:
+                self.mismatched.append(f"{where}: LoRA delta for a weight the base checkpoint did not provide")
+        self.staged.clear()
 
     def is_filled(self, target: Target) -> bool:
         """Whether ``target`` (or, for a whole stacked tensor, every expert slice of it) was written."""
