@@ -73,8 +73,8 @@ class UniMoEConfig(PreTrainedConfig):
 
     image_token_index: int = 32000
     video_token_index: int = 32001
-    audio_token_index: int = 32002
-    speech_token_index: int = 32003
+    speech_token_index: int = 32002
+    audio_token_index: int = 32003
 
     num_experts: int = 4
     num_experts_per_tok: int = 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .config import UniMoEConfig
+from .config import PLACEHOLDERS, UniMoEConfig
 
 LLAMA_7B = dict(
     model_type="llama", vocab_size=32004, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -29,8 +29,16 @@ QFORMER_BLIP2 = dict(
     intermediate_size=3072, cross_attention_frequency=2, encoder_hidden_size=768,
 )
 BEATS_ITER3 = dict(encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12)
-PLACEHOLDER_IDS = dict(image_token_index=32000, video_token_index=32001, audio_token_index=32002,
-                       speech_token_index=32003)
+
+
+def placeholder_token_indices(text_vocab: int) -> dict[str, int]:
+    """The config's placeholder id fields: ``<image> <video> <speech> <audio>`` (PLACEHOLDERS order) right
+    after the text vocabulary, where load_tokenizer appends them. The original added no tokens (it used
+    negative ids), so this numbering is ours; the converter, the presets and the tokenizer all use it."""
+    return {f"{m}_token_index": text_vocab + i for i, m in enumerate(PLACEHOLDERS)}
+
+
+PLACEHOLDER_IDS = placeholder_token_indices(32000)
 
 
 def speech_v1(**overrides: Any) -> UniMoEConfig:
@@ -61,7 +69,7 @@ def v2_8e(**overrides: Any) -> UniMoEConfig:
 
 def tiny(vocab_size: int = 1024, placeholder_ids: dict[str, int] | None = None, **overrides: Any) -> UniMoEConfig:
     """A few-MB model with every encoder, for CPU tests and the offline quickstart (4 s audio windows)."""
-    ids = placeholder_ids or {k: vocab_size - 4 + i for i, k in enumerate(PLACEHOLDER_IDS)}
+    ids = placeholder_ids or placeholder_token_indices(vocab_size - len(PLACEHOLDERS))
     text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)

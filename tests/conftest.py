@@ -30,3 +30,11 @@ def make_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def llama_sentencepiece() -> bytes:
+    """A LLaMA-style sentencepiece model (tokenizer.model bytes), trained once per session."""
+    from llama_sentencepiece import train_llama_sentencepiece
+
+    return train_llama_sentencepiece()

@@ -1,9 +1,9 @@
 """The vicuna_v1 conversation template and its tokenisation with answer-only labels.
 
 Prompt: ``{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`` (the original's template).
-Each piece is tokenised on its own, so labels line up exactly: prompt pieces are masked with
-IGNORE_INDEX and each answer plus its ``</s>`` is the target. Placeholders become runs of their
-token, as long as their modality's feature rows.
+The ids are the original's (``tokenizer_image_token``: each text chunk between placeholders tokenised
+on its own); prompt tokens are masked with IGNORE_INDEX and each answer plus its ``</s>`` is the
+target. Placeholders become runs of their token, as long as their modality's feature rows.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from .schema import PLACEHOLDER_RE, TOKEN_TO_MODALITY
+from .tokenizer import encode_chunk
 
 IGNORE_INDEX = -100
 SYSTEM = (
@@ -45,6 +46,17 @@ def render_prompt(turns: list[dict[str, str]], for_generation: bool = True) -> s
     return "".join(text + ("</s>" if target else "") for text, target in prompt_pieces(turns, for_generation))
 
 
+def _template_with_targets(pieces: list[tuple[str, bool]], eos: str) -> tuple[str, list[tuple[int, int]]]:
+    """The template text (``eos`` after each answer) and the character span of each answer with its eos."""
+    text, spans = "", []
+    for piece, is_target in pieces:
+        if is_target:
+            spans.append((len(text), len(text) + len(piece) + len(eos)))
+            piece += eos
+        text += piece
+    return text, spans
+
+
 def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
     turns: list[dict[str, str]],
@@ -52,25 +64,31 @@ def tokenize_conversation(
     placeholder_ids: dict[str, int],
     for_generation: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels; ``placeholder_lengths[m][j]`` is the token count of the j-th item of m."""
+    """Token ids and labels; ``placeholder_lengths[m][j]`` is the token count of the j-th item of m.
+
+    As the original: BOS, then each text chunk between placeholders tokenised on its own (``encode_chunk``),
+    each placeholder a run of its token. A token is a target when it starts inside an answer or its eos.
+    """
+    text, spans = _template_with_targets(prompt_pieces(turns, for_generation), tokenizer.eos_token)
     queues = {m: list(v) for m, v in placeholder_lengths.items()}
     ids: list[int] = [tokenizer.bos_token_id]
     labels: list[int] = [IGNORE_INDEX]
-    for text, is_target in prompt_pieces(turns, for_generation):
-        piece: list[int] = []
-        for part in PLACEHOLDER_RE.split(text):
-            if part in TOKEN_TO_MODALITY:
-                modality = TOKEN_TO_MODALITY[part]
-                if not queues.get(modality):
-                    raise ValueError(f"more {part} placeholders than {modality} items")
-                piece += [placeholder_ids[modality]] * queues[modality].pop(0)
-            elif part:
-                piece += tokenizer(part, add_special_tokens=False)["input_ids"]
-        if is_target:
-            piece.append(tokenizer.eos_token_id)
-        ids += piece
-        media_ids = set(placeholder_ids.values())
-        labels += [t if is_target and t not in media_ids else IGNORE_INDEX for t in piece]
+    offset = 0
+    for part in PLACEHOLDER_RE.split(text):
+        if part in TOKEN_TO_MODALITY:
+            modality = TOKEN_TO_MODALITY[part]
+            if not queues.get(modality):
+                raise ValueError(f"more {part} placeholders than {modality} items")
+            run = queues[modality].pop(0)
+            ids += [placeholder_ids[modality]] * run
+            labels += [IGNORE_INDEX] * run
+        elif part:
+            chunk_ids, starts = encode_chunk(tokenizer, part)
+            ids += chunk_ids
+            labels += [
+                t if any(a <= offset + s < b for a, b in spans) else IGNORE_INDEX for t, s in zip(chunk_ids, starts)
+            ]
+        offset += len(part)
     leftover = {m: len(q) for m, q in queues.items() if q}
     if leftover:
         raise ValueError(f"media items without placeholders: {leftover}")

@@ -6,15 +6,25 @@ data pipeline repeats each one as many times as its modality yields feature rows
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..config import PLACEHOLDERS
+from .llama_tokenization import encode_llama_chunk, release_legacy_flag
 
 BASE_SPECIALS = ["<unk>", "<s>", "</s>"]
+SENTENCEPIECE_NEEDS = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}  # package: module
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def add_placeholder_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -26,12 +36,32 @@ def add_placeholder_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer folder (LLaMA's, or ours) and make sure placeholders and padding exist."""
+    """Load a tokenizer folder (LLaMA's, or ours) and make sure placeholders and padding exist.
+
+    A LLaMA tokenizer keeps the release's ``legacy`` flag (4.31's default, True, when absent), written
+    back on ``save_pretrained``; ``encode_chunk`` follows it.
+    """
+    folder = Path(path)
+    missing = [name for name, module in SENTENCEPIECE_NEEDS.items() if not _importable(module)]
+    if missing and (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        raise ImportError(f"{folder / 'tokenizer.model'} is a sentencepiece model; reading it needs: pip install "
+                          + " ".join(missing))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if isinstance(tokenizer, LlamaTokenizer):
+        tokenizer.legacy = tokenizer.init_kwargs["legacy"] = release_legacy_flag(folder)
     add_placeholder_tokens(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+def encode_chunk(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
+    """Ids (no BOS) of one text chunk between media placeholders, as the original tokenized it, and the
+    character each token starts at. Special-token text (``</s>``) becomes its id."""
+    if isinstance(tokenizer, LlamaTokenizer):
+        return encode_llama_chunk(tokenizer, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
