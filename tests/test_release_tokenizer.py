@@ -75,6 +75,7 @@ CASES = {
 def release(tmp_path, llama_sentencepiece):
     def make(legacy: bool | None = None):
         folder = write_release_tokenizer(tmp_path / f"release-{legacy}", llama_sentencepiece, legacy)
+        (folder / "config.json").write_text('{"model_type": "llava"}')  # as in a release folder
         return load_tokenizer(folder), spm.SentencePieceProcessor(model_proto=llama_sentencepiece)
     return make
 
@@ -86,6 +87,7 @@ def test_release_tokenizer_loads_with_its_pieces_and_the_shared_placeholder_ids(
     ids = {m: tok.convert_tokens_to_ids(t) for m, t in PLACEHOLDERS.items()}
     assert ids == {"image": n, "video": n + 1, "speech": n + 2, "audio": n + 3}
     assert presets.placeholder_token_indices(n) == {f"{m}_token_index": i for m, i in ids.items()}
+    assert type(tok).__name__ == "LlamaTokenizer"  # not what AutoTokenizer makes of a llava config.json
     assert tok.pad_token == "<unk>" and tok.legacy is True  # 4.31's default when the key is absent
     real = dict(image_token_index=32000, video_token_index=32001, speech_token_index=32002, audio_token_index=32003)
     assert presets.PLACEHOLDER_IDS == real
@@ -146,3 +148,49 @@ def test_saved_tokenizer_keeps_the_rule(release, tmp_path, legacy):
     text = CASES["multi-turn"][1] + " A square.</s>USER: ▁odd  spacing\n"
     assert encode_chunk(again, text) == encode_chunk(tok, text)
     assert again.get_vocab() == tok.get_vocab()
+
+
+@pytest.mark.slow
+def test_converter_eval_and_cli_read_a_release_with_its_sentencepiece_tokenizer(
+    tmp_path, llama_sentencepiece, monkeypatch, capsys
+):
+    """A v1 release whose vocabulary is the sentencepiece model's: converted by the command line, then
+    evaluated and chatted with from the release folder and from the conversion, with the same results."""
+    import json
+
+    import test_convert_original as fake
+
+    from Uni_MoE.checkpoint.convert_original import main as convert
+    from Uni_MoE.eval.__main__ import main as evaluate
+    from Uni_MoE.eval.fixtures import write_benchmark_files
+    from Uni_MoE.serve import cli
+
+    monkeypatch.setattr(fake, "V", spm.SentencePieceProcessor(model_proto=llama_sentencepiece).get_piece_size())
+    clip, whisper = fake.make_encoders(tmp_path / "encoders")
+    fake.write_v1_release(tmp_path, clip, whisper, moe_layers=[1, 3], router_lora=False)
+    for name in ("base", "e2"):
+        write_release_tokenizer(tmp_path / name, llama_sentencepiece)
+    towers = ["--vision_tower", str(clip), "--audio_tower", str(whisper)]
+    release = ["--model_path", str(tmp_path / "e2"), "--model_base", str(tmp_path / "base"), *towers]
+    convert(["--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "e2"), "--clip", str(clip),
+             "--whisper", str(whisper), "--out", str(tmp_path / "converted"), "--dtype", "float32"])
+    converted = ["--model_path", str(tmp_path / "converted")]
+    saved = json.loads((tmp_path / "converted" / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "LlamaTokenizer" and saved["legacy"] is True
+
+    files = write_benchmark_files(tmp_path / "bench", n=2, data_types=["pope"])
+    common = ["--data_path", str(files["pope"]["data"]), "--data_type", "pope", "--max_new_tokens", "3",
+              "--dtype", "float32", "--batch_size", "2"]
+    rows = []
+    for source, out in ((release, "a.json"), (converted, "b.json")):
+        evaluate([*common, *source, "--output", str(tmp_path / out)])
+        rows.append([(r["prompt"], r["prediction"]) for r in json.loads((tmp_path / out).read_text())])
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+
+    capsys.readouterr()
+    answers = []
+    for source in (release, converted):
+        cli.main([*source, "--question", "Is there a circle?", "--max_new_tokens", "3", "--dtype", "float32",
+                  "--device", "cpu"])
+        answers.append(capsys.readouterr().out.strip())
+    assert answers[0] == answers[1]

@@ -20,11 +20,15 @@ SPIECE_UNDERLINE = "▁"
 _BACKENDS: "weakref.WeakKeyDictionary[LlamaTokenizer, tuple[int, Tokenizer]]" = weakref.WeakKeyDictionary()
 
 
+def tokenizer_config(folder: str | Path) -> dict:
+    """A tokenizer folder's tokenizer_config.json ({} when it has none)."""
+    path = Path(folder) / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def release_legacy_flag(folder: str | Path) -> bool:
     """The ``legacy`` setting of a tokenizer folder as 4.31 read it: absent or null means True."""
-    path = Path(folder) / "tokenizer_config.json"
-    value = json.loads(path.read_text()).get("legacy") if path.is_file() else None
-    return value is not False
+    return tokenizer_config(folder).get("legacy") is not False
 
 
 def _per_piece_prefix_backend(tokenizer: LlamaTokenizer) -> Tokenizer:

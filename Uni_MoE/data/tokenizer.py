@@ -14,9 +14,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..config import PLACEHOLDERS
-from .llama_tokenization import encode_llama_chunk, release_legacy_flag
+from .llama_tokenization import encode_llama_chunk, release_legacy_flag, tokenizer_config
 
 BASE_SPECIALS = ["<unk>", "<s>", "</s>"]
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 SENTENCEPIECE_NEEDS = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}  # package: module
 
 
@@ -38,17 +39,19 @@ def add_placeholder_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer folder (LLaMA's, or ours) and make sure placeholders and padding exist.
 
-    A LLaMA tokenizer keeps the release's ``legacy`` flag (4.31's default, True, when absent), written
-    back on ``save_pretrained``; ``encode_chunk`` follows it.
+    A LLaMA tokenizer (``tokenizer_class`` LlamaTokenizer[Fast]) keeps the release's ``legacy`` flag (4.31's
+    default, True, when absent), written back on ``save_pretrained``; ``encode_chunk`` follows it.
     """
     folder = Path(path)
     missing = [name for name, module in SENTENCEPIECE_NEEDS.items() if not _importable(module)]
     if missing and (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         raise ImportError(f"{folder / 'tokenizer.model'} is a sentencepiece model; reading it needs: pip install "
                           + " ".join(missing))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if isinstance(tokenizer, LlamaTokenizer):
+    if tokenizer_config(folder).get("tokenizer_class") in LLAMA_CLASSES:  # AutoTokenizer would follow a
+        tokenizer = LlamaTokenizer.from_pretrained(str(path))             # release's llava config.json instead
         tokenizer.legacy = tokenizer.init_kwargs["legacy"] = release_legacy_flag(folder)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     add_placeholder_tokens(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
