@@ -449,7 +449,8 @@ def test_lora_rank_mismatch_is_named(tmp_path, encoders) -> None:
     with pytest.raises(ConversionError) as err:
         convert_original(tmp_path / "base", tmp_path / "e2", clip_dir=clip, whisper_dir=whisper,
                          out_dir=tmp_path / "out", dtype=torch.float32)
-    assert f"adapter_model.bin: {module}: lora_A ({2 * R}, {H}), lora_B ({H}, {R}): ranks {2 * R} and {R}" in str(err.value)
+    shapes = f"lora_A ({2 * R}, {H}), lora_B ({H}, {R}): ranks {2 * R} and {R}"
+    assert f"adapter_model.bin: {module}: {shapes}, adapter_config.json says r={R}" in str(err.value)
     assert not (tmp_path / "out").exists()
 
 
