@@ -78,3 +78,18 @@ def test_reference_skips_experts_without_tokens():
     indices = torch.zeros(6, 1, dtype=torch.long)
     out = experts_reference(x, torch.ones(6, 1), indices, layer.experts)
     assert torch.allclose(out, layer.experts.expert_forward(0, x))
+
+
+def test_router_logits_stay_float32_under_autocast():
+    """Autocast must not run the router in bf16: near-tied expert choices would flip."""
+    torch.manual_seed(0)
+    layer = MoELayer(64, 96, 8, 2)
+    x = torch.randn(2, 16, 64)
+    expected = x.reshape(-1, 64).double() @ layer.router.weight.double().t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer.router_logits(x.reshape(-1, 64))
+        layer(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(layer.routing.reshape(-1, 2), route_tokens(expected.float(), 2)[1])

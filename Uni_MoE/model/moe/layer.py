@@ -68,10 +68,12 @@ class MoELayer(nn.Module):
         self.routing: torch.Tensor | None = None
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 router logits [T, E]; multiplicative input jitter in training when configured."""
+        """fp32 router logits [T, E], also under autocast (a low-precision router flips near-tied expert
+        choices); multiplicative input jitter in training when configured."""
         if self.training and self.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
-        return F.linear(x.float(), self.router.weight.float())
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.router.weight.float())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
