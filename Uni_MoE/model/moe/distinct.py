@@ -1,8 +1,8 @@
 """Experts with distinct frozen bases (``expert_type="mlp"``): one autograd function for the whole block.
 
-Slots are sorted by expert once. Forward: grouped GEMMs for the bases, LoRA-B products accumulated in
-place into the base outputs (block-masked ``addmm_``, no out-wide temporary), one fused SwiGLU, the down
-projection and its LoRA, and a weighted sum over each token's k slots. Only the pre-activation gate/up
+Slots are sorted by expert once. Forward: grouped GEMMs for the bases, one SwiGLU with the r-wide LoRA
+terms of gate, up and the down LoRA's input fused in (``SwiGLULoRA``: Triton kernels on CUDA, PyTorch
+elsewhere), the down projection and its LoRA, and a weighted sum over each token's k slots. Only gate/up
 ([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
 recomputed in backward, frozen bases get no weight gradient, and LoRA weight gradients are exact
 per-expert grouped products.
@@ -16,7 +16,8 @@ import torch
 
 from .lora_blocks import spread, stack_b
 from .segments import SlotGrouping, segment_mm, segment_mm_tn, unsort_sum
-from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
+from .swiglu import dropout_mask, row_dot
+from .swiglu_lora import SwiGLULoRA
 
 
 @dataclass
@@ -57,18 +58,18 @@ class DistinctExperts(torch.autograd.Function):
         xs = x[g.token]  # [S, H]
         gate = segment_mm(xs, gate_w.transpose(1, 2), g)  # [S, I]
         up = segment_mm(xs, up_w.transpose(1, 2), g)  # [S, I]
-        zg = zu = zd = None
+        del xs
+        zg = zu = None
         keep, keep_scale = dropout_mask(gate, lora.down_dropout) if za is not None else (None, 1.0)
         if za is not None:
             zg, zu = _own_lora_inputs(za, g, num_experts)  # [S, r] each
-            gate.addmm_(spread(zg, g.expert, num_experts), stack_b(gate_b), alpha=lora.scale)
-            up.addmm_(spread(zu, g.expert, num_experts), stack_b(up_b), alpha=lora.scale)
-        h, h_dropped, _ = swiglu_forward(gate, up, None, None, keep, keep_scale, None, None)  # [S, I]
+        act = SwiGLULoRA(gate, g, lora.scale)
+        factors = (zg, zu, gate_b, up_b, down_a) if za is not None else None
+        h, zd, gate, up = act.forward(gate, up, factors, keep, keep_scale)  # h [S, I], zd [S, r]
         ys = segment_mm(h, down_w.transpose(1, 2), g)  # [S, H]
+        del h
         if za is not None:
-            zd = segment_mm(h if keep is None else h_dropped, down_a.transpose(1, 2), g)  # [S, r]
             ys.addmm_(spread(zd, g.expert, num_experts), stack_b(down_b), alpha=lora.scale)
-        del h, h_dropped
         slots = ys[g.inverse].view(t, k, ys.shape[1])
         out = slots[:, 0] * weights[:, :1]
         for j in range(1, k):  # over a token's k slots, not over experts
@@ -77,43 +78,40 @@ class DistinctExperts(torch.autograd.Function):
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
         ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
                               gate, up, zg, zu, zd, keep, ys)
-        ctx.grouping, ctx.lora, ctx.keep_scale = g, lora, keep_scale
+        ctx.grouping, ctx.lora, ctx.keep_scale, ctx.act = g, lora, keep_scale, act
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, *kept = ctx.saved_tensors
         gate, up, zg, zu, zd, keep, ys = kept
-        g, lora, need = ctx.grouping, ctx.lora, ctx.needs_input_grad
+        g, lora, need, act = ctx.grouping, ctx.lora, ctx.needs_input_grad, ctx.act
         t, k = weights.shape
         num_experts, s = gate_w.shape[0], lora.scale
         has_lora = zg is not None
+        factors = (zg, zu, gate_b, up_b, down_a) if has_lora else None
         dy = grad_out.contiguous()[g.token]  # [S, H]
         grad_w = None
         if need[1]:
             grad_w = row_dot(ys, dy)[g.inverse].view(t, k).to(weights.dtype)
         dys = dy * weights.reshape(-1)[g.order, None]  # [S, H]
+        del dy
         dh = segment_mm(dys, down_w, g)  # [S, I]
         grads_lora: list[torch.Tensor | None] = [None] * 4
-        extra = dzd = None
+        dzd = None
         if has_lora:
             dzd = segment_mm(dys, down_b, g) * s  # [S, r]
             grads_lora[3] = segment_mm_tn(dys, zd, g) * s  # [E, H, r]
-            if keep is None:
-                dh.addmm_(spread(dzd, g.expert, num_experts), down_a.reshape(-1, down_a.shape[-1]))
-            else:
-                extra = spread(dzd, g.expert, num_experts) @ down_a.reshape(-1, down_a.shape[-1])
-        d_gate, d_up, h_dropped, *_ = swiglu_backward(
-            dh, gate, up, None, None, extra, keep, ctx.keep_scale, None, None, None, None
+        d_gate, d_up, h_dropped, dzg, dzu = act.backward(
+            dh, dzd, gate, up, factors, keep, ctx.keep_scale, need[5] and keep is None
         )
-        del dh, extra
+        del dh
         grad_za = None
         if has_lora:
             grads_lora[2] = segment_mm_tn(dzd, h_dropped, g)  # [E, r, I]
             grads_lora[0] = segment_mm_tn(d_gate, zg, g) * s  # [E, I, r]
             grads_lora[1] = segment_mm_tn(d_up, zu, g) * s
-            dz = torch.cat([spread(segment_mm(d, b, g) * s, g.expert, num_experts)
-                            for d, b in ((d_gate, gate_b), (d_up, up_b))], dim=1)  # [S, 2*E*r]
+            dz = torch.cat([spread(d, g.expert, num_experts) for d in (dzg, dzu)], dim=1)  # [S, 2*E*r]
             grad_za = unsort_sum(dz, g, k)
         grad_x = None
         if need[0]:
@@ -123,7 +121,7 @@ class DistinctExperts(torch.autograd.Function):
         grads_base: list[torch.Tensor | None] = [None] * 3
         if any(need[3:6]):
             xs = x[g.token]
-            h = h_dropped if keep is None else swiglu_forward(gate, up, None, None, None, 1.0, None, None)[0]
+            h = h_dropped if keep is None else act.activation(gate, up, factors)
             grads_base = [segment_mm_tn(d, a, g) if n else None
                           for d, a, n in ((d_gate, xs, need[3]), (d_up, xs, need[4]), (dys, h, need[5]))]
         return grad_x, grad_w, grad_za, *grads_base, *grads_lora, None, None

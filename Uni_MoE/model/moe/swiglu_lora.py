@@ -1,0 +1,79 @@
+"""The SwiGLU of the distinct-expert block with its r-wide LoRA terms, on sorted slot rows: two backends.
+
+``SwiGLULoRA`` runs the Triton kernels of swiglu_lora_kernels.py where they are available (CUDA), and
+otherwise PyTorch: block-masked ``addmm_`` of the LoRA-B products into the base outputs, the fused
+SwiGLU of swiglu.py and grouped r-wide products. Both compute the same function; the kernels keep
+gate/up before the LoRA deltas and recompute them from r-wide factors, the PyTorch path adds the
+deltas in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import swiglu_lora_kernels as kernels
+from .lora_blocks import spread, stack_b
+from .segments import SlotGrouping, segment_mm
+from .swiglu import swiglu_backward, swiglu_forward
+
+Maybe = torch.Tensor | None
+
+
+class SwiGLULoRA:
+    """h = silu(gate + s zg Bg_e^T) * (up + s zu Bu_e^T) per sorted row (expert e), zd = dropout(h) Ad_e^T,
+    and the gradients back to gate, up, zg, zu. ``lora`` = (zg, zu [S, r], Bg, Bu [E, I, r], Ad [E, r, I])
+    or None."""
+
+    def __init__(self, gate: torch.Tensor, g: SlotGrouping, scale: float) -> None:
+        self.g, self.scale = g, scale
+        self.fused = kernels.available(gate)
+        self.sched = kernels.tile_schedule(g.counts, g.offs, gate.shape[0]) if self.fused else None
+
+    def forward(
+        self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, keep: Maybe, keep_scale: float
+    ) -> tuple[torch.Tensor, Maybe, torch.Tensor, torch.Tensor]:
+        """(h, zd or None, gate and up to keep for backward)."""
+        if self.fused:
+            h, zd = kernels.swiglu_lora_forward(gate, up, lora, keep, keep_scale, self.scale, self.sched)
+            return h, zd, gate, up
+        zd = None
+        if lora is not None:
+            zg, zu, gate_b, up_b, _ = lora
+            num_experts = gate_b.shape[0]
+            gate.addmm_(spread(zg, self.g.expert, num_experts), stack_b(gate_b), alpha=self.scale)
+            up.addmm_(spread(zu, self.g.expert, num_experts), stack_b(up_b), alpha=self.scale)
+        h, h_dropped, _ = swiglu_forward(gate, up, None, None, keep, keep_scale, None, None)
+        if lora is not None:
+            zd = segment_mm(h if keep is None else h_dropped, lora[4].transpose(1, 2), self.g)
+        return h, zd, gate, up
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None) -> torch.Tensor:
+        """h without dropout from the kept gate and up (for a trainable down base under dropout)."""
+        if self.fused:
+            return kernels.swiglu_lora_forward(gate, up, lora, None, 1.0, self.scale, self.sched)[0]
+        return swiglu_forward(gate, up, None, None, None, 1.0, None, None)[0]
+
+    def backward(
+        self, dh: torch.Tensor, dzd: Maybe, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None,
+        keep: Maybe, keep_scale: float, need_h: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, Maybe, Maybe, Maybe]:
+        """(d_gate, d_up, dropout(h) when LoRA or ``need_h``, d zg, d zu). dzd [S, r] comes scaled."""
+        if self.fused:
+            return kernels.swiglu_lora_backward(dh, gate, up, lora, dzd, keep, keep_scale, self.scale, self.sched,
+                                                need_h or lora is not None)
+        extra = None
+        if lora is not None:
+            down_a = lora[4]
+            dz_all = spread(dzd, self.g.expert, down_a.shape[0])
+            if keep is None:
+                dh.addmm_(dz_all, down_a.reshape(-1, down_a.shape[-1]))
+            else:
+                extra = dz_all @ down_a.reshape(-1, down_a.shape[-1])
+        d_gate, d_up, h_dropped, *_ = swiglu_backward(
+            dh, gate, up, None, None, extra, keep, keep_scale, None, None, None, None
+        )
+        dzg = dzu = None
+        if lora is not None:
+            dzg = segment_mm(d_gate, lora[2], self.g) * self.scale
+            dzu = segment_mm(d_up, lora[3], self.g) * self.scale
+        return d_gate, d_up, h_dropped, dzg, dzu

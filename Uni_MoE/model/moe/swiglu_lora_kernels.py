@@ -1,0 +1,239 @@
+"""Triton kernels for the distinct-expert block: SwiGLU with the r-wide LoRA products fused in.
+
+Rows are token-slots sorted by expert. Each program owns up to BLOCK_M consecutive rows of ONE expert
+(``tile_schedule``: tiles never straddle experts) and walks the intermediate dimension I in BLOCK_N
+columns, so every r-wide LoRA term is a small ``tl.dot`` on registers:
+
+- forward: h = silu(gate + s zg Bg^T) * (up + s zu Bu^T), and zd = dropout(h) Ad^T accumulated over I;
+- backward: dh += (dzd Ad) * keep, the SwiGLU gradients, and dzg = s d_gate Bg, dzu = s d_up Bu
+  accumulated over I.
+
+Neither an [S, I] LoRA delta nor a separate pass over [S, I] for the r-wide products touches memory.
+The kernels need CUDA (or Triton's CPU interpreter, ``TRITON_INTERPRET=1``); ``available`` says when.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path in swiglu_lora.py runs instead
+    triton = None
+
+BLOCK_M = 64
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``t``'s device (set UNI_MOE_TRITON=0 to use the torch path)."""
+    if triton is None or os.environ.get("UNI_MOE_TRITON", "1") == "0":
+        return False
+    return t.is_cuda or (_INTERPRET and t.device.type == "cpu" and t.dtype == torch.float32)  # numpy: no bf16
+
+
+def tile_schedule(counts: torch.Tensor, offs: torch.Tensor, num_rows: int, block_m: int = BLOCK_M) -> torch.Tensor:
+    """[3, n] int32 (expert, first row, end row) of each row tile; n = ceil(rows / block_m) + E bounds the
+    tile count without a host sync, and spare tiles get first row = end row (nothing to do)."""
+    num_experts = counts.numel()
+    n = -(-num_rows // block_m) + num_experts
+    tiles = (counts + block_m - 1) // block_m
+    cum = tiles.cumsum(0)
+    t = torch.arange(n, device=counts.device)
+    e = torch.searchsorted(cum, t, right=True).clamp_(max=num_experts - 1)
+    ends = offs.long()
+    first = ends[e] - counts[e] + (t - (cum[e] - tiles[e])) * block_m
+    valid = t < cum[-1]
+    first = torch.where(valid, first, 0)
+    end = torch.where(valid, ends[e], 0)
+    return torch.stack([e, first, end]).to(torch.int32).contiguous()
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+    _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((64, 4), (64, 8), (128, 8))]
+    if _INTERPRET:
+        _CONFIGS = _CONFIGS[:1]
+
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "HAS_LORA", "HAS_KEEP"])
+    @triton.jit
+    def _forward_kernel(
+        gate_ptr, up_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, da_ptr, zd_ptr, keep_ptr, sched_ptr,
+        n_tiles, rank, scale, keep_scale, n_cols: tl.constexpr,
+        HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        e = tl.load(sched_ptr + pid).to(tl.int64)
+        start = tl.load(sched_ptr + n_tiles + pid)
+        end = tl.load(sched_ptr + 2 * n_tiles + pid)
+        if start >= end:
+            return
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        rk = tl.arange(0, BLOCK_R)
+        r_ok = rk < rank
+        z_mask = row_ok[:, None] & r_ok[None, :]
+        z_off = rows64[:, None] * rank + rk[None, :]
+        zd = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if HAS_LORA:
+            zg = tl.load(zg_ptr + z_off, mask=z_mask, other=0.0)
+            zu = tl.load(zu_ptr + z_off, mask=z_mask, other=0.0)
+        for c in range(0, n_cols, BLOCK_N):
+            cols = c + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            mask = row_ok[:, None] & col_ok[None, :]
+            off = rows64[:, None] * n_cols + cols[None, :]
+            g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_LORA:
+                b_mask = r_ok[:, None] & col_ok[None, :]
+                b_off = e * n_cols * rank + cols[None, :] * rank + rk[:, None]  # B[e]^T tile [R, N]
+                bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)
+                bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
+                g += scale * tl.dot(zg, bg, input_precision=PREC)
+                u += scale * tl.dot(zu, bu, input_precision=PREC)
+            h = g * tl.sigmoid(g) * u
+            h_low = h.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + off, h_low, mask=mask)
+            if HAS_LORA:
+                hd = h_low
+                if HAS_KEEP:
+                    kp = tl.load(keep_ptr + off, mask=mask, other=0)
+                    hd = tl.where(kp != 0, h * keep_scale, 0.0).to(h_ptr.dtype.element_ty)
+                a_off = e * rank * n_cols + rk[None, :] * n_cols + cols[:, None]  # A[e]^T tile [N, R]
+                da = tl.load(da_ptr + a_off, mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+                zd += tl.dot(hd, da, input_precision=PREC)
+        if HAS_LORA:
+            tl.store(zd_ptr + z_off, zd.to(zd_ptr.dtype.element_ty), mask=z_mask)
+
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "HAS_LORA", "HAS_KEEP", "STORE_H"])
+    @triton.jit
+    def _backward_kernel(
+        dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, dzd_ptr, da_ptr,
+        dzg_ptr, dzu_ptr, keep_ptr, sched_ptr,
+        n_tiles, rank, scale, keep_scale, n_cols: tl.constexpr,
+        HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_H: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        e = tl.load(sched_ptr + pid).to(tl.int64)
+        start = tl.load(sched_ptr + n_tiles + pid)
+        end = tl.load(sched_ptr + 2 * n_tiles + pid)
+        if start >= end:
+            return
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        rk = tl.arange(0, BLOCK_R)
+        r_ok = rk < rank
+        z_mask = row_ok[:, None] & r_ok[None, :]
+        z_off = rows64[:, None] * rank + rk[None, :]
+        dzg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dzu = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if HAS_LORA:
+            zg = tl.load(zg_ptr + z_off, mask=z_mask, other=0.0)
+            zu = tl.load(zu_ptr + z_off, mask=z_mask, other=0.0)
+            dzd = tl.load(dzd_ptr + z_off, mask=z_mask, other=0.0)
+        for c in range(0, n_cols, BLOCK_N):
+            cols = c + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            mask = row_ok[:, None] & col_ok[None, :]
+            off = rows64[:, None] * n_cols + cols[None, :]
+            g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_KEEP:
+                kp = tl.load(keep_ptr + off, mask=mask, other=0)
+            if HAS_LORA:
+                b_mask = r_ok[:, None] & col_ok[None, :]
+                b_off = e * n_cols * rank + cols[None, :] * rank + rk[:, None]  # B[e]^T tile [R, N]
+                bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)
+                bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
+                g += scale * tl.dot(zg, bg, input_precision=PREC)
+                u += scale * tl.dot(zu, bu, input_precision=PREC)
+                a_off = e * rank * n_cols + rk[:, None] * n_cols + cols[None, :]  # A[e] tile [R, N]
+                da = tl.load(da_ptr + a_off, mask=b_mask, other=0.0)
+                extra = tl.dot(dzd, da, input_precision=PREC)
+                if HAS_KEEP:
+                    extra = tl.where(kp != 0, extra * keep_scale, 0.0)
+                dh += extra
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            dg = (dh * u * (sig * (1.0 + g * (1.0 - sig)))).to(dgate_ptr.dtype.element_ty)
+            du = (dh * silu).to(dup_ptr.dtype.element_ty)
+            tl.store(dgate_ptr + off, dg, mask=mask)
+            tl.store(dup_ptr + off, du, mask=mask)
+            if STORE_H:
+                h = silu * u
+                if HAS_KEEP:
+                    h = tl.where(kp != 0, h.to(h_ptr.dtype.element_ty).to(tl.float32) * keep_scale, 0.0)
+                tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=mask)
+            if HAS_LORA:
+                dzg += tl.dot(dg, tl.trans(bg), input_precision=PREC)
+                dzu += tl.dot(du, tl.trans(bu), input_precision=PREC)
+        if HAS_LORA:
+            tl.store(dzg_ptr + z_off, (dzg * scale).to(dzg_ptr.dtype.element_ty), mask=z_mask)
+            tl.store(dzu_ptr + z_off, (dzu * scale).to(dzu_ptr.dtype.element_ty), mask=z_mask)
+
+
+def _lora_args(gate: torch.Tensor, lora: tuple | None) -> tuple:
+    """(zg, zu, Bg, Bu, Ad, rank) made contiguous, or dummies without LoRA."""
+    if lora is None:
+        return (gate,) * 5 + (0,)
+    zg, zu, gate_b, up_b, down_a = (t.contiguous() for t in lora)
+    return zg, zu, gate_b, up_b, down_a, zg.shape[1]
+
+
+def swiglu_lora_forward(
+    gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, keep: torch.Tensor | None, keep_scale: float,
+    scale: float, sched: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h [S, I] and zd [S, r] (None without LoRA). ``lora`` = (zg, zu [S, r], Bg, Bu [E, I, r], Ad [E, r, I])."""
+    rows, n_cols = gate.shape
+    h = torch.empty_like(gate)
+    zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
+    zd = gate.new_empty(rows, rank) if lora is not None else None
+    n_tiles = sched.shape[1]
+    _forward_kernel[(n_tiles,)](
+        gate, up, h, zg, zu, bg, bu, da, zd if zd is not None else gate, keep if keep is not None else gate,
+        sched, n_tiles, max(rank, 1), scale, keep_scale, n_cols=n_cols,
+        HAS_LORA=lora is not None, HAS_KEEP=keep is not None, PREC=_precision(gate.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+    )
+    return h, zd
+
+
+def swiglu_lora_backward(
+    dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, dzd: torch.Tensor | None,
+    keep: torch.Tensor | None, keep_scale: float, scale: float, sched: torch.Tensor, store_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_gate, d_up [S, I], dropout(h) or None, dzg, dzu [S, r] or None): gradients through the fused
+    forward, given dh [S, I] from the down base and dzd [S, r] (already scaled) from the down LoRA."""
+    rows, n_cols = gate.shape
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(gate)
+    h = torch.empty_like(gate) if store_h else None
+    zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
+    dzg = gate.new_empty(rows, rank) if lora is not None else None
+    dzu = gate.new_empty(rows, rank) if lora is not None else None
+    n_tiles = sched.shape[1]
+    _backward_kernel[(n_tiles,)](
+        dh.contiguous(), gate, up, d_gate, d_up, h if h is not None else gate, zg, zu, bg, bu,
+        dzd.contiguous() if dzd is not None else gate, da, dzg if dzg is not None else gate,
+        dzu if dzu is not None else gate, keep if keep is not None else gate, sched,
+        n_tiles, max(rank, 1), scale, keep_scale, n_cols=n_cols,
+        HAS_LORA=lora is not None, HAS_KEEP=keep is not None, STORE_H=store_h, PREC=_precision(gate.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+    )
+    return d_gate, d_up, h, dzg, dzu
