@@ -1,8 +1,12 @@
-"""MoE layer forward+backward: grouped experts vs the per-expert loop vs a dense frozen MLP, one process.
+"""MoE layer forward+backward: grouped experts vs the per-expert loop vs DeepSpeed-MoE vs a dense frozen
+MLP, one process.
 
 Stage-3 trainable set: frozen expert bases, trainable LoRA (gate, up, down-on-intermediate) and router,
 x.requires_grad; loss = y.float().sum() + 0.01 * aux. Ratios: distinct experts ("mlp") against k x the
 dense frozen MLP (the floor for k distinct experts per token), shared base against 1 x dense.
+DeepSpeed-MoE (distinct experts only): ``deepspeed.moe.layer.MoE(ep_size=1, capacity_factor=1.5,
+drop_tokens=False)`` over the same LoRA-integrated experts (its own expert loop and einsum dispatch),
+in a one-process torch.distributed world.
 
     python benchmarks/moe_layer.py --out moe_layer.md          # LLaMA-7B MLP shapes, bf16, CUDA
     python benchmarks/moe_layer.py --smoke                     # tiny CPU run of every path
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import socket
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -35,7 +41,7 @@ class Shapes:
     dtype: torch.dtype
 
 
-FULL = Shapes(4096, 11008, (4, 8), (8, 32, 64), (8192, 32768), torch.bfloat16)
+FULL = Shapes(4096, 11008, (4, 8), (8, 64), (8192, 32768), torch.bfloat16)
 SMALL = Shapes(64, 128, (4,), (8,), (64,), torch.float32)
 
 
@@ -103,6 +109,52 @@ def layer_step(layer: MoELayer, x: torch.Tensor, implementation: str) -> Callabl
     return step
 
 
+def init_world(device: torch.device) -> bool:
+    """A one-process torch.distributed world for DeepSpeed-MoE; False when DeepSpeed is not installed."""
+    try:
+        import deepspeed
+    except ImportError:
+        return False
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def make_deepspeed_layer(layer: MoELayer) -> torch.nn.Module:
+    """DeepSpeed-MoE with the original's arguments, its experts and router copied from ``layer``."""
+    from deepspeed.moe.layer import MoE
+
+    from Uni_MoE.model.moe.deepspeed_backend import LoRAExpert
+
+    ex = layer.experts
+    expert = LoRAExpert(ex.hidden_size, ex.intermediate_size, lora_r=ex.lora_r, lora_alpha=16)
+    moe = MoE(ex.hidden_size, expert=expert, num_experts=ex.num_experts, ep_size=1, k=TOP_K, capacity_factor=1.5,
+              eval_capacity_factor=1.5, min_capacity=4, drop_tokens=False, top2_2nd_expert_sampling=False)
+    moe.to(device=layer.router.weight.device, dtype=layer.router.weight.dtype)
+    with torch.no_grad():
+        moe.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight)
+        for e, local in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+            for name, p in local.named_parameters():
+                p.copy_(getattr(ex, name)[e : e + 1])
+                p.requires_grad_("lora" in name)
+    return moe
+
+
+def deepspeed_step(moe: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        moe.zero_grad(set_to_none=True)
+        y, aux, _ = moe(x)
+        (y.float().sum() + 0.01 * aux).backward()
+
+    return step
+
+
 def relative_error(layer: MoELayer, x: torch.Tensor) -> float:
     """max over (y, dx) of ||ours - loop|| / ||loop|| on the same weights and routing."""
     results = []
@@ -115,7 +167,7 @@ def relative_error(layer: MoELayer, x: torch.Tensor) -> float:
     return max(((a - b).norm() / b.norm()).item() for a, b in zip(results[1], results[0]))
 
 
-def run(shapes: Shapes, device: torch.device, warmup: int, reps: int) -> list[dict]:
+def run(shapes: Shapes, device: torch.device, warmup: int, reps: int, with_deepspeed: bool) -> list[dict]:
     rows = []
     for tokens in shapes.tokens:
         torch.manual_seed(0)
@@ -127,11 +179,16 @@ def run(shapes: Shapes, device: torch.device, warmup: int, reps: int) -> list[di
                     layer = make_layer(shapes, experts, rank, expert_type, device)
                     naive_ms, naive_gb = time_ms(layer_step(layer, x, "reference"), device, warmup, reps)
                     ours_ms, ours_gb = time_ms(layer_step(layer, x, "grouped"), device, warmup, reps)
+                    ds_ms = ds_gb = float("nan")
+                    if with_deepspeed and expert_type == "mlp":
+                        moe = make_deepspeed_layer(layer)
+                        ds_ms, ds_gb = time_ms(deepspeed_step(moe, x), device, warmup, reps)
+                        del moe
                     floor = dense_ms * (TOP_K if expert_type == "mlp" else 1)
                     rows.append(dict(
                         type=expert_type, E=experts, r=rank, T=tokens, dense=dense_ms, floor=floor,
-                        naive=naive_ms, ours=ours_ms, naive_gb=naive_gb, ours_gb=ours_gb, dense_gb=dense_gb,
-                        err=relative_error(layer, x),
+                        naive=naive_ms, ours=ours_ms, ds=ds_ms, naive_gb=naive_gb, ours_gb=ours_gb, ds_gb=ds_gb,
+                        dense_gb=dense_gb, err=relative_error(layer, x),
                     ))
                     print(format_row(rows[-1]), flush=True)
                     del layer
@@ -141,17 +198,24 @@ def run(shapes: Shapes, device: torch.device, warmup: int, reps: int) -> list[di
 
 
 HEADER = (
-    "| experts | E | r | T | dense ms | baseline ms | naive loop ms | ours ms | naive / base | ours / base "
-    "| peak GB dense / naive / ours | rel. err vs loop |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| experts | E | r | T | dense ms | baseline ms | naive loop ms | DeepSpeed ms | ours ms | naive / base "
+    "| DeepSpeed / base | ours / base | DeepSpeed / ours | peak GB dense / naive / DeepSpeed / ours "
+    "| rel. err vs loop |\n|" + "---|" * 15
 )
 
 
 def format_row(r: dict) -> str:
     base = "k×dense" if r["type"] == "mlp" else "1×dense"
+    has_ds = r["ds"] == r["ds"]  # not NaN
+    ds = f"{r['ds']:.2f}" if has_ds else "—"
+    ds_base = f"{r['ds'] / r['floor']:.3f}" if has_ds else "—"
+    ds_ours = f"**{r['ds'] / r['ours']:.2f}×**" if has_ds else "—"
+    ds_gb = f"{r['ds_gb']:.2f}" if has_ds else "—"
     return (
         f"| {r['type']} ({base}) | {r['E']} | {r['r']} | {r['T']} | {r['dense']:.2f} | {r['floor']:.2f} "
-        f"| {r['naive']:.2f} | {r['ours']:.2f} | {r['naive'] / r['floor']:.3f} | **{r['ours'] / r['floor']:.3f}** "
-        f"| {r['dense_gb']:.2f} / {r['naive_gb']:.2f} / {r['ours_gb']:.2f} | {r['err']:.1e} |"
+        f"| {r['naive']:.2f} | {ds} | {r['ours']:.2f} | {r['naive'] / r['floor']:.3f} | {ds_base} "
+        f"| **{r['ours'] / r['floor']:.3f}** | {ds_ours} "
+        f"| {r['dense_gb']:.2f} / {r['naive_gb']:.2f} / {ds_gb} / {r['ours_gb']:.2f} | {r['err']:.1e} |"
     )
 
 
@@ -168,6 +232,8 @@ def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int) ->
         " loss = y.float().sum() + 0.01 aux",
         "- baseline: k × dense frozen MLP (no LoRA) for distinct experts, 1 × dense for the shared base;"
         " peak GB = max allocated beyond weights and inputs",
+        "- DeepSpeed: deepspeed.moe.layer.MoE(ep_size=1, k=2, capacity_factor=1.5, drop_tokens=False,"
+        " top2_2nd_expert_sampling=False) with the same LoRA experts (distinct experts only)",
         "",
         HEADER,
         *map(format_row, rows),
@@ -204,17 +270,21 @@ def main() -> None:
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to run (default 8192 32768)")
     parser.add_argument("--profile", choices=["mlp", "shared"], help="print a kernel profile of one kind instead")
+    parser.add_argument("--experts", type=int, nargs="+", help="expert counts to run (default 4 8)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks to run (default 8 64)")
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE column")
     args = parser.parse_args()
     if args.smoke:
         args.device, args.small, args.reps, args.warmup = "cpu", True, 2, 1
     device = torch.device(args.device)
     shapes = SMALL if args.small else FULL
-    if args.tokens:
-        shapes = replace(shapes, tokens=tuple(args.tokens))
+    for field in ("tokens", "experts", "ranks"):
+        if getattr(args, field):
+            shapes = replace(shapes, **{field: tuple(getattr(args, field))})
     if args.profile:
         print(profile(shapes, device, args.profile))
         return
-    rows = run(shapes, device, args.warmup, args.reps)
+    rows = run(shapes, device, args.warmup, args.reps, not args.no_deepspeed and init_world(device))
     text = report(rows, shapes, device, args.reps)
     print(text)
     if args.out:
