@@ -95,11 +95,11 @@ def check(args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true", help="tiny shapes (H=32, I=48, 40 tokens)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (H=32, I=200, 40 tokens)")
     parser.add_argument("--tol32", type=float, default=1e-4)
     parser.add_argument("--slack", type=float, default=1.5)
     args = parser.parse_args()
-    args.hidden, args.inter, args.tokens = (32, 48, 40) if args.small else (1024, 2816, 2048)
+    args.hidden, args.inter, args.tokens = (32, 200, 40) if args.small else (1024, 2816, 2048)
     failures = check(args)
     print("all checks passed" if not failures else f"FAILED: {failures}")
     sys.exit(1 if failures else 0)

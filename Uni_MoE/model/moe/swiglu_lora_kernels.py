@@ -1,8 +1,9 @@
 """Triton kernels for the distinct-expert block: SwiGLU with the r-wide LoRA products fused in.
 
 Rows are token-slots sorted by expert. Each program owns up to BLOCK_M consecutive rows of ONE expert
-(``tile_schedule``: tiles never straddle experts) and walks the intermediate dimension I in BLOCK_N
-columns, so every r-wide LoRA term is a small ``tl.dot`` on registers:
+(``tile_schedule``: tiles never straddle experts) and one of ``split`` column chunks of the intermediate
+dimension I, which it walks in BLOCK_N columns, so every r-wide LoRA term is a small ``tl.dot`` on
+registers (reductions over I are summed over the chunks in fp32 afterwards, in a fixed order):
 
 - forward: h = silu(gate + s zg Bg^T) * (up + s zu Bu^T), and zd = dropout(h) Ad^T accumulated over I;
 - backward: dh += (dzd Ad) * keep, the SwiGLU gradients, and dzg = s d_gate Bg, dzu = s d_up Bu
@@ -25,6 +26,7 @@ except ImportError:  # CPU-only installs: the torch path in swiglu_lora.py runs 
     triton = None
 
 BLOCK_M = 64
+TARGET_PROGRAMS = 2048  # enough programs per SM to keep HBM busy; the column split makes up the rest
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -52,6 +54,14 @@ def tile_schedule(counts: torch.Tensor, offs: torch.Tensor, num_rows: int, block
     return torch.stack([e, first, end]).to(torch.int32).contiguous()
 
 
+def _split(n_tiles: int, n_cols: int) -> int:
+    """How many column chunks each row tile is cut into (a power of two, at least 64 columns each)."""
+    split = 1
+    while split * n_tiles < TARGET_PROGRAMS and 2 * split * 64 <= n_cols:
+        split *= 2
+    return split
+
+
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -61,15 +71,16 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 if triton is not None:
-    _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((64, 4), (64, 8), (128, 8))]
+    _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+                for n, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 1), (32, 4, 1))]
     if _INTERPRET:
         _CONFIGS = _CONFIGS[:1]
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "HAS_LORA", "HAS_KEEP"])
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP"])
     @triton.jit
     def _forward_kernel(
         gate_ptr, up_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, da_ptr, zd_ptr, keep_ptr, sched_ptr,
-        n_tiles, rank, scale, keep_scale, n_cols: tl.constexpr,
+        n_tiles, n_rows, rank, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
         HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -90,8 +101,10 @@ if triton is not None:
         if HAS_LORA:
             zg = tl.load(zg_ptr + z_off, mask=z_mask, other=0.0)
             zu = tl.load(zu_ptr + z_off, mask=z_mask, other=0.0)
-        for c in range(0, n_cols, BLOCK_N):
-            cols = c + tl.arange(0, BLOCK_N)
+        chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
+        part = tl.program_id(1)
+        for c in range(0, chunk, BLOCK_N):
+            cols = part * chunk + c + tl.arange(0, BLOCK_N)
             col_ok = cols < n_cols
             mask = row_ok[:, None] & col_ok[None, :]
             off = rows64[:, None] * n_cols + cols[None, :]
@@ -115,15 +128,15 @@ if triton is not None:
                 a_off = e * rank * n_cols + rk[None, :] * n_cols + cols[:, None]  # A[e]^T tile [N, R]
                 da = tl.load(da_ptr + a_off, mask=col_ok[:, None] & r_ok[None, :], other=0.0)
                 zd += tl.dot(hd, da, input_precision=PREC)
-        if HAS_LORA:
-            tl.store(zd_ptr + z_off, zd.to(zd_ptr.dtype.element_ty), mask=z_mask)
+        if HAS_LORA:  # this chunk's partial sum, fp32 [SPLIT, S, r]
+            tl.store(zd_ptr + part * n_rows * rank + z_off, zd, mask=z_mask)
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "HAS_LORA", "HAS_KEEP", "STORE_H"])
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H"])
     @triton.jit
     def _backward_kernel(
         dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, dzd_ptr, da_ptr,
         dzg_ptr, dzu_ptr, keep_ptr, sched_ptr,
-        n_tiles, rank, scale, keep_scale, n_cols: tl.constexpr,
+        n_tiles, n_rows, rank, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
         HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_H: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -146,8 +159,10 @@ if triton is not None:
             zg = tl.load(zg_ptr + z_off, mask=z_mask, other=0.0)
             zu = tl.load(zu_ptr + z_off, mask=z_mask, other=0.0)
             dzd = tl.load(dzd_ptr + z_off, mask=z_mask, other=0.0)
-        for c in range(0, n_cols, BLOCK_N):
-            cols = c + tl.arange(0, BLOCK_N)
+        chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
+        part = tl.program_id(1)
+        for c in range(0, chunk, BLOCK_N):
+            cols = part * chunk + c + tl.arange(0, BLOCK_N)
             col_ok = cols < n_cols
             mask = row_ok[:, None] & col_ok[None, :]
             off = rows64[:, None] * n_cols + cols[None, :]
@@ -183,9 +198,9 @@ if triton is not None:
             if HAS_LORA:
                 dzg += tl.dot(dg, tl.trans(bg), input_precision=PREC)
                 dzu += tl.dot(du, tl.trans(bu), input_precision=PREC)
-        if HAS_LORA:
-            tl.store(dzg_ptr + z_off, (dzg * scale).to(dzg_ptr.dtype.element_ty), mask=z_mask)
-            tl.store(dzu_ptr + z_off, (dzu * scale).to(dzu_ptr.dtype.element_ty), mask=z_mask)
+        if HAS_LORA:  # this chunk's partial sums, fp32 [SPLIT, S, r]
+            tl.store(dzg_ptr + part * n_rows * rank + z_off, dzg * scale, mask=z_mask)
+            tl.store(dzu_ptr + part * n_rows * rank + z_off, dzu * scale, mask=z_mask)
 
 
 def _lora_args(gate: torch.Tensor, lora: tuple | None) -> tuple:
@@ -204,15 +219,16 @@ def swiglu_lora_forward(
     rows, n_cols = gate.shape
     h = torch.empty_like(gate)
     zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
-    zd = gate.new_empty(rows, rank) if lora is not None else None
     n_tiles = sched.shape[1]
-    _forward_kernel[(n_tiles,)](
+    split = _split(n_tiles, n_cols)
+    zd = gate.new_empty(split, rows, rank, dtype=torch.float32) if lora is not None else None
+    _forward_kernel[(n_tiles, split)](
         gate, up, h, zg, zu, bg, bu, da, zd if zd is not None else gate, keep if keep is not None else gate,
-        sched, n_tiles, max(rank, 1), scale, keep_scale, n_cols=n_cols,
+        sched, n_tiles, rows, max(rank, 1), scale, keep_scale, n_cols=n_cols, SPLIT=split,
         HAS_LORA=lora is not None, HAS_KEEP=keep is not None, PREC=_precision(gate.dtype),
         BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
-    return h, zd
+    return h, None if zd is None else zd.sum(0).to(gate.dtype)
 
 
 def swiglu_lora_backward(
@@ -225,15 +241,18 @@ def swiglu_lora_backward(
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(gate)
     h = torch.empty_like(gate) if store_h else None
     zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
-    dzg = gate.new_empty(rows, rank) if lora is not None else None
-    dzu = gate.new_empty(rows, rank) if lora is not None else None
     n_tiles = sched.shape[1]
-    _backward_kernel[(n_tiles,)](
+    split = _split(n_tiles, n_cols)
+    dzs = gate.new_empty(2, split, rows, rank, dtype=torch.float32) if lora is not None else None
+    _backward_kernel[(n_tiles, split)](
         dh.contiguous(), gate, up, d_gate, d_up, h if h is not None else gate, zg, zu, bg, bu,
-        dzd.contiguous() if dzd is not None else gate, da, dzg if dzg is not None else gate,
-        dzu if dzu is not None else gate, keep if keep is not None else gate, sched,
-        n_tiles, max(rank, 1), scale, keep_scale, n_cols=n_cols,
+        dzd.contiguous() if dzd is not None else gate, da, dzs[0] if dzs is not None else gate,
+        dzs[1] if dzs is not None else gate, keep if keep is not None else gate, sched,
+        n_tiles, rows, max(rank, 1), scale, keep_scale, n_cols=n_cols, SPLIT=split,
         HAS_LORA=lora is not None, HAS_KEEP=keep is not None, STORE_H=store_h, PREC=_precision(gate.dtype),
         BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
-    return d_gate, d_up, h, dzg, dzu
+    if dzs is None:
+        return d_gate, d_up, h, None, None
+    dz = dzs.sum(1).to(gate.dtype)
+    return d_gate, d_up, h, dz[0], dz[1]
