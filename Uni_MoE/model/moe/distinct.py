@@ -2,7 +2,7 @@
 
 Slots are sorted by expert once. Forward: grouped GEMMs for the bases, one SwiGLU with the r-wide LoRA
 terms of gate, up and the down LoRA's input fused in (``SwiGLULoRA``: Triton kernels on CUDA, PyTorch
-elsewhere), the down projection and its LoRA, and a weighted sum over each token's k slots. Only gate/up
+elsewhere), the down projection and its LoRA, and a weighted sum over each token's k slots (slot_kernels.py). Only gate/up
 ([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
 recomputed in backward, frozen bases get no weight gradient, and LoRA weight gradients are exact
 per-expert grouped products.
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .lora_blocks import spread, stack_b
-from .segments import SlotGrouping, segment_mm, segment_mm_tn, unsort_sum
-from .swiglu import dropout_mask, row_dot
+from .segments import SlotGrouping, segment_mm, segment_mm_tn
+from .slot_kernels import combine, slot_grads, token_sum
+from .swiglu import dropout_mask
 from .swiglu_lora import SwiGLULoRA
 
 
@@ -53,7 +54,6 @@ class DistinctExperts(torch.autograd.Function):
         g: SlotGrouping,
         lora: LoRASettings,
     ) -> torch.Tensor:
-        t, k = weights.shape
         num_experts = gate_w.shape[0]
         xs = x[g.token]  # [S, H]
         gate = segment_mm(xs, gate_w.transpose(1, 2), g)  # [S, I]
@@ -70,10 +70,7 @@ class DistinctExperts(torch.autograd.Function):
         del h
         if za is not None:
             ys.addmm_(spread(zd, g.expert, num_experts), stack_b(down_b), alpha=lora.scale)
-        slots = ys[g.inverse].view(t, k, ys.shape[1])
-        out = slots[:, 0] * weights[:, :1]
-        for j in range(1, k):  # over a token's k slots, not over experts
-            out.addcmul_(slots[:, j], weights[:, j : j + 1])
+        out = combine(ys, g, weights)
         ys = ys if ctx.needs_input_grad[1] else None
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
         ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
@@ -86,16 +83,11 @@ class DistinctExperts(torch.autograd.Function):
         x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, *kept = ctx.saved_tensors
         gate, up, zg, zu, zd, keep, ys = kept
         g, lora, need, act = ctx.grouping, ctx.lora, ctx.needs_input_grad, ctx.act
-        t, k = weights.shape
+        k = weights.shape[1]
         num_experts, s = gate_w.shape[0], lora.scale
         has_lora = zg is not None
         factors = (zg, zu, gate_b, up_b, down_a) if has_lora else None
-        dy = grad_out.contiguous()[g.token]  # [S, H]
-        grad_w = None
-        if need[1]:
-            grad_w = row_dot(ys, dy)[g.inverse].view(t, k).to(weights.dtype)
-        dys = dy * weights.reshape(-1)[g.order, None]  # [S, H]
-        del dy
+        dys, grad_w = slot_grads(grad_out, ys, g, weights)  # [S, H], [T, k] or None
         dh = segment_mm(dys, down_w, g)  # [S, I]
         grads_lora: list[torch.Tensor | None] = [None] * 4
         dzd = None
@@ -112,12 +104,10 @@ class DistinctExperts(torch.autograd.Function):
             grads_lora[0] = segment_mm_tn(d_gate, zg, g) * s  # [E, I, r]
             grads_lora[1] = segment_mm_tn(d_up, zu, g) * s
             dz = torch.cat([spread(d, g.expert, num_experts) for d in (dzg, dzu)], dim=1)  # [S, 2*E*r]
-            grad_za = unsort_sum(dz, g, k)
+            grad_za = token_sum(dz, None, g, k)
         grad_x = None
         if need[0]:
-            dxs = segment_mm(d_gate, gate_w, g)
-            dxs += segment_mm(d_up, up_w, g)
-            grad_x = unsort_sum(dxs, g, k)
+            grad_x = token_sum(segment_mm(d_gate, gate_w, g), segment_mm(d_up, up_w, g), g, k)
         grads_base: list[torch.Tensor | None] = [None] * 3
         if any(need[3:6]):
             xs = x[g.token]

@@ -39,12 +39,6 @@ def group_slots(indices: torch.Tensor, num_experts: int) -> SlotGrouping:
     return SlotGrouping(order, inverse, order // indices.shape[1], expert, counts, ends.to(torch.int32))
 
 
-def unsort_sum(rows: torch.Tensor, g: SlotGrouping, top_k: int) -> torch.Tensor:
-    """Sorted per-slot rows [S, D] -> per-token sums over the token's k slots [T, D] (one gather)."""
-    per_slot = rows[g.inverse].view(rows.shape[0] // top_k, top_k, rows.shape[1])
-    return per_slot.sum(1) if top_k > 1 else per_slot[:, 0]
-
-
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether this torch build runs ``grouped_mm`` for the device type and dtype (probed once)."""
