@@ -76,7 +76,16 @@ if triton is not None:
     if _INTERPRET:
         _CONFIGS = _CONFIGS[:1]
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP"])
+    def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
+        """float32 (checks only) tries the single-stage configs, whose tiles fit in shared memory."""
+        if named_args["gate_ptr"].dtype == torch.float32 and len(configs) > 1:
+            return [c for c in configs if c.num_stages == 1]
+        return configs
+
+    _PRUNE = {"early_config_prune": _prune}
+
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP"],
+                     prune_configs_by=_PRUNE)
     @triton.jit
     def _forward_kernel(
         gate_ptr, up_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, da_ptr, zd_ptr, keep_ptr, sched_ptr,
@@ -131,7 +140,8 @@ if triton is not None:
         if HAS_LORA:  # this chunk's partial sum, fp32 [SPLIT, S, r]
             tl.store(zd_ptr + part * n_rows * rank + z_off, zd, mask=z_mask)
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H"])
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H"],
+                     prune_configs_by=_PRUNE)
     @triton.jit
     def _backward_kernel(
         dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, dzd_ptr, da_ptr,
