@@ -1,7 +1,11 @@
 """DeepSpeedMoELayer: the v2 backend, whose experts DeepSpeed-MoE places and shards over ``ep_size`` ranks.
 
-It is built from the same settings as MoELayer, computes the same function (when no token is dropped,
-which ``drop_tokens=False`` guarantees) and reads and writes the same checkpoint layout. Its own
+DeepSpeed-MoE is the engine: it builds the expert-parallel process groups, owns the module tree (gate,
+``deepspeed_experts.<local>``), flags expert parameters for its optimizer groups, ZeRO and checkpoints.
+The forward is ours: the local router and balance loss on DeepSpeed's gate weight, then the dropless
+all-to-all of only the routed rows (``ep_dispatch``) with this rank's experts run by the configured
+expert implementation in one call (``stacked_experts``). It computes the local MoELayer's function for
+any routing (no capacity, no dropped token) and reads and writes the same checkpoint layout. Its own
 ``state_dict()`` is DeepSpeed's (``moe.deepspeed_moe...``, this rank's experts only), which DeepSpeed's
 checkpoints and transformers' loading by parameter name expect; :func:`local_layout_state_dict` gives
 the local backend's layout (``router.weight``, stacked ``experts.*``), gathering the experts over the
@@ -20,9 +24,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
+from .ep_dispatch import expert_parallel_mix
 from .experts import PROJECTIONS, MoEExperts
+from .layer import resolve_expert_implementation
+from .router import balance_loss, route_tokens
+from .stacked_experts import StackedExperts
 
 BASE_NAMES = tuple(f"{p}_proj" for p in PROJECTIONS)
 LORA_NAMES = tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in ("A", "B"))
@@ -87,9 +96,9 @@ def noisy_gate_policy(router_jitter: float) -> str | None:
 class DeepSpeedMoELayer(nn.Module):
     """``deepspeed.moe.layer.MoE`` with LoRA-integrated experts. Input and output [B, S, H].
 
-    Like MoELayer it keeps ``aux_loss`` (DeepSpeed's l_aux, the same GShard loss) and ``routing``
-    ([B, S, k] experts chosen by DeepSpeed's gate, detached) after each forward. The 2nd expert is
-    sampled only in training (DeepSpeed samples at eval too, which makes inference random).
+    Like MoELayer it keeps ``aux_loss`` (the GShard loss DeepSpeed calls l_aux) and ``routing`` ([B, S, k]
+    chosen experts, detached) after each forward. The 2nd expert is sampled only in training.
+    ``implementation`` names the expert implementation that runs this rank's experts (as MoELayer's).
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class DeepSpeedMoELayer(nn.Module):
         router_jitter: float = 0.0,
         second_expert_sampling: bool = False,
         expert_type: str = "mlp",
+        implementation: str = "auto",
         **expert_options: Any,
     ) -> None:
         """``expert_options`` (hidden_act, lora_r, lora_alpha, lora_dropout) configure every LoRAExpert."""
@@ -117,6 +127,8 @@ class DeepSpeedMoELayer(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.second_expert_sampling = second_expert_sampling
+        self.router_jitter = router_jitter
+        self.implementation = implementation
         expert = LoRAExpert(hidden_size, intermediate_size, **expert_options)
         self.expert_names = BASE_NAMES + (LORA_NAMES if expert.has_lora else ())
         moe_cls = deepspeed_moe_class()
@@ -134,8 +146,7 @@ class DeepSpeedMoELayer(nn.Module):
         self.local_layout_on_save = False
         self.aux_loss: torch.Tensor | None = None
         self.routing: torch.Tensor | None = None
-        self._routes: torch.Tensor | None = None
-        self.moe.deepspeed_moe.gate.register_forward_hook(self._keep_routes)
+        self._stacked = StackedExperts(self.local_experts())
         self.register_state_dict_post_hook(_save_local_layout)
         self.register_load_state_dict_pre_hook(_load_local_layout)
 
@@ -169,15 +180,26 @@ class DeepSpeedMoELayer(nn.Module):
             if expert is not None:
                 expert.load_dense_mlps([sd])
 
-    def _keep_routes(self, gate: nn.Module, inputs: Any, output: tuple) -> None:
-        self._routes = output[3].t().long().detach()  # sparse routes: [k, T] expert indices
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, E] of DeepSpeed's gate weight; in training, its multiplicative input jitter."""
+        if self.training and self.router_jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+        return F.linear(x.float(), self.router.weight.float())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        self.moe.deepspeed_moe.gate.top2_2nd_expert_sampling = self.second_expert_sampling and self.training
-        out, l_aux, _ = self.moe(hidden_states)
-        self.aux_loss = l_aux
-        self.routing = self._routes.view(*hidden_states.shape[:-1], self.top_k)
-        return out.to(hidden_states.dtype)
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = self.router_logits(x)
+        weights, indices = route_tokens(
+            logits, self.top_k, second_expert_sampling=self.second_expert_sampling and self.training
+        )
+        self.aux_loss = balance_loss(logits, indices, self.num_experts)
+        self.routing = indices.detach().view(*shape[:-1], self.top_k)
+        experts = self._stacked.view(self.local_experts(), self.training)
+        implementation = resolve_expert_implementation(self.implementation, x.shape[0])
+        out = expert_parallel_mix(x, weights.to(x.dtype), indices, experts, implementation, self.ep_size,
+                                  self.ep_group)
+        return out.view(shape)
 
     def gather_experts(self, local: torch.Tensor) -> torch.Tensor:
         """[num_local, ...] from every EP rank -> [num_experts, ...] in global order (collective)."""

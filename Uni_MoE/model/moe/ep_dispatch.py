@@ -1,0 +1,57 @@
+"""Dropless expert-parallel dispatch: each token-slot travels to the rank holding its expert, and only
+routed rows move.
+
+With ``ep_size`` ranks of L experts each (global expert e lives on rank e // L as local expert e % L),
+every rank sorts its [T, k] slots by expert, tells every other rank how many rows it will send for each
+of that rank's experts (one small all-to-all of counts, then one host sync for the split sizes), sends
+the rows (an all-to-all with those splits, differentiable), runs its L experts on what it received in
+one call of the expert implementation, and returns the outputs the same way. The routing weights are
+applied back on the token's own rank, so only hidden-size rows cross. No capacity, no padding, no
+dropped token: the function is the local layer's for any routing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_to_all_single
+
+from .experts import MoEExperts
+from .layer import ExpertFn
+
+
+def _exchange_counts(counts: torch.Tensor, ep_size: int, group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int], list[int]]:
+    """counts [E]: rows this rank sends to each global expert. Returns rows received per (source rank,
+    local expert) [ep_size * L], and the rows sent to / received from each rank (Python ints)."""
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)
+    per_rank = torch.stack([counts.view(ep_size, -1).sum(1), received.view(ep_size, -1).sum(1)]).tolist()
+    return received, per_rank[0], per_rank[1]
+
+
+def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
+                        implementation: ExpertFn, ep_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Mix the chosen experts' outputs when ``experts`` holds this rank's L = E / ep_size experts.
+
+    x [T, H]; weights [T, k] (x's dtype); indices [T, k] global expert ids -> [T, H]. A collective over
+    ``group``: every rank of it must call this once per layer forward, with any T (also 0).
+    """
+    if ep_size == 1:
+        return implementation(x, weights, indices, experts)
+    num_tokens, top_k = indices.shape
+    num_local = experts.num_experts
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)  # slots by expert, hence by destination rank
+    counts = torch.bincount(flat, minlength=ep_size * num_local)
+    received, sent_per_rank, received_per_rank = _exchange_counts(counts, ep_size, group)
+    rows = x[order // top_k]
+    total = sum(received_per_rank)
+    inbox = all_to_all_single(rows.new_empty(total, rows.shape[1]), rows, received_per_rank, sent_per_rank, group)
+    local_expert = torch.arange(num_local, device=x.device).repeat(ep_size)
+    local_expert = local_expert.repeat_interleave(received, output_size=total)
+    ones = inbox.new_ones(total, 1)
+    outputs = implementation(inbox, ones, local_expert[:, None], experts)
+    back = all_to_all_single(rows.new_empty(rows.shape), outputs, sent_per_rank, received_per_rank, group)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    per_slot = back[inverse].view(num_tokens, top_k, x.shape[1])
+    return (per_slot * weights.unsqueeze(-1)).sum(1)
