@@ -75,7 +75,8 @@ def make_moe_layer(config: UniMoEConfig) -> MoELayer | DeepSpeedMoELayer:
         second_expert_sampling=config.router_second_expert_sampling,
     )
     if config.moe_backend == "deepspeed":
-        return DeepSpeedMoELayer(**common, ep_size=config.ep_size, capacity_factor=config.capacity_factor)
+        return DeepSpeedMoELayer(**common, ep_size=config.ep_size, capacity_factor=config.capacity_factor,
+                                 implementation=config.moe_implementation)
     return MoELayer(**common, implementation=config.moe_implementation)
 
 

@@ -180,6 +180,12 @@ class DeepSpeedMoELayer(nn.Module):
             if expert is not None:
                 expert.load_dense_mlps([sd])
 
+    def _apply(self, fn: Any, recurse: bool = True) -> DeepSpeedMoELayer:
+        """A dtype or device move gives every parameter new storage: pack the experts' bases again."""
+        super()._apply(fn, recurse)
+        self._stacked.pack(self.local_experts())
+        return self
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, E] of DeepSpeed's gate weight; in training, its multiplicative input jitter."""
         if self.training and self.router_jitter > 0:

@@ -69,6 +69,13 @@ class StackedExperts:
         for name in self.names:
             del self.template._parameters[name]
 
+    def pack(self, experts: nn.ModuleList) -> None:
+        """Pack the frozen bases now (after a dtype or device move) rather than in the next forward."""
+        for name in BASES:
+            params = [getattr(e, name) for e in experts]
+            if params[0].device.type != "meta" and not any(p.requires_grad for p in params):
+                stacked_tensor(params)
+
     def view(self, experts: nn.ModuleList, training: bool) -> MoEExperts:
         """The stacked experts as they are now (the same object each call, tensors replaced)."""
         for name in self.names:
