@@ -8,10 +8,10 @@ Model: a LLaMA-7B-wide decoder (hidden 4096, intermediate 11008, 32 heads) of ``
 a v2 MoE (8 LoRA-integrated experts, top-2, balance loss 0.01), random init, no encoders. Every rank builds
 the same weights from one seed and each configuration loads them. Two passes, each over the configurations:
 
-- exact (float32, TF32 off, shorter sequences): the backends compute the same function, so everything must
-  agree to float32 rounding: greedy tokens (a differing token only at a float32 near-tie of the local
-  model's logits, gap <= ``--exact_tie_tolerance``), the loss of every training step and the held-out
-  logits after training. This is where ``pass`` is decided for correctness.
+- exact (float32, TF32 off, shorter sequences, SGD): the backends compute the same function, so everything
+  must agree to float32 rounding: greedy tokens (a differing token only at a float32 near-tie of the local
+  model's logits, gap <= ``--exact_tie_tolerance``), the reduced gradients of the first step, the loss of
+  every step and the held-out logits after training. This is where ``pass`` is decided for correctness.
 - speed (bfloat16): the timed run. Here rounding differences flip near-tied routes in a random network, so
   only the loss curves are compared (relative ``loss_rtol``); logits, routing and greedy are reported.
 
@@ -43,6 +43,9 @@ from typing import Any
 import torch
 
 TRAINABLE = re.compile(r"(router\.weight|gate\.wg\.weight|_lora_[AB])$")
+DS_EXPERT = re.compile(r"(.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+DS_GATE = ".moe.deepspeed_moe.gate.wg.weight"
+STACKED_EXPERT = re.compile(r".*\.experts\.\w+$")
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Result:
     experts_per_device: int
     losses: list[float] = field(default_factory=list)
     loss_max_rel_diff: float | None = None
+    grad_rel_err: float | None = None
     logits_rel_err: float | None = None
     routing_agreement: float | None = None
     greedy_equal: bool | None = None
@@ -88,6 +92,8 @@ class Result:
     decode_tokens_per_s: float = 0.0
     weights_gb: list[float] = field(default_factory=list)
     peak_gb: list[float] = field(default_factory=list)
+    build_peak_gb: list[float] = field(default_factory=list)
+    expert_rows: list[int] = field(default_factory=list)
     passed: bool = True
 
 
@@ -109,11 +115,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--train_steps", type=int, default=3, help="compared optimizer steps")
     p.add_argument("--timed_steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (speed pass)")
+    p.add_argument("--exact_lr", type=float, default=0.1,
+                   help="SGD learning rate of the exact pass (AdamW's sign-like first step would turn the "
+                   "rounding of near-zero gradients into lr-sized differences)")
     p.add_argument("--tie_tolerance", type=float, default=0.25,
                    help="speed pass: largest local-model logit gap at which a differing greedy token is a near-tie")
     p.add_argument("--exact_tie_tolerance", type=float, default=1e-4,
                    help="exact pass: the same, in float32")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one timed step per configuration: DIR/profile_<config>_rank<r>.txt")
     p.add_argument("--skip_exact", action="store_true", help="run only the timed bf16 pass")
     p.add_argument("--skip_speed", action="store_true", help="run only the float32 comparison")
     p.add_argument("--seed", type=int, default=0)
@@ -216,14 +227,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizer, batch: torch.Tensor, world: int) -> torch.Tensor:
-    """One step on this rank's batch; returns the loss averaged over ranks (detached)."""
+def gradients(model: torch.nn.Module) -> dict[tuple[str, int], torch.Tensor]:
+    """This rank's gradients on the CPU, keyed as the local backend names them: (name, expert), expert -1
+    for a parameter that is not per expert."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        grad = p.grad.detach().float().cpu()
+        if (match := DS_EXPERT.fullmatch(name)) is not None:
+            layer = model.get_submodule(match.group(1))
+            out[(f"{match.group(1)}.experts.{match.group(3)}", layer.ep_rank * layer.num_local_experts
+                 + int(match.group(2)))] = grad[0]
+        elif name.endswith(DS_GATE):
+            out[(name[: -len(DS_GATE)] + ".router.weight", -1)] = grad
+        elif STACKED_EXPERT.fullmatch(name):
+            out.update({(name, e): grad[e] for e in range(grad.shape[0])})
+        else:
+            out[(name, -1)] = grad
+    return out
+
+
+def gradient_rel_err(grads: dict, reference: dict) -> float:
+    """||grads - reference|| / ||reference|| over every rank's gradients (collective)."""
+    import torch.distributed as dist
+
+    sums = torch.zeros(2, dtype=torch.float64)
+    for key, grad in grads.items():
+        sums[0] += (grad - reference[key]).double().square().sum()
+        sums[1] += reference[key].double().square().sum()
+    dist.all_reduce(sums)
+    return float((sums[0] / sums[1]).sqrt())
+
+
+def train_step(model, optimizer, batch: torch.Tensor, world: int, grads: dict | None = None) -> torch.Tensor:
+    """One step on this rank's batch; returns the loss averaged over ranks (detached). ``grads`` receives
+    the reduced gradients (:func:`gradients`) when given."""
     import torch.distributed as dist
 
     optimizer.zero_grad(set_to_none=True)
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     reduce_gradients(model, world)
+    if grads is not None:
+        grads.update(gradients(model))
     optimizer.step()
     mean = loss.detach().float().clone()
     dist.all_reduce(mean)
@@ -279,9 +326,11 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
     run's outputs of the same pass."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     log(f"[{mode}] {name}: building ({args.layers} layers, {args.experts} experts, ep_size {ep_size}, {shape.dtype})")
     model = build(shape, args, backend, ep_size, state, device)
     res = Result(name, mode, backend, ep_size, args.experts // ep_size, weights_gb=all_ranks(memory_gb(device, False)))
+    res.build_peak_gb = all_ranks(memory_gb(device, True))
     if device.type == "cuda":  # peak of generation and training, not of building in float32 before the cast
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -299,24 +348,30 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
 
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    if mode == "exact":
+        optimizer = torch.optim.SGD(trainable, lr=args.exact_lr)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    grads: dict = {}
     for step in range(args.train_steps):
         batch = tokens(shape, shape.batch, shape.seq, args.seed + 1000 * (rank + 1) + step, device)
-        res.losses.append(float(train_step(model, optimizer, batch, world)))
+        res.losses.append(float(train_step(model, optimizer, batch, world, grads if step == 0 else None)))
         log(f"[{mode}] {name}: step {step + 1}/{args.train_steps} loss {res.losses[-1]:.6f}")
     model.eval()
     with torch.no_grad():
         held_out = tokens(shape, shape.batch, shape.seq, args.seed + 2, device)
         logits = model(input_ids=held_out).logits.float().cpu()
     routing = torch.stack([r.cpu() for r in model.routing()])
-    outputs.update(logits=logits, routing=routing)
+    outputs.update(logits=logits, routing=routing, grads=grads)
     if reference is not None:
+        res.grad_rel_err = gradient_rel_err(grads, reference["grads"])
         res.loss_max_rel_diff = max(abs(a - b) / abs(b) for a, b in zip(res.losses, reference["losses"]))
         res.logits_rel_err = float((logits - reference["logits"]).norm() / reference["logits"].norm())
         res.routing_agreement = float((routing.sort(-1).values == reference["routing"].sort(-1).values).float().mean())
         res.passed = res.loss_max_rel_diff <= shape.loss_rtol
         if shape.logits_rtol is not None:
-            res.passed = bool(res.passed and res.greedy_equal and res.logits_rel_err <= shape.logits_rtol)
+            res.passed = bool(res.passed and res.greedy_equal and res.logits_rel_err <= shape.logits_rtol
+                              and res.grad_rel_err <= shape.logits_rtol)
     outputs["losses"] = res.losses
 
     if mode == "speed":
@@ -343,6 +398,22 @@ def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res:
     sync(device)
     res.step_ms = 1e3 * (time.perf_counter() - start) / args.timed_steps
     res.train_tokens_per_s = world * batch.numel() / (res.step_ms / 1e3)
+    if args.profile:
+        profile_step(model, optimizer, batch, world, Path(args.out) / f"profile_{res.name.replace(' ', '_')}_rank{rank}.txt")
+    res.expert_rows = all_ranks(sum(getattr(layer, "expert_rows", 0) for layer in model.moe_layers()))
+
+
+def profile_step(model, optimizer, batch: torch.Tensor, world: int, path: Path) -> None:
+    """One training step under torch.profiler; its busiest operators by device time, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch.is_cuda else [])
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, batch, world)
+        sync(batch.device)
+    sort = "cuda_time_total" if batch.is_cuda else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
 
 
 def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, device: torch.device) -> dict[str, Any]:
@@ -355,7 +426,7 @@ def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, 
                 transformers=transformers.__version__, layers=args.layers, experts=args.experts, top_k=args.top_k,
                 lora_r=args.lora_r, shapes={mode: asdict(s) for mode, s in shapes.items()},
                 train_steps=args.train_steps, timed_steps=args.timed_steps, tie_tolerance=args.tie_tolerance,
-                exact_tie_tolerance=args.exact_tie_tolerance, command=" ".join(sys.argv))
+                exact_tie_tolerance=args.exact_tie_tolerance, exact_lr=args.exact_lr, command=" ".join(sys.argv))
 
 
 def num(x: float | None, fmt: str) -> str:
@@ -382,14 +453,17 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             "", f"## Exact comparison ({s['dtype']}, TF32 off)", "",
             f"Hidden {s['hidden']}, intermediate {s['intermediate']}; training {s['batch']} x {s['seq']} tokens per "
             f"rank and step; greedy: {s['batch']} prompts of {s['prompt']} tokens, {s['new_tokens']} new tokens. "
-            f"Pass: loss rel diff <= {s['loss_rtol']:g}, held-out logits rel err <= {s['logits_rtol']:g}, greedy "
+            f"SGD (lr {env['exact_lr']:g}). Pass: loss rel diff <= {s['loss_rtol']:g}; first-step gradients "
+            f"(all ranks, reduced) and held-out logits after training, rel err <= {s['logits_rtol']:g}; greedy "
             f"equal (or a near-tie of gap <= {env['exact_tie_tolerance']:g}).", "",
-            "| config | ep_size | experts/GPU | max loss rel diff | logits rel err | routing agree | greedy | pass |",
-            "|---|---|---|---|---|---|---|---|",
+            "| config | ep_size | experts/GPU | max loss rel diff | grad rel err | logits rel err | routing agree | "
+            "greedy | pass |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in exact:
             lines.append(f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {num(r.loss_max_rel_diff, '.2e')} | "
-                         f"{num(r.logits_rel_err, '.2e')} | {num(r.routing_agreement, '.4f')} | "
+                         f"{num(r.grad_rel_err, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
+                         f"{num(r.routing_agreement, '.4f')} | "
                          f"{'-' if r.greedy_equal is None else r.greedy_note} | {'yes' if r.passed else 'NO'} |")
     speed = [r for r in results if r.mode == "speed"]
     if speed:
@@ -400,16 +474,20 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             f"rank and step; decode: {s['batch']} prompts of {s['prompt']} tokens, {s['new_tokens']} new tokens "
             f"(prefill included), tokens/s summed over ranks. Pass: every step's loss within {s['loss_rtol']:g} "
             "(relative) of the local run's; logits, routing and greedy tokens are shown, not judged (rounding flips "
-            f"near-tied routes; greedy near-tie gap {env['tie_tolerance']:g}). Peak memory: from after building.", "",
+            f"near-tied routes; greedy near-tie gap {env['tie_tolerance']:g}). Peak GB/GPU: generation and training, "
+            "from after building; build peak: from before building (the float32 construction, cast to bf16 after). "
+            "Expert rows/GPU: token-slots each rank's experts ran in the last timed step (all layers).", "",
             "| config | ep_size | experts/GPU | ms/step | train tokens/s | decode tokens/s | weights GB/GPU | "
-            "peak GB/GPU | max loss rel diff | logits rel err | routing agree | greedy | pass |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "peak GB/GPU | build peak GB/GPU | expert rows/GPU | max loss rel diff | grad rel err | logits rel err | "
+            "routing agree | greedy | pass |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in speed:
+            rows = " / ".join(str(n) for n in r.expert_rows) if r.backend == "deepspeed" else "-"
             lines.append(
                 f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {r.step_ms:.1f} | {r.train_tokens_per_s:.0f} | "
-                f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | "
-                f"{num(r.loss_max_rel_diff, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
+                f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {gb(r.build_peak_gb)} | {rows} | "
+                f"{num(r.loss_max_rel_diff, '.2e')} | {num(r.grad_rel_err, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
                 f"{num(r.routing_agreement, '.4f')} | {'-' if r.greedy_equal is None else r.greedy_note} | "
                 f"{'yes' if r.passed else 'NO'} |")
         lines += [""] + speedups(speed)

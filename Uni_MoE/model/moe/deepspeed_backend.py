@@ -97,7 +97,8 @@ class DeepSpeedMoELayer(nn.Module):
     """``deepspeed.moe.layer.MoE`` with LoRA-integrated experts. Input and output [B, S, H].
 
     Like MoELayer it keeps ``aux_loss`` (the GShard loss DeepSpeed calls l_aux) and ``routing`` ([B, S, k]
-    chosen experts, detached) after each forward. The 2nd expert is sampled only in training.
+    chosen experts, detached) after each forward, and ``expert_rows``: the token-slots this rank's experts
+    ran (its load). The 2nd expert is sampled only in training.
     ``implementation`` names the expert implementation that runs this rank's experts (as MoELayer's).
     """
 
@@ -146,6 +147,7 @@ class DeepSpeedMoELayer(nn.Module):
         self.local_layout_on_save = False
         self.aux_loss: torch.Tensor | None = None
         self.routing: torch.Tensor | None = None
+        self.expert_rows = 0  # token-slots this rank's experts ran in the last forward
         self._stacked = StackedExperts(self.local_experts())
         self.register_state_dict_post_hook(_save_local_layout)
         self.register_load_state_dict_pre_hook(_load_local_layout)
@@ -203,8 +205,8 @@ class DeepSpeedMoELayer(nn.Module):
         self.routing = indices.detach().view(*shape[:-1], self.top_k)
         experts = self._stacked.view(self.local_experts(), self.training)
         implementation = resolve_expert_implementation(self.implementation, x.shape[0])
-        out = expert_parallel_mix(x, weights.to(x.dtype), indices, experts, implementation, self.ep_size,
-                                  self.ep_group)
+        out, self.expert_rows = expert_parallel_mix(x, weights.to(x.dtype), indices, experts, implementation,
+                                                    self.ep_size, self.ep_group)
         return out.view(shape)
 
     def gather_experts(self, local: torch.Tensor) -> torch.Tensor:

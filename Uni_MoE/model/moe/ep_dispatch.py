@@ -30,14 +30,16 @@ def _exchange_counts(counts: torch.Tensor, ep_size: int, group: dist.ProcessGrou
 
 
 def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
-                        implementation: ExpertFn, ep_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+                        implementation: ExpertFn, ep_size: int,
+                        group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int]:
     """Mix the chosen experts' outputs when ``experts`` holds this rank's L = E / ep_size experts.
 
-    x [T, H]; weights [T, k] (x's dtype); indices [T, k] global expert ids -> [T, H]. A collective over
-    ``group``: every rank of it must call this once per layer forward, with any T (also 0).
+    x [T, H]; weights [T, k] (x's dtype); indices [T, k] global expert ids -> ([T, H], rows this rank's
+    experts ran, a load-balance figure). A collective over ``group``: every rank of it must call this
+    once per layer forward, with any T (also 0).
     """
     if ep_size == 1:
-        return implementation(x, weights, indices, experts)
+        return implementation(x, weights, indices, experts), indices.numel()
     num_tokens, top_k = indices.shape
     num_local = experts.num_experts
     flat = indices.reshape(-1)
@@ -54,4 +56,4 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     back = all_to_all_single(rows.new_empty(rows.shape), outputs, sent_per_rank, received_per_rank, group)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     per_slot = back[inverse].view(num_tokens, top_k, x.shape[1])
-    return (per_slot * weights.unsqueeze(-1)).sum(1)
+    return (per_slot * weights.unsqueeze(-1)).sum(1), total
