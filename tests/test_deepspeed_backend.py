@@ -82,6 +82,48 @@ def test_deepspeed_layer_matches_local_outputs_and_gradients(dist_world):
             torch.testing.assert_close(getattr(expert, name).grad[0], getattr(local.experts, name).grad[b])
 
 
+def test_local_experts_run_packed_in_one_implementation_call(dist_world):
+    """The frozen expert bases become slices of one tensor per projection (again after a dtype move), and the
+    expert implementation sees all local experts stacked, once per forward."""
+    from Uni_MoE.model.moe import register_expert_implementation
+    from Uni_MoE.model.moe.reference import experts_reference
+
+    calls = []
+
+    def spy(x, weights, indices, experts):
+        calls.append((x.shape[0], experts.num_experts, experts.gate_proj.shape))
+        return experts_reference(x, weights, indices, experts)
+
+    register_expert_implementation("spy_for_tests", spy)
+    local, ds = _local_layer(), _ds_layer(implementation="spy_for_tests")
+    ds.load_state_dict(local.state_dict(), strict=True)
+    for p in ds.parameters():
+        p.requires_grad_(p.shape[-1] == 4 or p.shape[-2] == 4)  # LoRA (r = 4) trains, bases are frozen
+    x = torch.randn(2, 9, 16)
+    torch.testing.assert_close(ds(x), local(x))
+    assert calls == [(18, 4, (4, 32, 16))]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        params = [getattr(e, name) for e in ds.local_experts()]
+        assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+        assert [p.storage_offset() for p in params] == [b * params[0].numel() for b in range(4)]
+    ds.to(torch.float64)
+    first = ds.local_experts()[0].up_proj
+    assert first.dtype == torch.float64 and first.untyped_storage().nbytes() == 4 * first.numel() * 8
+    torch.testing.assert_close(ds(x.double()), local.double()(x.double()))
+
+
+def test_trainable_bases_get_their_gradients(dist_world):
+    """Bases that train are concatenated with autograd instead of packed: each expert's own gradient."""
+    local, ds = _local_layer(), _ds_layer()
+    ds.load_state_dict(local.state_dict(), strict=True)
+    x = torch.randn(3, 4, 16)
+    _run(local, x)
+    _run(ds, x)
+    for b, expert in enumerate(ds.local_experts()):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            torch.testing.assert_close(getattr(expert, name).grad[0], getattr(local.experts, name).grad[b])
+
+
 def test_second_expert_sampling_only_in_training(dist_world):
     ds = _ds_layer(second_expert_sampling=True).eval()
     x = torch.randn(1, 64, 16)
@@ -192,6 +234,17 @@ def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_p
     torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
 
 
+def test_deepspeed_layout_save_pretrained_round_trips(dist_world, make_config, tmp_path):
+    """save_pretrained of the model's own (DeepSpeed) layout, with packed expert bases, reloads equal."""
+    local, ds = _model_pair(make_config)
+    ds.load_state_dict(local.state_dict(), strict=True)
+    ids = torch.randint(0, 200, (2, 12))
+    expected = ds(ids).logits  # packs the bases
+    ds.save_pretrained(tmp_path)
+    again = UniMoEForCausalLM.from_pretrained(tmp_path, moe_backend="deepspeed").eval()
+    torch.testing.assert_close(again(ids).logits, expected)
+
+
 def test_dense_checkpoint_upcycles_into_deepspeed_experts(dist_world, make_config, tmp_path):
     """transformers' from_pretrained builds a DeepSpeed-MoE model over a dense base (stage 3's start)."""
     dense = UniMoEForCausalLM(make_config(moe_layers="none"))
@@ -268,9 +321,34 @@ def _ep2_worker() -> None:
     assert gathered.keys() == local.state_dict().keys()
     for key, value in local.state_dict().items():
         torch.testing.assert_close(gathered[key], value)
+    _ep2_uneven(rank, local, ds)
     _ep2_v2_experts(rank, Path(os.environ["OUT_DIR"]))
     (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
     dist.barrier()
+
+
+def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:
+    """Rank 1 sends no token at all and the bases train: rank 0's outputs, the rows each rank's experts ran,
+    and every expert's base and LoRA gradients (rank 0's tokens only) still match the local backend."""
+    import torch.distributed as dist
+
+    for layer in (local, ds):
+        layer.zero_grad(set_to_none=True)
+    x = torch.randn(1, 11 if rank == 0 else 0, 16)
+    out_l, out_d = local(x), ds(x)
+    torch.testing.assert_close(out_d, out_l)
+    if out_l.requires_grad:  # the local layer on no token computes nothing
+        out_l.square().sum().backward()
+    out_d.square().sum().backward()  # every rank: the backward exchanges rows too
+    routes = [None, None]
+    dist.all_gather_object(routes, ds.routing)
+    assert ds.expert_rows == sum(int((r // 2 == rank).sum()) for r in routes) > 0  # the slots sent to this rank
+    for name in ("gate_proj", "down_proj", "up_lora_A", "down_lora_B"):
+        param = getattr(local.experts, name)
+        summed = torch.zeros_like(param) if param.grad is None else param.grad.clone()
+        dist.all_reduce(summed)
+        for b, expert in enumerate(ds.local_experts()):
+            torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
 
 
 def _ep2_v2_experts(rank: int, out: Path) -> None:

@@ -87,16 +87,16 @@ def test_bad_eval_file_is_named(tmp_path):
 @pytest.mark.slow
 def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
     """--enable_deepspeed_moe True --eval_ep_size 2 on two gloo ranks (half the experts each, the same
-    batches on both) gives the local backend's predictions; rank 0 alone writes and prints."""
+    batches on both) gives the local backend's greedy float32 predictions; rank 0 alone writes and prints."""
     model, files, root = workspace
-    local_rows, _ = _run(workspace, "mmbench_audio")
+    local_rows, _ = _run(workspace, "mmbench_audio", "--dtype", "float32")
     out = tmp_path / "mm.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "Uni_MoE.eval", "--model_path", str(model), "--data_path",
            str(files["mmbench_audio"]["data"]), "--data_type", "mmbench_audio", "--output_dir", str(out),
-           "--batch_size", "3", *FAST_DECODING, "--enable_deepspeed_moe", "True", "--eval_ep_size", "2",
-           "--deepspeed", "zero2.json"]
+           "--batch_size", "3", *FAST_DECODING, "--dtype", "float32", "--enable_deepspeed_moe", "True",
+           "--eval_ep_size", "2", "--deepspeed", "zero2.json"]
     run = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
     rows = json.loads(out.read_text())
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in local_rows]

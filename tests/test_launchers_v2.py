@@ -121,7 +121,7 @@ def tiny_moe_checkpoint(folder: Path) -> Path:
 @pytest.mark.slow
 def test_expert_parallel_chat_over_two_processes_answers_as_one_process(tmp_path):
     """Two gloo ranks, two experts each: rank 0 reads the questions, both decode in step, and the sampled
-    reply equals the single-process CLI's on the same seed."""
+    reply equals the single-process CLI's on the same seed; a greedy float32 --question reply too."""
     pytest.importorskip("deepspeed")
     model = tiny_moe_checkpoint(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -140,3 +140,11 @@ def test_expert_parallel_chat_over_two_processes_answers_as_one_process(tmp_path
                             timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     assert replies[0] == single.stdout.strip() != ""
+    greedy = ["--question", "Describe it.", "--max_new_tokens", "12", "--temperature", "0", "--dtype", "float32"]
+    sharded = subprocess.run([*cmd[:-len(decoding)], *greedy], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    alone = subprocess.run([sys.executable, "-m", "Uni_MoE.serve.cli", "--model_path", str(model), *greedy], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert sharded.stdout.strip() == alone.stdout.strip() != ""  # greedy float32: the same tokens
