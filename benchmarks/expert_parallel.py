@@ -248,14 +248,16 @@ def gradients(model: torch.nn.Module) -> dict[tuple[str, int], torch.Tensor]:
     return out
 
 
-def gradient_rel_err(grads: dict, reference: dict) -> float:
-    """||grads - reference|| / ||reference|| over every rank's gradients (collective)."""
+def gradient_rel_err(grads: dict, reference: dict, device: torch.device) -> float:
+    """||grads - reference|| / ||reference|| over every rank's gradients (collective; the sums travel on
+    ``device``, as NCCL reduces only GPU tensors)."""
     import torch.distributed as dist
 
     sums = torch.zeros(2, dtype=torch.float64)
     for key, grad in grads.items():
         sums[0] += (grad - reference[key]).double().square().sum()
         sums[1] += reference[key].double().square().sum()
+    sums = sums.to(device)
     dist.all_reduce(sums)
     return float((sums[0] / sums[1]).sqrt())
 
@@ -364,7 +366,7 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
     routing = torch.stack([r.cpu() for r in model.routing()])
     outputs.update(logits=logits, routing=routing, grads=grads)
     if reference is not None:
-        res.grad_rel_err = gradient_rel_err(grads, reference["grads"])
+        res.grad_rel_err = gradient_rel_err(grads, reference["grads"], device)
         res.loss_max_rel_diff = max(abs(a - b) / abs(b) for a, b in zip(res.losses, reference["losses"]))
         res.logits_rel_err = float((logits - reference["logits"]).norm() / reference["logits"].norm())
         res.routing_agreement = float((routing.sort(-1).values == reference["routing"].sort(-1).values).float().mean())

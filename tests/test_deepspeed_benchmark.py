@@ -37,18 +37,36 @@ def test_greedy_difference_passes_only_at_a_near_tie():
 
 
 @pytest.mark.slow
-def test_smoke_run_compares_backends_and_writes_reports(tmp_path):
+def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path):
+    """Two gloo ranks: the exact pass holds local, ep_size 1 and ep_size 2 to float32 rounding (greedy,
+    first-step gradients, losses, logits); the speed pass times all three."""
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2", "--timed_steps", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2",
+           "--timed_steps", "1"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "expert_parallel.json").read_text())
-    local, ep1 = report["results"]
-    assert (local["backend"], ep1["backend"], ep1["ep_size"]) == ("local", "deepspeed", 1)
-    assert len(local["losses"]) == 2 and ep1["passed"] and ep1["greedy_equal"]
-    assert ep1["loss_max_rel_diff"] < 1e-5 and ep1["logits_rel_err"] < 1e-5 and ep1["routing_agreement"] == 1.0
-    assert ep1["train_tokens_per_s"] > 0 and ep1["decode_tokens_per_s"] > 0
+    rows = {(r["mode"], r["name"]): r for r in report["results"]}
+    assert sorted(rows) == [(mode, name) for mode in ("exact", "speed")
+                            for name in ("deepspeed ep1", "deepspeed ep2", "local")]
+    for name in ("deepspeed ep1", "deepspeed ep2"):
+        exact = rows[("exact", name)]
+        assert exact["passed"] and exact["greedy_equal"] and exact["routing_agreement"] == 1.0
+        assert exact["grad_rel_err"] < 1e-5 and exact["loss_max_rel_diff"] < 1e-5 and exact["logits_rel_err"] < 1e-5
+        speed = rows[("speed", name)]
+        assert speed["train_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    ep2 = rows[("speed", "deepspeed ep2")]
+    assert ep2["experts_per_device"] == 4 and sum(ep2["expert_rows"]) == 2 * 2 * 16 * 2 * 2  # ranks*batch*seq*k*layers
     table = (tmp_path / "expert_parallel.md").read_text()
-    assert "| deepspeed ep1 | 1 | 8 |" in table and "identical" in table
+    assert "## Exact comparison (float32" in table and "| deepspeed ep2 | 2 | 4 |" in table
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
