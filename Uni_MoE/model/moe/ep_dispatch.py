@@ -36,7 +36,7 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
 
     x [T, H]; weights [T, k] (x's dtype); indices [T, k] global expert ids -> ([T, H], rows this rank's
     experts ran, a load-balance figure). A collective over ``group``: every rank of it must call this
-    once per layer forward, with any T (also 0).
+    once per layer forward, with any T (also 0), and run the backward alike (it exchanges rows too).
     """
     if ep_size == 1:
         return implementation(x, weights, indices, experts), indices.numel()
