@@ -401,7 +401,8 @@ def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res:
     res.step_ms = 1e3 * (time.perf_counter() - start) / args.timed_steps
     res.train_tokens_per_s = world * batch.numel() / (res.step_ms / 1e3)
     if args.profile:
-        profile_step(model, optimizer, batch, world, Path(args.out) / f"profile_{res.name.replace(' ', '_')}_rank{rank}.txt")
+        name = res.name.replace(" ", "_")
+        profile_step(model, optimizer, batch, world, Path(args.out) / f"profile_{name}_rank{rank}.txt")
     res.expert_rows = all_ranks(sum(getattr(layer, "expert_rows", 0) for layer in model.moe_layers()))
 
 
@@ -488,7 +489,8 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             rows = " / ".join(str(n) for n in r.expert_rows) if r.backend == "deepspeed" else "-"
             lines.append(
                 f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {r.step_ms:.1f} | {r.train_tokens_per_s:.0f} | "
-                f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {gb(r.build_peak_gb)} | {rows} | "
+                f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {gb(r.build_peak_gb)} | "
+                f"{rows} | "
                 f"{num(r.loss_max_rel_diff, '.2e')} | {num(r.grad_rel_err, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
                 f"{num(r.routing_agreement, '.4f')} | {'-' if r.greedy_equal is None else r.greedy_note} | "
                 f"{'yes' if r.passed else 'NO'} |")

@@ -20,7 +20,25 @@ from .experts import MoEExperts
 from .layer import ExpertFn
 
 
-def _exchange_counts(counts: torch.Tensor, ep_size: int, group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int], list[int]]:
+class _GatherRows(torch.autograd.Function):
+    """out = x[index], every row of x copied ``per_row`` times; ``inverse[r * per_row + c]`` is the row of out
+    holding copy c of row r. The backward gathers and sums the copies: no atomic scatter, deterministic."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, per_row: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.shape = (x.shape[0], per_row, x.shape[1])
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        grouped = grad[inverse].view(ctx.shape)
+        return (grouped.sum(1) if ctx.shape[1] > 1 else grouped[:, 0]), None, None, None
+
+
+def _exchange_counts(counts: torch.Tensor, ep_size: int,
+                     group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int], list[int]]:
     """counts [E]: rows this rank sends to each global expert. Returns rows received per (source rank,
     local expert) [ep_size * L], and the rows sent to / received from each rank (Python ints)."""
     received = torch.empty_like(counts)
@@ -46,7 +64,8 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     order = flat.argsort(stable=True)  # slots by expert, hence by destination rank
     counts = torch.bincount(flat, minlength=ep_size * num_local)
     received, sent_per_rank, received_per_rank = _exchange_counts(counts, ep_size, group)
-    rows = x[order // top_k]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    rows = _GatherRows.apply(x, order // top_k, inverse, top_k)  # [S, H] sorted by expert
     total = sum(received_per_rank)
     inbox = all_to_all_single(rows.new_empty(total, rows.shape[1]), rows, received_per_rank, sent_per_rank, group)
     local_expert = torch.arange(num_local, device=x.device).repeat(ep_size)
@@ -54,6 +73,5 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     ones = inbox.new_ones(total, 1)
     outputs = implementation(inbox, ones, local_expert[:, None], experts)
     back = all_to_all_single(rows.new_empty(rows.shape), outputs, sent_per_rank, received_per_rank, group)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    per_slot = back[inverse].view(num_tokens, top_k, x.shape[1])
+    per_slot = _GatherRows.apply(back, inverse, order, 1).view(num_tokens, top_k, x.shape[1])
     return (per_slot * weights.unsqueeze(-1)).sum(1), total

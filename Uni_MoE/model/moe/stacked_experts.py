@@ -28,8 +28,9 @@ def _stacked_views(params: list[torch.Tensor]) -> torch.Tensor | None:
     step = first.numel()
     storage = first.untyped_storage().data_ptr()
     for b, p in enumerate(params):
-        if (p.dtype != first.dtype or p.device != first.device or p.shape != first.shape or not p.is_contiguous()
-                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != first.storage_offset() + b * step):
+        same_kind = p.dtype == first.dtype and p.device == first.device and p.shape == first.shape
+        in_place = p.untyped_storage().data_ptr() == storage and p.storage_offset() == first.storage_offset() + b * step
+        if not (same_kind and p.is_contiguous() and in_place):
             return None
     return first.detach().as_strided((len(params), *first.shape[1:]), (step, *first.stride()[1:]),
                                      first.storage_offset())
