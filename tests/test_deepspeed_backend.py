@@ -322,6 +322,7 @@ def _ep2_worker() -> None:
     for key, value in local.state_dict().items():
         torch.testing.assert_close(gathered[key], value)
     _ep2_uneven(rank, local, ds)
+    _ep2_no_rows_for_one_rank(rank)
     _ep2_v2_experts(rank, Path(os.environ["OUT_DIR"]))
     (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
     dist.barrier()
@@ -349,6 +350,23 @@ def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:
         dist.all_reduce(summed)
         for b, expert in enumerate(ds.local_experts()):
             torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
+
+
+def _ep2_no_rows_for_one_rank(rank: int) -> None:
+    """Every token routes to rank 0's experts, so rank 1's experts run no row (the reference loop returns a
+    tensor without history then); the backward still completes on both ranks, with rank 0's gradients."""
+    from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer
+
+    ds = DeepSpeedMoELayer(**LAYER, ep_size=2, implementation="reference")
+    with torch.no_grad():
+        ds.router.weight.copy_(torch.tensor([1.0, 0.5, -1.0, -1.0])[:, None].expand(4, 16))
+    x = torch.rand(1, 6, 16).requires_grad_()  # positive features: experts 0 and 1 win for every token
+    out = ds(x)
+    assert ds.expert_rows == (24 if rank == 0 else 0)
+    out.square().sum().backward()
+    grads = [e.up_lora_B.grad for e in ds.local_experts()]
+    assert all(g is not None for g in grads) and (rank == 0 or all(not g.any() for g in grads))
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def _ep2_v2_experts(rank: int, out: Path) -> None:

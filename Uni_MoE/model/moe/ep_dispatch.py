@@ -37,6 +37,16 @@ class _GatherRows(torch.autograd.Function):
         return (grouped.sum(1) if ctx.shape[1] > 1 else grouped[:, 0]), None, None, None
 
 
+def _zero_link(inbox: torch.Tensor, experts: MoEExperts) -> torch.Tensor:
+    """0, depending on the received rows and every trainable expert tensor: a rank that received no row
+    still takes part in the backward's exchanges, as the ranks with rows do (else they would wait forever)."""
+    link = inbox.sum() * 0
+    for p in experts.base_parameters() + experts.lora_parameters():
+        if p.requires_grad:
+            link = link + p.sum() * 0
+    return link
+
+
 def _exchange_counts(counts: torch.Tensor, ep_size: int,
                      group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int], list[int]]:
     """counts [E]: rows this rank sends to each global expert. Returns rows received per (source rank,
@@ -72,6 +82,8 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     local_expert = local_expert.repeat_interleave(received, output_size=total)
     ones = inbox.new_ones(total, 1)
     outputs = implementation(inbox, ones, local_expert[:, None], experts)
+    if total == 0 and torch.is_grad_enabled():
+        outputs = outputs + _zero_link(inbox, experts)
     back = all_to_all_single(rows.new_empty(rows.shape), outputs, sent_per_rank, received_per_rank, group)
     per_slot = _GatherRows.apply(back, inverse, order, 1).view(num_tokens, top_k, x.shape[1])
     return (per_slot * weights.unsqueeze(-1)).sum(1), total
