@@ -114,9 +114,9 @@ class _SampleChecker(Dataset):
         try:
             self.dataset[j]
         except ValueError as err:
-            return [issue(_reason(err.__cause__ or err))]
+            return [issue(issue_reason(err.__cause__ or err))]
         except Exception as err:  # noqa: BLE001 - a validation pass reports every failure instead of crashing
-            return [issue(f"{type(err).__name__}: {_reason(err)}")]
+            return [issue(f"{type(err).__name__}: {issue_reason(err)}")]
         return [issue(f"{path}: audio is silent (peak below {media.SILENCE_PEAK}); kept", WARNING)
                 for path in self._voice_files(sample) if media.is_silent(media.load_waveform(path))]
 
@@ -124,7 +124,7 @@ class _SampleChecker(Dataset):
         return [resolve_media_path(p, self.dataset.data_root) for p in sample.speech + sample.audio]
 
 
-def _reason(err: BaseException) -> str:
+def issue_reason(err: BaseException) -> str:
     """The error's message without the "<file> sample <i> (id <id>): " prefix the Issue already shows."""
     return WHERE_PREFIX.sub("", str(err), count=1)
 
@@ -144,7 +144,7 @@ def _parse_file(path: str | Path, voice_modality: str) -> tuple[list[Sample], li
         try:
             sample = parse_sample(record, index, voice_modality, str(path))
         except SampleError as err:
-            reason = _reason(err)
+            reason = issue_reason(err)
             sid = record.get("id", record.get("question_id")) if isinstance(record, dict) else None
             issues.append(Issue(str(path), index, None if sid is None else str(sid), reason))
             continue
@@ -164,13 +164,35 @@ def _check_shards(checker: _SampleChecker, num_workers: int, show_progress: bool
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     mine = list(range(rank, len(checker), world))
     loader = DataLoader(Subset(checker, mine), batch_size=None, num_workers=num_workers, collate_fn=_identity)
-    progress = tqdm(loader, desc="validating samples", disable=not show_progress)
-    found = dict(zip(mine, progress))
+    found: dict[int, list[Issue]] = {}
+    with tqdm(total=len(mine), desc="validating samples", disable=not show_progress) as bar:
+        for j, issues in zip(mine, loader):
+            found[j] = issues
+            bar.update()
     if world > 1:
         every: list[dict[int, list[Issue]]] = [{} for _ in range(world)]
         dist.all_gather_object(every, found)
         found = {j: issues for part in every for j, issues in part.items()}
     return found
+
+
+def check_samples(
+    samples: list[Sample],
+    sources: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    config: UniMoEConfig,
+    data_root: str | Path | None = None,
+    model_max_length: int | None = None,
+    for_generation: bool = False,
+    num_workers: int = 0,
+    show_progress: bool = True,
+) -> list[list[Issue]]:
+    """The issues of each parsed sample (aligned with ``samples``; ``sources`` names each one's file), found by
+    loading it as training or generation does; ``num_workers`` processes decode media in parallel (per rank,
+    when torch.distributed is initialised: the ranks share the work)."""
+    dataset = UniMoEDataset(samples, tokenizer, config, data_root, model_max_length, for_generation)
+    found = _check_shards(_SampleChecker(dataset, sources), num_workers, show_progress)
+    return [found[j] for j in range(len(samples))]
 
 
 def validate_files(
@@ -183,8 +205,8 @@ def validate_files(
     num_workers: int = 0,
     show_progress: bool = True,
 ) -> ValidationReport:
-    """Check every record of ``paths``; ``num_workers`` processes decode media in parallel (per rank, when
-    torch.distributed is initialised: the ranks share the work)."""
+    """Check every record of ``paths`` (see :func:`check_samples`). A file that cannot be read is an
+    error of its own (sample -1)."""
     paths = [str(p) for p in paths]
     samples: list[Sample] = []
     file_of: list[str] = []
@@ -195,11 +217,11 @@ def validate_files(
         file_of += [str(path)] * len(parsed)
         report.issues += issues
         report.total += count
-    dataset = UniMoEDataset(samples, tokenizer, config, data_root, model_max_length, for_generation)
-    found = _check_shards(_SampleChecker(dataset, file_of), num_workers, show_progress)
-    for j, sample in enumerate(samples):
-        report.issues += found[j]
-        if not any(i.severity == ERROR for i in found[j]):
+    found = check_samples(samples, file_of, tokenizer, config, data_root, model_max_length, for_generation,
+                          num_workers, show_progress)
+    for sample, issues in zip(samples, found):
+        report.issues += issues
+        if not any(i.severity == ERROR for i in issues):
             report.samples.append(sample)
     report.issues.sort(key=lambda i: (paths.index(i.file), i.index))
     return report
