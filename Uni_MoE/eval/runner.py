@@ -23,9 +23,8 @@ from ..data import schema
 from ..data.conversation import render_prompt
 from ..data.dataset import UniMoEDataset
 from ..data.schema import MEDIA_KEYS, Sample, SampleError
-from ..data.tokenizer import load_tokenizer
-from ..model_folder import require_model_folder
-from ..serve.generate import GenerationSettings, is_original_release, iter_replies, load_model
+from ..model_folder import config_and_tokenizer, require_model_folder
+from ..serve.generate import GenerationSettings, iter_replies, load_model
 from . import metrics as M
 from .checks import (FAILED_GENERATION, Skipped, check_items, missing_references, refuse_bad_samples,
                      skipped_report, summary_line)
@@ -143,14 +142,6 @@ def _settings_key(cfg: EvalConfig, task: Task, settings: GenerationSettings) -> 
             "data_type": task.name, "generation": settings.as_dict(), "seed": cfg.seed}
 
 
-def _config_and_tokenizer(model_path: str) -> tuple[UniMoEConfig, PreTrainedTokenizerBase] | None:
-    """Our folder's config and tokenizer, read without the weights; None for an original release, whose
-    config exists only once it is converted."""
-    if is_original_release(model_path):
-        return None
-    return UniMoEConfig.from_pretrained(model_path), load_tokenizer(model_path)
-
-
 def _share(value: Any, ranks: RankInfo) -> Any:
     """Rank 0's ``value`` on every rank (expert-parallel ranks must run the same generations)."""
     if ranks.world_size == 1:
@@ -183,7 +174,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
               f"and will not be scored (ids {shown}){hint}", file=sys.stderr)
     ids = [record_id(it.meta["source"], it.meta["record"]) for it in items]
 
-    early = _config_and_tokenizer(cfg.model_path)
+    early = config_and_tokenizer(cfg.model_path)
     checked = _check(cfg, items, data_root, *early) if early else None
     ranks, ep_size, device = RankInfo(), None, cfg.device
     if cfg.enable_deepspeed_moe:
