@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..config import UniMoEConfig
+from ..model_folder import ModelFolderError, require_model_folder
 from . import media
 from .dataset import UniMoEDataset
 from .schema import Sample, SampleError, parse_sample, read_records, resolve_media_path, unknown_media_keys
@@ -234,17 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m Uni_MoE.data.validate", description=__doc__.split("\n")[0])
     parser.add_argument("data_path", nargs="+", help="training/eval JSON or JSON-lines file(s)")
     parser.add_argument("--data_root", default=None, help="folder that relative media paths are under")
-    parser.add_argument("--model_name_or_path", default="checkpoint/tiny",
+    parser.add_argument("--model_name_or_path", required=True,
                         help="model folder: its config (encoders, audio limits) and tokenizer are used")
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--for_generation", action="store_true", help="eval data: the answer turn is optional")
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--report", default=None, help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
-    if not Path(args.model_name_or_path).is_dir():
-        parser.error(f"--model_name_or_path {args.model_name_or_path}: no such model folder")
+    try:
+        folder = require_model_folder(args.model_name_or_path)
+    except ModelFolderError as err:
+        sys.exit(str(err))
     report = validate_files(
-        args.data_path, load_tokenizer(args.model_name_or_path), UniMoEConfig.from_pretrained(args.model_name_or_path),
+        args.data_path, load_tokenizer(folder), UniMoEConfig.from_pretrained(str(folder)),
         args.data_root, args.model_max_length, args.for_generation, args.num_workers,
     )
     print(report.format())
