@@ -30,7 +30,7 @@ from .checks import (FAILED_GENERATION, Skipped, check_items, missing_references
                      skipped_report, summary_line)
 from .distributed import RankInfo, init_expert_parallel
 from .journal import Journal, journal_path
-from .resilient import replies_or_errors
+from .resilient import Generate, replies_or_errors
 from .tasks import EvalItem, Task, TaskError, TaskOptions, get_task, load_annotations, record_id
 
 
@@ -168,10 +168,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     items = prepare_items(task, records, data_root, options, cfg.data_path)
     unreferenced = missing_references(task, items)
     if unreferenced:
-        shown = ", ".join(unreferenced[:5]) + (" ..." if len(unreferenced) > 5 else "")
-        hint = "" if cfg.annotation_file else "; if its answers are kept apart, pass them with --annotation_file"
-        print(f"warning: {cfg.data_path}: {len(unreferenced)} of {len(items)} generations have no reference answer "
-              f"and will not be scored (ids {shown}){hint}", file=sys.stderr)
+        _warn_unreferenced(cfg, unreferenced, len(items))
     ids = [record_id(it.meta["source"], it.meta["record"]) for it in items]
 
     early = config_and_tokenizer(cfg.model_path)
@@ -196,22 +193,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                             progress=ranks.is_main and task.name, synced_gpus=ranks.world_size > 1)
 
     torch.manual_seed(cfg.seed)
-    resumed, generated, rows_due = len(done), 0, []
-    for n, reply, error in replies_or_errors(generate, samples, todo, cfg.batch_size):
-        if error is None:
-            done[n] = reply
-            generated += 1
-            rows_due.append({"n": n, "id": ids[n], "prediction": reply})
-        else:
-            skipped.append(Skipped(n, items[n].meta["record"], ids[n], FAILED_GENERATION, error))
-            rows_due.append({"n": n, "id": ids[n], "error": error})
-        if journal and len(rows_due) >= cfg.batch_size:
-            journal.record(rows_due)
-            rows_due = []
-    if journal:
-        journal.record(rows_due)
+    resumed = len(done)
+    failed = _generate_into(done, journal, generate, samples, todo, items, ids, cfg.batch_size)
+    skipped += failed
+    generated = len(done) - resumed
 
-    kept = sorted(done)
+    kept = sorted(n for n in done if samples[n] is not None)  # a file gone bad since is skipped, not scored
     kept_items, predictions = [items[n] for n in kept], [done[n] for n in kept]
     metrics, scores = task.score(kept_items, predictions, options)
     rows = [prediction_row(items[n], render_prompt(samples[n].conversations), done[n], sc, i)
@@ -239,6 +226,35 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 print(f"  {line}")
         journal.remove()
     return result
+
+
+def _warn_unreferenced(cfg: EvalConfig, unreferenced: list[str], total: int) -> None:
+    """Name, before anything is generated, the generations that no reference answer will score."""
+    shown = ", ".join(unreferenced[:5]) + (" ..." if len(unreferenced) > 5 else "")
+    hint = "" if cfg.annotation_file else "; if its answers are kept apart, pass them with --annotation_file"
+    print(f"warning: {cfg.data_path}: {len(unreferenced)} of {total} generations have no reference answer "
+          f"and will not be scored (ids {shown}){hint}", file=sys.stderr)
+
+
+def _generate_into(done: dict[int, str], journal: Journal | None, generate: Generate, samples: list[Sample | None],
+                   todo: list[int], items: list[EvalItem], ids: list[str], batch_size: int) -> list[Skipped]:
+    """Generate ``todo`` into ``done``, appending each batch's replies (and errors) to the journal as it
+    finishes; returns the generations that failed."""
+    failed: list[Skipped] = []
+    rows: list[dict[str, Any]] = []
+    for n, reply, error in replies_or_errors(generate, samples, todo, batch_size):
+        if error is None:
+            done[n] = reply
+            rows.append({"n": n, "id": ids[n], "prediction": reply})
+        else:
+            failed.append(Skipped(n, items[n].meta["record"], ids[n], FAILED_GENERATION, error))
+            rows.append({"n": n, "id": ids[n], "error": error})
+        if journal and len(rows) >= batch_size:
+            journal.record(rows)
+            rows = []
+    if journal:
+        journal.record(rows)
+    return failed
 
 
 def _check(cfg: EvalConfig, items: list[EvalItem], data_root: Path, config: UniMoEConfig,
