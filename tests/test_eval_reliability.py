@@ -187,6 +187,7 @@ def test_partial_file_refuses_other_settings_and_drops_a_torn_line(tmp_path):
         Journal(path, {**settings, "data_type": "pope"}, ["a", "b", "c"])
     with pytest.raises(JournalError, match="generation 0 is id a, the data now has z; the data file changed"):
         Journal(path, settings, ["z", "b", "c"])
+    assert Journal(path, settings, ["a"]).done == {0: "yes"}  # a smaller --limit keeps what it covers
     assert Journal(path, {**settings, "data_type": "pope"}, ["a"], overwrite=True).done == {}
 
 

@@ -68,10 +68,11 @@ class Journal:
         for number, line in enumerate(lines[1:], start=2):
             row = json.loads(line)
             n = row["n"]
-            if n >= len(ids) or row["id"] != ids[n]:
+            if n >= len(ids):  # beyond a smaller --limit: not part of this run
+                continue
+            if row["id"] != ids[n]:
                 raise JournalError(f"{self.path} line {number}: generation {n} is id {row['id']}, the data now has "
-                                   f"{ids[n] if n < len(ids) else 'no such generation'}; the data file changed: "
-                                   "pass --overwrite to start over")
+                                   f"{ids[n]}; the data file changed: pass --overwrite to start over")
             if "prediction" in row:
                 self.done[n] = row["prediction"]
 
