@@ -3,7 +3,8 @@
 #
 #   bash Uni_MoE/inference_speech.sh --image cat.png [--speech q.wav] [--video clip.mp4] [--question "..."]
 #
-# MODEL (default checkpoint/Uni-MoE-speech-e2) is a converted checkpoint; DRY_RUN=1 prints the command (MODEL is checked first).
+# MODEL (default checkpoint/Uni-MoE-speech-e2) is a converted checkpoint, checked first; DRY_RUN=1 prints the
+# command.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

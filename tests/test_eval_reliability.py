@@ -136,10 +136,10 @@ def _journal_lines(path: Path) -> list[dict]:
 def test_killed_run_continues_to_the_same_predictions_without_regenerating(model, tmp_path, monkeypatch):
     from Uni_MoE.eval.fixtures import write_benchmark_files
 
-    files = write_benchmark_files(tmp_path / "bench", n=16, data_types=["pope"])
+    files = write_benchmark_files(tmp_path / "bench", n=12, data_types=["pope"])
     data = files["pope"]["data"]
     argv = ["--model_path", str(model), "--data_path", str(data), "--data_type", "pope", "--batch_size", "2",
-            "--max_new_tokens", "24", "--min_new_tokens", "24", "--num_beams", "1", "--do_sample", "False"]
+            "--max_new_tokens", "12", "--min_new_tokens", "12", "--num_beams", "1", "--do_sample", "False"]
     whole = tmp_path / "whole.json"
     main([*argv, "--output", str(whole)])
 
@@ -152,7 +152,7 @@ def test_killed_run_continues_to_the_same_predictions_without_regenerating(model
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = _journal_lines(journal_path(out))
-    assert not out.exists() and 4 <= len(kept) < 16, "killed after some batches, before the end"
+    assert not out.exists() and 4 <= len(kept) < 12, "killed after some batches, before the end"
 
     generated: list[int] = []
     real = runner.iter_replies
@@ -165,10 +165,10 @@ def test_killed_run_continues_to_the_same_predictions_without_regenerating(model
     monkeypatch.setattr(runner, "iter_replies", counting)
     main([*argv, "--output", str(out)])
     done_before = {row["n"] for row in kept}
-    assert sorted(generated) == [n for n in range(16) if n not in done_before]  # pope: record n is generation n
+    assert sorted(generated) == [n for n in range(12) if n not in done_before]  # pope: record n is generation n
     assert out.read_text() == whole.read_text()
     metrics = json.loads(out.with_name("killed_metrics.json").read_text())
-    assert metrics["resumed"] == {"done_before": len(kept), "generated": 16 - len(kept)}
+    assert metrics["resumed"] == {"done_before": len(kept), "generated": 12 - len(kept)}
     assert metrics["metrics"] == json.loads(whole.with_name("whole_metrics.json").read_text())["metrics"]
 
 

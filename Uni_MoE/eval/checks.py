@@ -86,7 +86,8 @@ def refuse_bad_samples(skipped: list[Skipped], data_path: str, total: int) -> No
     """Raise SampleError listing every bad sample once (circular copies of a record share a line)."""
     lines = list(dict.fromkeys(s.line(data_path) for s in skipped))
     raise SampleError(f"{data_path}: {len(skipped)} of {total} generations cannot run:\n" + "\n".join(lines)
-                      + "\npass --skip_bad_samples to evaluate the rest (the skipped ones are listed in the metrics file)")
+                      + "\npass --skip_bad_samples to evaluate the rest (the skipped ones are listed in the metrics "
+                      "file)")
 
 
 def missing_references(task: Task, items: list[EvalItem]) -> list[str]:
