@@ -8,6 +8,7 @@
 #   OUTPUT=output/audio-e2 bash Uni_MoE/finetune_audio.sh [more --flags]
 set -euo pipefail
 here="$(dirname "$0")"
+export UNI_MOE_LAUNCHER="${UNI_MOE_LAUNCHER:-finetune_audio.sh}"
 MODEL="${MODEL:-checkpoint/Uni-MoE-audio-base}" OUTPUT="${OUTPUT:-output/Uni-MoE-audio-e2}" \
   exec bash "$here/finetune_speech.sh" --moe_layers even --num_train_epochs 10 --per_device_train_batch_size 2 \
   --gradient_accumulation_steps 4 --bf16 False --tf32 False --save_total_limit 5 "$@"

@@ -5,17 +5,21 @@
 #   MODEL=checkpoint/speech-base DATA=data/train.json DATA_ROOT=data EXPERTS="out/s2_image out/s2_speech" \
 #   OUTPUT=output/speech-e2 bash Uni_MoE/finetune_speech.sh [more --flags]
 # MODEL is a dense base (with EXPERTS: stage-2 outputs whose MLPs become the experts) or a MoE checkpoint.
-# DRY_RUN=1 prints the command instead of running it; LAUNCHER replaces the deepspeed launcher
+# MODEL, EXPERTS and DATA are checked first (paths are relative to the repository root); DRY_RUN=1 then prints
+# the command instead of running it; LAUNCHER replaces the deepspeed launcher
 # (e.g. LAUNCHER="python -m" on one CPU); NUM_GPUS, MASTER_PORT and DEEPSPEED_CONFIG as named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/launcher_checks.sh
 MODEL="${MODEL:-checkpoint/Uni-MoE-speech-base}"
-DATA="${DATA:?set DATA to the training JSON file(s)}"
+[ -n "${DATA:-}" ] || die "set DATA to the training JSON file(s)"
 OUTPUT="${OUTPUT:-output/Uni-MoE-speech-e2}"
 read -r -a launcher <<< \
   "${LAUNCHER:-deepspeed --num_gpus ${NUM_GPUS:-1} --master_port ${MASTER_PORT:-29501} --module}"
 read -r -a data <<< "$DATA"
 read -r -a experts <<< "${EXPERTS:-}"
+need_model_folder "$MODEL" "${experts[@]}"
+need_data_files "${data[@]}"
 cmd=("${launcher[@]}" Uni_MoE.train --stage 3 --deepspeed "${DEEPSPEED_CONFIG:-scripts/zero2.json}"
   --model_name_or_path "$MODEL" --version v1 --data_path "${data[@]}" --data_root "${DATA_ROOT:-.}"
   ${EXPERTS:+--expert_dirs "${experts[@]}"} --num_experts 4 --moe_layers all --expert_lora_r "${EXPERT_LORA_R:-8}"

@@ -8,6 +8,7 @@
 #   EXPERTS="out/s2_image out/s2_speech" OUTPUT=output/speech-v1.5 bash Uni_MoE/finetune_speech_dp.sh
 set -euo pipefail
 here="$(dirname "$0")"
+export UNI_MOE_LAUNCHER="${UNI_MOE_LAUNCHER:-finetune_speech_dp.sh}"
 NUM_GPUS="${NUM_GPUS:-2}" MODEL="${MODEL:-checkpoint/Uni-MoE-speech-base-interval}" \
   OUTPUT="${OUTPUT:-output/Uni-MoE-speech-v1.5}" \
   exec bash "$here/finetune_speech.sh" --moe_layers even --per_device_train_batch_size 2 \

@@ -3,5 +3,6 @@
 #
 #   bash Uni_MoE/inference_audio.sh --audio sound.wav --question "What is this sound?"
 set -euo pipefail
+export UNI_MOE_LAUNCHER="${UNI_MOE_LAUNCHER:-inference_audio.sh}"
 MODEL="${MODEL:-checkpoint/Uni-MoE-audio-e2}" DTYPE="${DTYPE:-float32}" \
   exec bash "$(dirname "$0")/inference_speech.sh" "$@"

@@ -11,4 +11,5 @@
 # MASTER_PORT the launcher's port, DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export UNI_MOE_LAUNCHER="${UNI_MOE_LAUNCHER:-Uni_MoE_v2/eval_speech.sh}"
 MODEL="${MODEL:-checkpoint/uni-moe-v2-e2}" EP_SIZE="${EP_SIZE:-2}" exec bash Uni_MoE/eval_speech.sh "$@"

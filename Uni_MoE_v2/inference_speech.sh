@@ -13,13 +13,17 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root"
+export UNI_MOE_LAUNCHER="${UNI_MOE_LAUNCHER:-Uni_MoE_v2/inference_speech.sh}"
+. scripts/launcher_checks.sh
 EP_SIZE="${EP_SIZE:-2}"
+MODEL="${MODEL:-checkpoint/uni-moe-v2-e2}"
+need_model_folder "$MODEL"
 if [ "$EP_SIZE" -gt 1 ]; then
   cmd=(deepspeed --num_gpus "$EP_SIZE" --master_port "${MASTER_PORT:-29503}" Uni_MoE_v2/chat_expert_parallel.py
     --enable_deepspeed_moe True --eval_ep_size "$EP_SIZE")
 else
   cmd=(python -m Uni_MoE.serve.cli)
 fi
-cmd+=(--model_path "${MODEL:-checkpoint/uni-moe-v2-e2}" ${DTYPE:+--dtype "$DTYPE"} "$@")
+cmd+=(--model_path "$MODEL" ${DTYPE:+--dtype "$DTYPE"} "$@")
 echo "+ ${cmd[*]}" >&2
 [ "${DRY_RUN:-0}" = 1 ] || exec "${cmd[@]}"

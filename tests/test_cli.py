@@ -75,3 +75,28 @@ def test_original_release_arguments_map_to_the_converter():
                                    "whisper_dir": None, "beats_path": "BEATs_iter3_plus_AS2M.pt"}
     args = cli.build_parser().parse_args(["--model_path", "e2", "--audio_tower", "whisper-small"])
     assert release_parts(args)["whisper_dir"] == "whisper-small" and release_parts(args)["beats_path"] is None
+
+
+def _refused(argv: list[str], monkeypatch) -> str:
+    """The one line the chat exits with; the model must not have been loaded."""
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    return stop.value.code
+
+
+def test_model_folder_and_media_are_checked_before_the_model_loads(workspace, tmp_path, monkeypatch):
+    model_dir, media = workspace
+    assert _refused(["--model_path", str(tmp_path / "no-model"), "--question", "hi"], monkeypatch) \
+        == f"no such model folder: {tmp_path / 'no-model'}"
+    typo = str(tmp_path / "cat.pgn")
+    assert _refused(["--model_path", str(model_dir), "--image", typo, "--question", "hi"], monkeypatch) \
+        == f"--image {typo}: no such file"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(open(media["image"], "rb").read()[:60])
+    line = _refused(["--model_path", str(model_dir), "--image", str(broken), "--question", "hi"], monkeypatch)
+    assert line.startswith(f"--image {broken}: not a readable image") and "\n" not in line
+    text_as_wav = tmp_path / "note.wav"
+    text_as_wav.write_text("not audio")
+    line = _refused(["--model_path", str(model_dir), "--speech", str(text_as_wav), "--question", "hi"], monkeypatch)
+    assert line.startswith(f"--speech {text_as_wav}: ") and "\n" not in line

@@ -168,6 +168,22 @@ def test_video_is_seen_and_its_soundtrack_heard(server, media):
     assert {"video", "speech"} <= set(counts) and counts["video"].sum() > 0 and counts["speech"].sum() > 0
 
 
+def test_media_in_context_are_shown_and_can_be_forgotten(server, media):
+    """After an image turn the image stays in the prompt of the next question; the context line says so, and
+    after Forget media a speech question reaches the model without it (no image tokens are routed)."""
+    session = client(server)
+    ask(session, "What shape is it?", image=media["image"])
+    assert session.predict(api_name="/context").startswith("**In context:** image `square.png` (turn 1).")
+    _, routing = ask(session, "And what is said?", speech=media["wav"])
+    assert {"image", "speech"} <= set(routing["counts"])  # both media in the second prompt
+    messages, line = session.predict(api_name="/forget_media")
+    assert line.startswith("**In context:** no media")
+    assert last_text(messages).startswith("Forgot 2 media file(s): square.png, tone.wav.")
+    messages, routing = ask(session, "What is said now?", speech=media["wav"])
+    assert set(routing["counts"]) == {"answer", "text", "speech"} and last_text(messages).strip()
+    assert session.predict(api_name="/context").startswith("**In context:** speech `tone.wav` (turn 3).")
+
+
 def assert_refused(session: gradio_client.Client, expected: str, question: str = "And this?", **kwargs) -> list[dict]:
     """Ask; the turn must end with a 'Not answered' message containing ``expected``; the chat log."""
     messages, routing = ask(session, question, **kwargs)

@@ -186,3 +186,33 @@ def test_media_are_decoded_once_while_a_chat_goes_on(engine, files, monkeypatch)
     engine.check_uploads({"video": video})  # its frames and its soundtrack push the wav out of the cache
     engine.inputs(conversation, 4)
     assert calls == [wav, video, wav]
+
+
+def test_media_in_context_are_named_by_turn_and_can_be_dropped(engine, files):
+    """An image turn, then a speech question: the speech turn's prompt still holds the image (what made the
+    tiny model answer about the image); after forgetting, only the new recording reaches the model."""
+    from Uni_MoE.serve.demo_chat import ChatState, forget_media, show_context
+    from Uni_MoE.serve.demo_context import NOTHING, ContextMedium, media_in_context, without_media
+
+    image = files / "shape.png"
+    synthetic.random_shape_image(np.random.default_rng(1), 32, "red", "triangle").save(image)
+    wav = str(files / "short.wav")
+    chat = Conversation().with_question("What shape?", {"image": [str(image)]}).with_answer("a triangle")
+    asked = chat.with_question("What animal is this?", {"speech": [wav]})
+    assert media_in_context(asked) == [ContextMedium("image", "shape.png", 1), ContextMedium("speech", "short.wav", 2)]
+    assert show_context(ChatState(asked)) == (
+        "**In context:** image `shape.png` (turn 1); speech `short.wav` (turn 2). The next answer sees these "
+        "too; press *Forget media* to ask about new uploads alone (the questions and answers so far stay).")
+    ids = {m: engine.config.placeholder_token_ids()[m] for m in ("image", "speech")}
+    window = engine.config.query_tokens_size  # a 1 s recording is one window of query tokens
+    both = engine.inputs(asked, 4)
+    assert {m: int((both["input_ids"] == i).sum()) for m, i in ids.items()} == {"image": 64, "speech": window}
+
+    log, state, line = forget_media(ChatState(chat, [{"role": "user", "content": "What shape?"}]))
+    assert line == NOTHING and state.conversation == without_media(chat)
+    assert log[-1]["content"].startswith("Forgot 1 media file(s): shape.png.") and len(log) == 2
+    assert [t["value"] for t in state.conversation.turns] == ["What shape?", "a triangle"]  # the text stays
+    alone = engine.inputs(state.conversation.with_question("What animal is this?", {"speech": [wav]}), 4)
+    assert {m: int((alone["input_ids"] == i).sum()) for m, i in ids.items()} == {"image": 0, "speech": window}
+    assert "pixel_values" not in alone
+    assert forget_media(None)[0][-1]["content"] == "No media in context to forget."

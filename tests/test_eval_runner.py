@@ -114,7 +114,7 @@ def test_missing_media_is_named_or_skipped(workspace, tmp_path):
     broken.write_text(json.dumps(records))
     argv = ["--model_path", str(model), "--data_path", str(broken), "--data_type", "pope", *FAST_DECODING,
             "--output", str(tmp_path / "p.json")]
-    with pytest.raises(SampleError, match=r"pope_broken.json sample 1 \(id 3001\): missing media \['/images/gone"):
+    with pytest.raises(SampleError, match=r"pope_broken.json sample 1 \(id 3001\): missing media: \['/images/gone"):
         main(argv)
     assert not (tmp_path / "p.json").exists()
     main([*argv, "--skip_missing_media"])

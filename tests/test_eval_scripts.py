@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,18 +22,35 @@ def _bash(script: str, *args: str, cwd: Path | None = None, **env: str) -> subpr
                           text=True, check=True, timeout=300)
 
 
-def test_eval_audio_with_expert_parallel_builds_the_8e_command():
+def test_eval_audio_with_expert_parallel_builds_the_8e_command(tmp_path):
+    (tmp_path / "checkpoint" / "Uni-MoE-audio-e2").mkdir(parents=True)
     out = _bash("eval_audio.sh", "--data_path", "a b.json", "--data_type", "clothov1", "--output", "o.json",
-                DRY_RUN="1", EP_SIZE="2")
+                cwd=tmp_path, DRY_RUN="1", EP_SIZE="2")
     assert out.stdout.strip() == (
         "+ deepspeed --num_gpus 2 --master_port 29502 --module Uni_MoE.eval --model_path "
         "checkpoint/Uni-MoE-audio-e2 --dtype float32 --enable_deepspeed_moe True --eval_ep_size 2 "
         "--data_path a b.json --data_type clothov1 --output o.json")
 
 
-def test_inference_speech_dry_run_passes_media_flags():
-    out = _bash("inference_speech.sh", "--image", "x.png", "--speech", "q.wav", DRY_RUN="1", MODEL="m")
+def test_inference_speech_dry_run_passes_media_flags(tmp_path):
+    (tmp_path / "m").mkdir()
+    out = _bash("inference_speech.sh", "--image", "x.png", "--speech", "q.wav", cwd=tmp_path, DRY_RUN="1", MODEL="m")
     assert out.stderr.strip() == "+ python -m Uni_MoE.serve.cli --model_path m --image x.png --speech q.wav"
+
+
+def test_eval_names_a_missing_model_folder_in_one_line_without_the_network(tmp_path):
+    """The shell check, and behind it the Python one (reached when the script's check is bypassed by
+    calling the module directly), both say the same line; nothing is looked up online."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    done = subprocess.run(["bash", str(SCRIPTS / "eval_speech.sh"), "--data_path", "x.json", "--data_type", "vqa",
+                           "--output", "o.json"], env={**env, "MODEL": "no/such/model"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "eval_speech.sh: no such model folder: no/such/model\n"
+    done = subprocess.run([sys.executable, "-m", "Uni_MoE.eval", "--model_path", "no/such/model", "--data_path",
+                           "x.json", "--data_type", "vqa", "--output", "o.json"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**env, "PYTHONPATH": str(SCRIPTS.parent)})
+    assert (done.returncode, done.stderr) == (1, "no such model folder: no/such/model\n")
 
 
 @pytest.mark.slow

@@ -49,17 +49,28 @@ def test_bash_syntax(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
 
 
-def test_slurm_training_shards_eight_experts_over_the_nodes():
+@pytest.fixture
+def folders(tmp_path):
+    """Existing model, experts and data paths (the launchers check them)."""
+    for name in ("dense", "Experts", "model"):
+        (tmp_path / name).mkdir()
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text("[]")
+    return tmp_path
+
+
+def test_slurm_training_shards_eight_experts_over_the_nodes(folders):
+    t = folders
     lines = dry_run("Uni_MoE_v2/train_deepspeed_8moe.slurm", "--bf16", "False", "--tf32", "False",
-                    MODEL="dense", DATA="a.json b.json", MLP_DIR="Experts", SLURM_JOB_NODELIST="gpu01,gpu02",
-                    SLURM_JOB_ID="9", EP_SIZE="4")
-    assert lines[:3] == ["# hostfile.9", "gpu01 slots=8", "gpu02 slots=8"]
-    assert lines[3].startswith("+ deepspeed --hostfile hostfile.9 --master_addr gpu01 ")
+                    MODEL=f"{t}/dense", DATA=f"{t}/a.json {t}/b.json", MLP_DIR=f"{t}/Experts", OUTPUT=f"{t}/out",
+                    SLURM_JOB_NODELIST="gpu01,gpu02", SLURM_JOB_ID="9", EP_SIZE="4")
+    assert lines[:3] == [f"# {t}/out/hostfile.9", "gpu01 slots=8", "gpu02 slots=8"]
+    assert lines[3].startswith(f"+ deepspeed --hostfile {t}/out/hostfile.9 --master_addr gpu01 ")
     model_args, data_args, train_args, _ = parse_args(after(lines[3], "Uni_MoE.train"))
     assert (model_args.stage, model_args.enable_deepspeed_moe, model_args.ep_size) == (3, True, 4)
-    assert (model_args.mlp_dir, model_args.num_experts, model_args.expert_lora_r) == ("Experts", 8, 8)
+    assert (model_args.mlp_dir, model_args.num_experts, model_args.expert_lora_r) == (f"{t}/Experts", 8, 8)
     assert model_args.aux_balance_loss_coef == 0.01 and model_args.expert_dirs == []
-    assert data_args.data_path == ["a.json", "b.json"] and train_args.output_dir == "output/Uni-MoE-v2-e2"
+    assert data_args.data_path == [f"{t}/a.json", f"{t}/b.json"] and train_args.output_dir == f"{t}/out"
     assert (train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps) == (2, 4)
     assert train_args.num_train_epochs == 2 and train_args.group_by_modality_length and not train_args.bf16
 
@@ -68,28 +79,41 @@ def test_slurm_training_needs_expert_weights():
     done = subprocess.run(["bash", str(ROOT / "Uni_MoE_v2/train_deepspeed_8moe.slurm")],
                           env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "MODEL": "m", "DATA": "d.json",
                                "SLURM_JOB_NODELIST": "gpu01"}, capture_output=True, text=True)
-    assert done.returncode == 2 and "MLP_DIR" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr == "train_deepspeed_8moe.slurm: set MLP_DIR (the original v2 Experts folder) or EXPERTS " \
+                          "(stage-2 output folders)\n"
 
 
-def test_eval_runs_expert_parallel_with_the_original_arguments():
+def test_eval_runs_expert_parallel_with_the_original_arguments(folders):
+    model = str(folders / "model")
     args = ["--data_path", "vqa.json", "--data_type", "vqa", "--output_dir", "o.json", "--model_base", "base",
             "--mlp_dir", "Experts", "--version", "v1"]
-    (line,) = dry_run("Uni_MoE_v2/eval_speech.sh", *args)
+    (line,) = dry_run("Uni_MoE_v2/eval_speech.sh", *args, MODEL=model)
     assert line.startswith("+ deepspeed --num_gpus 2 ")
     parsed = eval_parser().parse_args(after(line, "Uni_MoE.eval"))
     assert (parsed.enable_deepspeed_moe, parsed.eval_ep_size) == (True, 2)
-    assert (parsed.model_path, parsed.output, parsed.mlp_dir) == ("checkpoint/uni-moe-v2-e2", "o.json", "Experts")
-    (single,) = dry_run("Uni_MoE_v2/eval_speech.sh", *args, EP_SIZE="1", MODEL="m")
-    assert single.startswith("+ python -m Uni_MoE.eval --model_path m ") and "--eval_ep_size" not in single
+    assert (parsed.model_path, parsed.output, parsed.mlp_dir) == (model, "o.json", "Experts")
+    (single,) = dry_run("Uni_MoE_v2/eval_speech.sh", *args, EP_SIZE="1", MODEL=model)
+    assert single.startswith(f"+ python -m Uni_MoE.eval --model_path {model} ") and "--eval_ep_size" not in single
 
 
-def test_inference_chats_expert_parallel_or_on_one_gpu():
-    (line,) = dry_run("Uni_MoE_v2/inference_speech.sh", "--image", "cat.png", "--mlp_dir", "Experts", EP_SIZE="4")
+def test_v2_launchers_name_a_missing_model_folder_in_one_line(folders):
+    for script in ("eval_speech.sh", "inference_speech.sh"):
+        done = subprocess.run(["bash", str(ROOT / "Uni_MoE_v2" / script)], env={"PATH": "/usr/bin:/bin",
+                              "MODEL": str(folders / "gone")}, capture_output=True, text=True)
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr == f"Uni_MoE_v2/{script}: no such model folder: {folders / 'gone'}\n"
+
+
+def test_inference_chats_expert_parallel_or_on_one_gpu(folders):
+    model = str(folders / "model")
+    (line,) = dry_run("Uni_MoE_v2/inference_speech.sh", "--image", "cat.png", "--mlp_dir", "Experts", EP_SIZE="4",
+                      MODEL=model)
     assert line.startswith("+ deepspeed --num_gpus 4 ")
     parsed = chat_module().parse_args(after(line, "Uni_MoE_v2/chat_expert_parallel.py"))
     assert (parsed.eval_ep_size, parsed.image, parsed.mlp_dir) == (4, "cat.png", "Experts")
-    (single,) = dry_run("Uni_MoE_v2/inference_speech.sh", "--question", "hi", EP_SIZE="1")
-    assert single.startswith("+ python -m Uni_MoE.serve.cli --model_path checkpoint/uni-moe-v2-e2 ")
+    (single,) = dry_run("Uni_MoE_v2/inference_speech.sh", "--question", "hi", EP_SIZE="1", MODEL=model)
+    assert single.startswith(f"+ python -m Uni_MoE.serve.cli --model_path {model} ")
 
 
 def free_port() -> int:

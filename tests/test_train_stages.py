@@ -135,15 +135,20 @@ def test_stage3_builds_experts_from_stage2_mlps_and_trains_routers_and_loras(tin
         assert torch.allclose(reloaded(**batch).logits, model(**batch).logits, atol=1e-5)
 
 
-def test_original_script_flags_parse():
+def test_original_script_flags_parse(tmp_path):
+    for name in ("model", "a", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "train.json").write_text("[]")
     for script in ("finetune_speech.sh", "finetune_audio.sh", "finetune_speech_dp.sh"):
-        env = {"DRY_RUN": "1", "DATA": "train.json", "EXPERTS": "a b", "PATH": "/usr/bin:/bin"}
+        env = {"DRY_RUN": "1", "DATA": f"{tmp_path}/train.json", "MODEL": f"{tmp_path}/model",
+               "EXPERTS": f"{tmp_path}/a {tmp_path}/b", "PATH": "/usr/bin:/bin"}
         cpu = ["--bf16", "False", "--tf32", "False"]  # the scripts' GPU settings, overridden to parse on a CPU
         line = subprocess.run(["bash", str(ROOT / "Uni_MoE" / script), *cpu], env=env, capture_output=True, text=True,
                               check=True).stdout.strip()
         argv = line.split(" Uni_MoE.train ", 1)[1].split()
         model_args, data_args, train_args, accepted = parse_args(argv)
-        assert model_args.stage == 3 and model_args.expert_dirs == ["a", "b"] and accepted.version == "v1"
+        assert model_args.stage == 3 and model_args.expert_dirs == [f"{tmp_path}/a", f"{tmp_path}/b"]
+        assert accepted.version == "v1"
         assert train_args.warmup_steps == pytest.approx(0.03) and train_args.learning_rate == pytest.approx(4e-5)
     with pytest.raises(ValueError, match="no_such_flag"):
         parse_args(["--data_path", "x.json", "--output_dir", "o", "--no_such_flag", "1"])

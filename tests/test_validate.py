@@ -228,3 +228,53 @@ def test_ranks_share_the_validation_and_agree(tiny, bad_data, tmp_path) -> None:
     expected = single.format() + "\n" + ",".join(s.id for s in single.samples)
     assert (tmp_path / "rank0.txt").read_text() == expected
     assert (tmp_path / "rank1.txt").read_text() == expected
+
+
+@pytest.mark.timeout(120)
+def test_training_checks_the_data_before_loading_the_model(tiny, bad_data, tmp_path, monkeypatch) -> None:
+    from Uni_MoE.train import stages
+
+    path, _ = bad_data
+    monkeypatch.setattr(stages, "build_model", lambda *a, **k: pytest.fail("the model was built before the check"))
+    with pytest.raises(DataValidationError, match=r"sample 6 \(id missing\): error: "):
+        _train(tiny, path, tmp_path / "out")
+
+
+@pytest.mark.timeout(120)
+def test_an_unreadable_data_file_stops_training_even_when_skipping(tiny, bad_data, tmp_path) -> None:
+    path, _ = bad_data
+    gone = tmp_path / "typo.json"
+    argv = ["--stage", "3", "--model_name_or_path", str(tiny), "--data_path", str(path), str(gone),
+            "--data_root", str(path.parent), "--output_dir", str(tmp_path / "out"), "--skip_bad_samples", "True",
+            "--report_to", "none", "--disable_tqdm", "True"]
+    from Uni_MoE.train.train import main as train_main
+
+    with pytest.raises(SystemExit) as stop:
+        train_main(argv)
+    assert stop.value.code.startswith(f"--data_path {gone}: cannot read data file (")
+    assert "\n" not in stop.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_names_a_model_folder_that_does_not_exist(tmp_path) -> None:
+    from Uni_MoE.train.train import main as train_main
+
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--stage", "1", "--model_name_or_path", str(tmp_path / "nope"), "--data_path", "d.json",
+                    "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert stop.value.code == f"no such model folder: {tmp_path / 'nope'}"
+
+
+@pytest.mark.timeout(120)
+def test_progress_bar_reaches_the_end_and_the_model_folder_is_required(tiny, tmp_path, capsys) -> None:
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": str(i), "conversations": ask()} for i in range(3)]))
+    assert main([str(data), "--model_name_or_path", str(tiny)]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert bar.startswith("validating samples: 100%") and "3/3" in bar
+    with pytest.raises(SystemExit) as stop:
+        main([str(data), "--model_name_or_path", str(tmp_path / "nope")])
+    assert stop.value.code == f"no such model folder: {tmp_path / 'nope'}"
+    with pytest.raises(SystemExit):  # no default folder: one that exists only in a checkout's root would mislead
+        main([str(data)])
+    assert "--model_name_or_path" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..config import PLACEHOLDERS
+from ..model_folder import require_model_folder
 from .llama_tokenization import encode_llama_chunk, release_legacy_flag, tokenizer_config
 
 BASE_SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -40,9 +41,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer folder (LLaMA's, or ours) and make sure placeholders and padding exist.
 
     A LLaMA tokenizer (``tokenizer_class`` LlamaTokenizer[Fast]) keeps the release's ``legacy`` flag (4.31's
-    default, True, when absent), written back on ``save_pretrained``; ``encode_chunk`` follows it.
+    default, True, when absent), written back on ``save_pretrained``; ``encode_chunk`` follows it. A path
+    that is not a folder is named, never looked up online.
     """
-    folder = Path(path)
+    folder = require_model_folder(path)
     missing = [name for name, module in SENTENCEPIECE_NEEDS.items() if not _importable(module)]
     if missing and (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         raise ImportError(f"{folder / 'tokenizer.model'} is a sentencepiece model; reading it needs: pip install "

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..config import UniMoEConfig
+from ..model_folder import ModelFolderError, require_model_folder
 from . import media
 from .dataset import UniMoEDataset
 from .schema import Sample, SampleError, parse_sample, read_records, resolve_media_path, unknown_media_keys
@@ -114,9 +115,9 @@ class _SampleChecker(Dataset):
         try:
             self.dataset[j]
         except ValueError as err:
-            return [issue(_reason(err.__cause__ or err))]
+            return [issue(issue_reason(err.__cause__ or err))]
         except Exception as err:  # noqa: BLE001 - a validation pass reports every failure instead of crashing
-            return [issue(f"{type(err).__name__}: {_reason(err)}")]
+            return [issue(f"{type(err).__name__}: {issue_reason(err)}")]
         return [issue(f"{path}: audio is silent (peak below {media.SILENCE_PEAK}); kept", WARNING)
                 for path in self._voice_files(sample) if media.is_silent(media.load_waveform(path))]
 
@@ -124,7 +125,7 @@ class _SampleChecker(Dataset):
         return [resolve_media_path(p, self.dataset.data_root) for p in sample.speech + sample.audio]
 
 
-def _reason(err: BaseException) -> str:
+def issue_reason(err: BaseException) -> str:
     """The error's message without the "<file> sample <i> (id <id>): " prefix the Issue already shows."""
     return WHERE_PREFIX.sub("", str(err), count=1)
 
@@ -144,7 +145,7 @@ def _parse_file(path: str | Path, voice_modality: str) -> tuple[list[Sample], li
         try:
             sample = parse_sample(record, index, voice_modality, str(path))
         except SampleError as err:
-            reason = _reason(err)
+            reason = issue_reason(err)
             sid = record.get("id", record.get("question_id")) if isinstance(record, dict) else None
             issues.append(Issue(str(path), index, None if sid is None else str(sid), reason))
             continue
@@ -164,13 +165,35 @@ def _check_shards(checker: _SampleChecker, num_workers: int, show_progress: bool
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     mine = list(range(rank, len(checker), world))
     loader = DataLoader(Subset(checker, mine), batch_size=None, num_workers=num_workers, collate_fn=_identity)
-    progress = tqdm(loader, desc="validating samples", disable=not show_progress)
-    found = dict(zip(mine, progress))
+    found: dict[int, list[Issue]] = {}
+    with tqdm(total=len(mine), desc="validating samples", disable=not show_progress) as bar:
+        for j, issues in zip(mine, loader):
+            found[j] = issues
+            bar.update()
     if world > 1:
         every: list[dict[int, list[Issue]]] = [{} for _ in range(world)]
         dist.all_gather_object(every, found)
         found = {j: issues for part in every for j, issues in part.items()}
     return found
+
+
+def check_samples(
+    samples: list[Sample],
+    sources: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    config: UniMoEConfig,
+    data_root: str | Path | None = None,
+    model_max_length: int | None = None,
+    for_generation: bool = False,
+    num_workers: int = 0,
+    show_progress: bool = True,
+) -> list[list[Issue]]:
+    """The issues of each parsed sample (aligned with ``samples``; ``sources`` names each one's file), found by
+    loading it as training or generation does; ``num_workers`` processes decode media in parallel (per rank,
+    when torch.distributed is initialised: the ranks share the work)."""
+    dataset = UniMoEDataset(samples, tokenizer, config, data_root, model_max_length, for_generation)
+    found = _check_shards(_SampleChecker(dataset, sources), num_workers, show_progress)
+    return [found[j] for j in range(len(samples))]
 
 
 def validate_files(
@@ -183,8 +206,8 @@ def validate_files(
     num_workers: int = 0,
     show_progress: bool = True,
 ) -> ValidationReport:
-    """Check every record of ``paths``; ``num_workers`` processes decode media in parallel (per rank, when
-    torch.distributed is initialised: the ranks share the work)."""
+    """Check every record of ``paths`` (see :func:`check_samples`). A file that cannot be read is an
+    error of its own (sample -1)."""
     paths = [str(p) for p in paths]
     samples: list[Sample] = []
     file_of: list[str] = []
@@ -195,11 +218,11 @@ def validate_files(
         file_of += [str(path)] * len(parsed)
         report.issues += issues
         report.total += count
-    dataset = UniMoEDataset(samples, tokenizer, config, data_root, model_max_length, for_generation)
-    found = _check_shards(_SampleChecker(dataset, file_of), num_workers, show_progress)
-    for j, sample in enumerate(samples):
-        report.issues += found[j]
-        if not any(i.severity == ERROR for i in found[j]):
+    found = check_samples(samples, file_of, tokenizer, config, data_root, model_max_length, for_generation,
+                          num_workers, show_progress)
+    for sample, issues in zip(samples, found):
+        report.issues += issues
+        if not any(i.severity == ERROR for i in issues):
             report.samples.append(sample)
     report.issues.sort(key=lambda i: (paths.index(i.file), i.index))
     return report
@@ -212,17 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m Uni_MoE.data.validate", description=__doc__.split("\n")[0])
     parser.add_argument("data_path", nargs="+", help="training/eval JSON or JSON-lines file(s)")
     parser.add_argument("--data_root", default=None, help="folder that relative media paths are under")
-    parser.add_argument("--model_name_or_path", default="checkpoint/tiny",
+    parser.add_argument("--model_name_or_path", required=True,
                         help="model folder: its config (encoders, audio limits) and tokenizer are used")
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--for_generation", action="store_true", help="eval data: the answer turn is optional")
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--report", default=None, help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
-    if not Path(args.model_name_or_path).is_dir():
-        parser.error(f"--model_name_or_path {args.model_name_or_path}: no such model folder")
+    try:
+        folder = require_model_folder(args.model_name_or_path)
+    except ModelFolderError as err:
+        sys.exit(str(err))
     report = validate_files(
-        args.data_path, load_tokenizer(args.model_name_or_path), UniMoEConfig.from_pretrained(args.model_name_or_path),
+        args.data_path, load_tokenizer(folder), UniMoEConfig.from_pretrained(str(folder)),
         args.data_root, args.model_max_length, args.for_generation, args.num_workers,
     )
     print(report.format())

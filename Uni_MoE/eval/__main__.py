@@ -6,6 +6,9 @@ started with ``deepspeed --num_gpus=N --module Uni_MoE.eval ...`` (every rank ru
 writes); and, when ``--model_path`` is an original release folder (converted in memory), ``--model_base``,
 ``--mlp_dir`` (v2/8e experts), ``--vision_tower`` (CLIP folder) and ``--audio_tower`` (Whisper folder or
 BEATs .pt file). ``--deepspeed`` and ``--version`` are parsed and ignored.
+
+Replies are kept in ``<output stem>.partial.jsonl`` as each batch finishes; rerunning the same command
+continues from there (``--overwrite`` starts over).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.schema import SampleError
+from ..model_folder import ModelFolderError
 from ..serve.generate import add_release_arguments, release_parts
+from .journal import JournalError
 from .runner import EvalConfig, run_eval
-from .tasks import ALIASES, TASKS
+from .tasks import ALIASES, TASKS, TaskError
 
 NO_OP_ARGS = ("deepspeed", "version")
 
@@ -42,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=0, help="processes loading media")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    p.add_argument("--skip_missing_media", action="store_true",
-                   help="skip (and count in the metrics file) samples whose media files are missing")
+    p.add_argument("--skip_bad_samples", "--skip_missing_media", dest="skip_bad_samples", action="store_true",
+                   help="evaluate the rest when records or media fail the check before generation (each is "
+                        "listed in the summary and the metrics file); without it they stop the run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over instead of continuing the partial predictions file of an earlier run")
     p.add_argument("--circular", action=argparse.BooleanOptionalAction, default=True,
                    help="MMBench CircularEval (every rotation of the options must be answered right)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled decoding")
@@ -83,9 +92,19 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, circular=args.circular,
         seed=args.seed, device=args.device, dtype=args.dtype, overrides=overrides,
         enable_deepspeed_moe=args.enable_deepspeed_moe, eval_ep_size=args.eval_ep_size,
-        skip_missing_media=args.skip_missing_media, release=release_parts(args),
+        skip_bad_samples=args.skip_bad_samples, overwrite=args.overwrite, release=release_parts(args),
     ))
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """``main`` with the mistakes a user can fix reported as their message alone, not a traceback."""
+    try:
+        main(argv)
+    except (ModelFolderError, SampleError, JournalError, TaskError) as err:
+        sys.exit(str(err))
+    except KeyError as err:  # an unknown --data_type
+        sys.exit(err.args[0])
+
+
 if __name__ == "__main__":
-    main()
+    cli()

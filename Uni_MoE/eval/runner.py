@@ -1,26 +1,36 @@
-"""Run one benchmark end to end: read the eval JSON, generate in batches, score, write two JSON files.
+"""Run one benchmark end to end: read the eval JSON, check it, generate in batches, score, write two JSON files.
 
 Predictions file: one record per generation with its id, prompt, prediction, reference and score.
-Metrics file: the task's metrics, the decoding settings and counts; a summary table is printed.
+Metrics file: the task's metrics, the decoding settings, counts and what was skipped and why; a summary table
+is printed. While it runs, replies accumulate in a partial file (``journal.py``) that a rerun continues.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from ..config import UniMoEConfig
+from ..data import schema
 from ..data.conversation import render_prompt
 from ..data.dataset import UniMoEDataset
-from ..data import schema
-from ..data.schema import MEDIA_KEYS, Sample, SampleError, parse_sample, resolve_media_path
+from ..data.schema import MEDIA_KEYS, Sample, SampleError
+from ..model_folder import config_and_tokenizer, require_model_folder
 from ..serve.generate import GenerationSettings, iter_replies, load_model
 from . import metrics as M
+from .checks import (FAILED_GENERATION, Skipped, check_items, missing_references, refuse_bad_samples,
+                     skipped_report, summary_line)
 from .distributed import RankInfo, init_expert_parallel
+from .journal import Journal, journal_path
+from .resilient import Generate, replies_or_errors
 from .tasks import EvalItem, Task, TaskError, TaskOptions, get_task, load_annotations, record_id
 
 
@@ -45,7 +55,8 @@ class EvalConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     enable_deepspeed_moe: bool = False
     eval_ep_size: int = 1
-    skip_missing_media: bool = False
+    skip_bad_samples: bool = False  # skip (and report) generations whose record or media fail the check
+    overwrite: bool = False  # start over instead of continuing the output's partial file
     release: dict[str, Any] = field(default_factory=dict)  # an original release's other folders
 
 
@@ -96,30 +107,6 @@ def rebase_media(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
     return {k: fix(v) if k in MEDIA_KEYS else v for k, v in record.items()}
 
 
-def missing_media(sample: Sample, data_root: Path) -> list[str]:
-    """The sample's media files that do not exist (a long string is an inline base64 image, not a file)."""
-    frames = [f for v in sample.videos for f in (v if isinstance(v, list) else [v])]
-    paths = [*sample.images, *frames, *sample.speech, *sample.audio]
-    return [p for p in paths if len(p) < 200 and not resolve_media_path(p, data_root).exists()]
-
-
-def drop_missing_media(items: list[EvalItem], samples: list[Sample], data_root: Path, data_path: str,
-                       skip: bool) -> tuple[list[EvalItem], list[Sample], list[dict[str, Any]]]:
-    """Items whose media all exist; the others raise an error naming the first, or are skipped and listed."""
-    kept_items, kept_samples, skipped = [], [], []
-    for item, sample in zip(items, samples):
-        missing = missing_media(sample, data_root)
-        if not missing:
-            kept_items.append(item)
-            kept_samples.append(replace(sample, index=len(kept_samples)))
-        elif skip:
-            skipped.append({"id": sample.id, "missing": missing})
-        else:
-            raise SampleError(f"{data_path} sample {sample.index} (id {sample.id}): missing media {missing} "
-                              f"(under {data_root}; --skip_missing_media skips such samples)")
-    return kept_items, kept_samples, skipped
-
-
 def prediction_row(item: EvalItem, prompt: str, prediction: str, score: Any, position: int) -> dict[str, Any]:
     row: dict[str, Any] = {"id": record_id(item.meta.get("source", {}), position)}
     for key in ("index", "mode", "category"):
@@ -144,56 +131,141 @@ def prepare_items(task: Task, records: list[dict[str, Any]], data_root: Path, op
         except (TaskError, ValueError, KeyError) as err:
             raise TaskError(f"{data_path} sample {i} (id {record_id(record, i)}): {err}") from err
         for item in prepared:
-            item.meta["source"] = record
+            item.meta.update(source=record, record=i)
         items += prepared
     return items
 
 
+def _settings_key(cfg: EvalConfig, task: Task, settings: GenerationSettings) -> dict[str, Any]:
+    """What a partial predictions file must have been written with for a rerun to continue it."""
+    return {"model_path": str(Path(cfg.model_path).resolve()), "data_path": str(Path(cfg.data_path).resolve()),
+            "data_type": task.name, "generation": settings.as_dict(), "seed": cfg.seed}
+
+
+def _share(value: Any, ranks: RankInfo) -> Any:
+    """Rank 0's ``value`` on every rank (expert-parallel ranks must run the same generations)."""
+    if ranks.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Generate and score ``cfg.data_path`` as ``cfg.data_type``; returns the metrics file's content."""
+    """Generate and score ``cfg.data_path`` as ``cfg.data_type``; returns the metrics file's content.
+
+    Before the model loads: the model folder, the records, the references and every media file are checked
+    (bad samples stop the run, or are skipped with ``skip_bad_samples``). Replies go to the partial file as
+    each batch finishes, and a rerun continues it; a generation that fails is recorded and the run goes on.
+    """
+    require_model_folder(cfg.model_path)
     task = get_task(cfg.data_type)
     settings: GenerationSettings = task.settings.with_overrides(**cfg.overrides)
     data_root = Path(cfg.data_root) if cfg.data_root else Path(cfg.data_path).resolve().parent
     annotations = read_annotations(cfg.annotation_file) if cfg.annotation_file else {}
     options = TaskOptions(annotations=annotations, circular=cfg.circular)
-
     records = read_records(cfg.data_path)[: cfg.limit]
     items = prepare_items(task, records, data_root, options, cfg.data_path)
-    # media paths are checked before the model loads; whether `voice` is speech or sound comes after
-    samples = [parse_sample(it.record, n, "speech", cfg.data_path) for n, it in enumerate(items)]
-    items, samples, skipped = drop_missing_media(items, samples, data_root, cfg.data_path, cfg.skip_missing_media)
+    unreferenced = missing_references(task, items)
+    if unreferenced:
+        _warn_unreferenced(cfg, unreferenced, len(items))
+    ids = [record_id(it.meta["source"], it.meta["record"]) for it in items]
 
+    early = config_and_tokenizer(cfg.model_path)
+    checked = _check(cfg, items, data_root, *early) if early else None
     ranks, ep_size, device = RankInfo(), None, cfg.device
     if cfg.enable_deepspeed_moe:
         ranks, ep_size = init_expert_parallel(cfg.eval_ep_size), cfg.eval_ep_size
         device = device or ranks.device()
+    journal = Journal(journal_path(cfg.output), _settings_key(cfg, task, settings), ids, cfg.overwrite) \
+        if ranks.is_main else None
     model, tokenizer = load_model(cfg.model_path, device, cfg.dtype, ep_size, cfg.release)
-    voice = model.config.voice_modality
-    samples = [parse_sample(it.record, n, voice, cfg.data_path) for n, it in enumerate(items)]
-    dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
-    torch.manual_seed(cfg.seed)
-    predictions = [""] * len(items)
-    for n, reply in iter_replies(model, tokenizer, dataset, settings, cfg.batch_size, cfg.num_workers,
-                                 progress=ranks.is_main and task.name, synced_gpus=ranks.world_size > 1):
-        predictions[n] = reply
+    samples, skipped, missing = checked or _check(cfg, items, data_root, model.config, tokenizer)
+    done: dict[int, str] = _share(journal.done if journal else None, ranks)
+    todo = [n for n, s in enumerate(samples) if s is not None and n not in done]
+    if done and ranks.is_main:
+        print(f"{journal.path}: {len(done)} of {len(items)} generations already done; generating {len(todo)}",
+              file=sys.stderr)
 
-    metrics, scores = task.score(items, predictions, options)
-    rows = [prediction_row(it, render_prompt(s.conversations), p, sc, i)
-            for i, (it, s, p, sc) in enumerate(zip(items, samples, predictions, scores))]
+    def generate(batch: list[Sample]) -> Iterator[tuple[int, str]]:
+        dataset = UniMoEDataset(batch, tokenizer, model.config, data_root, for_generation=True)
+        return iter_replies(model, tokenizer, dataset, settings, cfg.batch_size, cfg.num_workers,
+                            progress=ranks.is_main and task.name, synced_gpus=ranks.world_size > 1)
+
+    torch.manual_seed(cfg.seed)
+    resumed = len(done)
+    failed = _generate_into(done, journal, generate, samples, todo, items, ids, cfg.batch_size)
+    skipped += failed
+    generated = len(done) - resumed
+
+    kept = sorted(n for n in done if samples[n] is not None)  # a file gone bad since is skipped, not scored
+    kept_items, predictions = [items[n] for n in kept], [done[n] for n in kept]
+    metrics, scores = task.score(kept_items, predictions, options)
+    rows = [prediction_row(items[n], render_prompt(samples[n].conversations), done[n], sc, i)
+            for i, (n, sc) in enumerate(zip(kept, scores))]
     result: dict[str, Any] = {
         "task": task.name, "description": task.description, "data_path": str(cfg.data_path),
-        "model_path": str(cfg.model_path), "num_records": len(records), "num_generations": len(items),
+        "model_path": str(cfg.model_path), "num_records": len(records), "num_generations": len(kept),
         "generation": settings.as_dict(), "metrics": metrics,
     }
-    if skipped:
-        result["skipped_missing_media"] = {"count": len(skipped), "samples": skipped}
+    skipped.sort(key=lambda s: s.n)
+    result.update(skipped_report(skipped, missing))
+    if unreferenced:
+        result["without_reference"] = {"count": len(unreferenced), "ids": unreferenced}
+    if resumed:
+        result["resumed"] = {"done_before": resumed, "generated": generated}
     if cfg.enable_deepspeed_moe:
         result["expert_parallel"] = {"ep_size": cfg.eval_ep_size, "world_size": ranks.world_size}
     if task.notes:
         result["notes"] = task.notes
     if ranks.is_main:
-        write_outputs(cfg, task, result, rows, items, predictions)
+        write_outputs(cfg, task, result, rows, kept_items, predictions)
+        if skipped:
+            print(summary_line(skipped, len(items)))
+            for line in dict.fromkeys(s.line(cfg.data_path) for s in skipped):
+                print(f"  {line}")
+        journal.remove()
     return result
+
+
+def _warn_unreferenced(cfg: EvalConfig, unreferenced: list[str], total: int) -> None:
+    """Name, before anything is generated, the generations that no reference answer will score."""
+    shown = ", ".join(unreferenced[:5]) + (" ..." if len(unreferenced) > 5 else "")
+    hint = "" if cfg.annotation_file else "; if its answers are kept apart, pass them with --annotation_file"
+    print(f"warning: {cfg.data_path}: {len(unreferenced)} of {total} generations have no reference answer "
+          f"and will not be scored (ids {shown}){hint}", file=sys.stderr)
+
+
+def _generate_into(done: dict[int, str], journal: Journal | None, generate: Generate, samples: list[Sample | None],
+                   todo: list[int], items: list[EvalItem], ids: list[str], batch_size: int) -> list[Skipped]:
+    """Generate ``todo`` into ``done``, appending each batch's replies (and errors) to the journal as it
+    finishes; returns the generations that failed."""
+    failed: list[Skipped] = []
+    rows: list[dict[str, Any]] = []
+    for n, reply, error in replies_or_errors(generate, samples, todo, batch_size):
+        if error is None:
+            done[n] = reply
+            rows.append({"n": n, "id": ids[n], "prediction": reply})
+        else:
+            failed.append(Skipped(n, items[n].meta["record"], ids[n], FAILED_GENERATION, error))
+            rows.append({"n": n, "id": ids[n], "error": error})
+        if journal and len(rows) >= batch_size:
+            journal.record(rows)
+            rows = []
+    if journal:
+        journal.record(rows)
+    return failed
+
+
+def _check(cfg: EvalConfig, items: list[EvalItem], data_root: Path, config: UniMoEConfig,
+           tokenizer: PreTrainedTokenizerBase) -> tuple[list[Sample | None], list[Skipped], dict[int, list[str]]]:
+    """Every generation's sample checked (media decoded, prompt tokenised); bad ones raise unless skipped."""
+    samples, skipped, missing = check_items(items, config, tokenizer, cfg.data_path, data_root, cfg.num_workers)
+    if skipped and not cfg.skip_bad_samples:
+        refuse_bad_samples(skipped, cfg.data_path, len(items))
+    if skipped:
+        print(summary_line(skipped, len(items)) + " (listed at the end and in the metrics file)", file=sys.stderr)
+    return samples, skipped, missing
 
 
 def write_outputs(cfg: EvalConfig, task: Task, result: dict[str, Any], rows: list[dict[str, Any]],

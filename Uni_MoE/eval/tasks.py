@@ -62,6 +62,7 @@ class Task:
     score: Callable[[list[EvalItem], list[str], TaskOptions], tuple[dict[str, Any], list[Any]]]
     notes: str = ""
     side_output: tuple[str, Callable[[list[EvalItem], list[str]], Any]] | None = None  # (file suffix, builder)
+    scores_references: bool = True  # False: scored elsewhere, so items without a reference are expected
 
 
 class TaskError(ValueError):
@@ -428,7 +429,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          prepare_mmvet, score_mmvet,
          notes="MM-Vet is scored by a GPT-4 judge, an online service this evaluation cannot reach: "
                "give the *_mmvet_judge_input.json file to MM-Vet's evaluator",
-         side_output=("_mmvet_judge_input.json", mmvet_judge_input)),
+         side_output=("_mmvet_judge_input.json", mmvet_judge_input), scores_references=False),
     Task("clothoaqa", "ClothoAQA accuracy (yes/no and open-ended)",
          GenerationSettings(do_sample=True, num_beams=4, temperature=0.9, max_new_tokens=512),
          prepare_open(("answer", "gt", "answers")), score_clothoaqa),

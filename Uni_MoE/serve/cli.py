@@ -5,7 +5,8 @@
 
 ``--model_path`` may also be an original release folder, with ``--model_base``, ``--vision_tower``,
 ``--audio_tower`` (and ``--mlp_dir``) as the original scripts take them. With ``--question`` it answers
-once and exits. A video file's soundtrack is added as the model's voice
+once and exits. The model folder and every media file are checked before the model loads; a problem is
+reported in one line naming the argument. A video file's soundtrack is added as the model's voice
 modality (speech or audio) unless ``--no_video_audio``. Decoding: greedy when an image is given, else
 sampled at T=0.2, as the original CLI; KV-cached, unlike the original.
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
+from ..model_folder import ModelFolderError, config_and_tokenizer, require_model_folder
 from .generate import (
     GenerationSettings,
     add_release_arguments,
@@ -25,6 +29,11 @@ from .generate import (
 )
 
 EXIT_WORDS = ("exit", "quit", ":q")
+MEDIA_FLAGS = ("image", "speech", "audio", "video")
+
+
+class MediaArgumentError(ValueError):
+    """A media argument that cannot be used; the message names the flag and the file."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +62,43 @@ def chat_settings(args: argparse.Namespace) -> GenerationSettings:
                               temperature=temperature, top_p=args.top_p, num_beams=args.num_beams)
 
 
+def check_media(args: argparse.Namespace, config: Any, tokenizer: Any) -> None:
+    """Every media argument exists and decodes, checked as training data is (``data.validate``) before the
+    model loads; otherwise MediaArgumentError naming the flag, file and reason."""
+    from ..data import media
+    from ..data.schema import parse_sample
+    from ..data.validate import ERROR, check_samples
+
+    given = {flag: getattr(args, flag) for flag in MEDIA_FLAGS if getattr(args, flag)}
+    for flag, path in given.items():
+        if not Path(path).exists():
+            raise MediaArgumentError(f"--{flag} {path}: no such file")
+    track = None if args.no_video_audio else config.voice_modality
+    try:
+        record = build_chat_sample("?", args.image, args.speech, args.audio, args.video, None, track)
+        sample = parse_sample(record, 0, config.voice_modality, "command line")
+    except (media.MediaError, ValueError) as err:
+        raise MediaArgumentError(f"--video {args.video}: {err}") from err
+    issues = check_samples([sample], ["command line"], tokenizer, config, for_generation=True, show_progress=False)[0]
+    errors = [i.reason for i in issues if i.severity == ERROR]
+    if errors:
+        flag = next((f for f, p in given.items() if str(p) in errors[0] or Path(p).name in errors[0]), None)
+        raise MediaArgumentError(f"--{flag} {errors[0]}" if flag else errors[0])
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Check the model folder and the media, load the model, then answer (once, or turn by turn)."""
     args = build_parser().parse_args(argv)
-    model, tokenizer = load_model(args.model_path, args.device, args.dtype, release=release_parts(args))
+    try:
+        require_model_folder(args.model_path)
+        parts = config_and_tokenizer(args.model_path)
+        if parts:
+            check_media(args, *parts)
+        model, tokenizer = load_model(args.model_path, args.device, args.dtype, release=release_parts(args))
+        if not parts:
+            check_media(args, model.config, tokenizer)
+    except (ModelFolderError, MediaArgumentError) as err:
+        sys.exit(str(err))
     settings = chat_settings(args)
     track = None if args.no_video_audio else model.config.voice_modality
     history: list[tuple[str, str]] = []

@@ -1,6 +1,7 @@
 """Gradio chat demo: text questions about an image, a speech recording, a sound and a video (uploaded or
 recorded), answers streamed token by token, multi-turn history, and a panel showing which experts each
-MoE layer chose for the answer's and the prompt's tokens.
+MoE layer chose for the answer's and the prompt's tokens. Media stay in the conversation for the following
+questions; a line under the chat names them, and *Forget media* drops them (keeping the text).
 
     python -m Uni_MoE.serve.demo                       # tiny random model, built on first use
     python -m Uni_MoE.serve.demo --model checkpoint/Uni-MoE-speech --device cuda --dtype bfloat16
@@ -22,7 +23,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from .demo_chat import MAX_NEW_TOKENS, MAX_TEMPERATURE, make_chat  # noqa: E402
+from .demo_chat import MAX_NEW_TOKENS, MAX_TEMPERATURE, forget_media, make_chat, show_context  # noqa: E402
+from .demo_context import NOTHING  # noqa: E402
 from .demo_engine import DemoEngine  # noqa: E402
 from .demo_media import LABELS, UploadLimits  # noqa: E402
 
@@ -54,7 +56,9 @@ def build_app(engine: DemoEngine, temperature: float = 0.2, max_new_tokens: int 
                                       elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
+                    forget = gr.Button("Forget media", elem_id="forget-media")
                     clear = gr.Button("Clear chat", elem_id="clear")
+                context = gr.Markdown(NOTHING, elem_id="context")
             with gr.Column(scale=2):
                 with gr.Row():
                     image = gr.Image(label=LABELS["image"].capitalize(), type="filepath",
@@ -78,8 +82,11 @@ def build_app(engine: DemoEngine, temperature: float = 0.2, max_new_tokens: int 
 
         media = [image, speech, audio, video]
         gr.on([send.click, question.submit], make_chat(engine), inputs=[question, *media, temp, length, state],
-              outputs=[chatbot, state, plot, numbers, question, *media], api_name="chat", preprocess=False)
-        clear.click(lambda: (None, [], None, {}), outputs=[state, chatbot, plot, numbers], api_name="clear")
+              outputs=[chatbot, state, plot, numbers, question, *media], api_name="chat", preprocess=False,
+              ).then(show_context, inputs=[state], outputs=[context], api_name="context")
+        forget.click(forget_media, inputs=[state], outputs=[chatbot, state, context], api_name="forget_media")
+        clear.click(lambda: (None, [], None, {}, NOTHING), outputs=[state, chatbot, plot, numbers, context],
+                    api_name="clear")
     app.queue(default_concurrency_limit=1, max_size=queue_size)
     return app
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 from PIL import Image
 
+from .demo_context import context_note, media_in_context, without_media
 from .demo_engine import PROMPT_ORDER, Conversation, DemoEngine
 from .demo_media import RequestError, UploadError
 from .demo_routing import routing_figure, routing_summary
@@ -77,6 +78,23 @@ def routing_panel(engine: DemoEngine, counts: dict) -> tuple[Image.Image | None,
     summary = {"moe_layers": engine.moe_layer_ids, "num_experts": engine.config.num_experts, "top_k": k,
                "counts": routing_summary(counts)}
     return routing_figure(counts, engine.moe_layer_ids, k), summary
+
+
+def show_context(state: ChatState | None) -> str:
+    """The context line for the session's conversation (shown under the chat after every turn)."""
+    return context_note(state.conversation if state else None)
+
+
+def forget_media(state: ChatState | None) -> tuple[list[dict[str, Any]], ChatState, str]:
+    """Drop every media file from the conversation (its text stays) and say so in the chat log; returns
+    (chat log, state, context line)."""
+    state = state or ChatState()
+    dropped = media_in_context(state.conversation)
+    note = (f"Forgot {len(dropped)} media file(s): {', '.join(m.name for m in dropped)}. The next answer sees "
+            "only the text so far and new uploads." if dropped else "No media in context to forget.")
+    messages = state.messages + [{"role": "assistant", "content": note, "metadata": {"title": "Context"}}]
+    forgotten = ChatState(without_media(state.conversation), messages)
+    return forgotten.messages, forgotten, show_context(forgotten)
 
 
 def make_chat(engine: DemoEngine) -> Callable[..., Iterator[tuple]]:

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.collate import MEDIA_FIELDS, Collator
 from ..data.schema import Sample, parse_sample
 from ..model.uni_moe import UniMoEForCausalLM
+from ..model_folder import require_model_folder
 
 if TYPE_CHECKING:
     from ..data.dataset import UniMoEDataset
@@ -289,6 +290,7 @@ def load_model(
     """
     from ..data.tokenizer import load_tokenizer
 
+    require_model_folder(model_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
     release = {k: v for k, v in (release or {}).items() if v is not None}

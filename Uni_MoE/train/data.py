@@ -47,24 +47,24 @@ def estimated_length(sample: Sample, config: UniMoEConfig, tokens_per_visual: in
     return words + visual + config.query_tokens_size * (len(sample.speech) + len(sample.audio))
 
 
-def build_dataset(
+def checked_samples(
     paths: list[str],
     tokenizer: PreTrainedTokenizerBase,
     config: UniMoEConfig,
     data_root: str | None,
     model_max_length: int,
     skip_bad_samples: bool = False,
-    cache: bool = False,
     num_workers: int = 0,
     show_progress: bool = True,
-) -> tuple[Dataset, ValidationReport]:
-    """All usable records of ``paths`` as one training dataset, and the validation report (whose
-    ``samples`` are the dataset's samples, for the sampler).
-
-    Raises DataValidationError listing every bad sample unless ``skip_bad_samples``.
-    """
+) -> ValidationReport:
+    """The validation report of ``paths``, whose ``samples`` are the ones to train on. A data file that cannot
+    be read stops the run even with ``skip_bad_samples`` (it is a wrong path, not a bad sample); bad samples
+    raise DataValidationError listing every one unless ``skip_bad_samples``."""
     report = validate_files(paths, tokenizer, config, data_root, model_max_length, num_workers=num_workers,
                             show_progress=show_progress)
+    unreadable = [i for i in report.errors if i.index < 0]
+    if unreadable:
+        raise DataValidationError("\n".join(f"--data_path {i.file}: {i.reason}" for i in unreadable))
     for issue in report.warnings:
         logger.warning("%s", issue)
     if report.errors and not skip_bad_samples:
@@ -75,7 +75,17 @@ def build_dataset(
         logger.warning("skipping %s", issue)
     if not report.samples:
         raise DataValidationError(f"no usable training sample in {paths}\n{report.format()}")
-    dataset: Dataset = UniMoEDataset(report.samples, tokenizer, config, data_root, model_max_length)
-    if cache:
-        dataset = CachedDataset(dataset)
-    return dataset, report
+    return report
+
+
+def training_dataset(
+    samples: list[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    config: UniMoEConfig,
+    data_root: str | None,
+    model_max_length: int,
+    cache: bool = False,
+) -> Dataset:
+    """The checked samples as the training dataset (kept in memory after the first load with ``cache``)."""
+    dataset: Dataset = UniMoEDataset(samples, tokenizer, config, data_root, model_max_length)
+    return CachedDataset(dataset) if cache else dataset

@@ -15,13 +15,16 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..config import UniMoEConfig
 from ..data.collate import Collator
 from ..data.dataset import MediaProcessor
 from ..data.tokenizer import load_tokenizer
+from ..data.validate import DataValidationError
+from ..model_folder import ModelFolderError, require_model_folder
 from . import stages
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from .callbacks import ExpertLoadCallback
-from .data import build_dataset, estimated_length
+from .data import checked_samples, estimated_length, training_dataset
 from .trainer import UniMoETrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -52,10 +55,26 @@ def _zero3_gathered(trainer: UniMoETrainer) -> contextlib.AbstractContextManager
     return deepspeed.zero.GatheredParameters(list(trainer.model.parameters()), modifier_rank=0)
 
 
+def data_config(model_args: ModelArguments, data_args: DataArguments) -> UniMoEConfig:
+    """The model's config as the data pipeline reads it (encoders, image size and aspect, tokens per image,
+    audio limits), read without the weights so the data is checked before the model loads."""
+    config = UniMoEConfig.from_pretrained(model_args.model_name_or_path)
+    if model_args.mm_vision_select_feature is not None:
+        config.mm_vision_select_feature = model_args.mm_vision_select_feature
+    if data_args.image_aspect_ratio is not None:
+        config.image_aspect_ratio = data_args.image_aspect_ratio
+    return config
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> Path:
-    """Train one stage and export its output folder; returns that folder."""
+    """Check the data, then train one stage and export its output folder; returns that folder."""
     transformers.set_seed(train_args.seed)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(require_model_folder(model_args.model_name_or_path))
+    report = checked_samples(
+        data_args.data_path, tokenizer, data_config(model_args, data_args), data_args.root(),
+        train_args.model_max_length, data_args.skip_bad_samples, train_args.dataloader_num_workers,
+        show_progress=train_args.local_process_index == 0 and not train_args.disable_tqdm,
+    )
     model = stages.build_model(model_args)
     if model_args.pretrain_mm_mlp_adapter:
         stages.load_connector_weights(model, model_args.pretrain_mm_mlp_adapter, "image")
@@ -66,12 +85,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     recipe = stages.make_recipe(model, model_args, train_args)
     stages.apply_recipe(model, recipe, train_args)
 
-    dataset, report = build_dataset(
-        data_args.data_path, tokenizer, model.config, data_args.root(), train_args.model_max_length,
-        data_args.skip_bad_samples, data_args.cache_data, train_args.dataloader_num_workers,
-        show_progress=train_args.local_process_index == 0 and not train_args.disable_tqdm,
-    )
     samples = report.samples
+    dataset = training_dataset(samples, tokenizer, model.config, data_args.root(), train_args.model_max_length,
+                               data_args.cache_data)
     per_visual = MediaProcessor(model.config).tokens_per_visual() if model.config.vision_config else 0
     trainer = UniMoETrainer(
         model=model,
@@ -98,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, train_args, _ = parse_args(argv if argv is not None else sys.argv[1:])
     if torch.cuda.is_available() and not (train_args.bf16 or train_args.fp16):
         logger.warning("training on GPU in fp32; the original scripts pass --bf16 True")
-    run(model_args, data_args, train_args)
+    try:
+        run(model_args, data_args, train_args)
+    except (ModelFolderError, DataValidationError) as err:
+        sys.exit(str(err))
 
 
 if __name__ == "__main__":
