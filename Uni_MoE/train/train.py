@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from ..data.collate import Collator
-from ..data.dataset import MediaProcessor
+from ..processing_uni_moe import visual_token_count
 from ..data.tokenizer import load_tokenizer
 from . import stages
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
@@ -72,7 +72,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         show_progress=train_args.local_process_index == 0 and not train_args.disable_tqdm,
     )
     samples = report.samples
-    per_visual = MediaProcessor(model.config).tokens_per_visual() if model.config.vision_config else 0
+    per_visual = visual_token_count(model.config) if model.config.vision_config else 0
     trainer = UniMoETrainer(
         model=model,
         args=train_args,
