@@ -6,8 +6,10 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +131,8 @@ def _lmms_eval_available() -> bool:
 @pytest.mark.skipif(not _lmms_eval_available(), reason="lmms-eval is not installed (pip install -e .[lmms])")
 def test_lmms_eval_cli_scores_match_our_eval(tiny, tmp_path):
     path, model, tokenizer, _ = tiny
+    pinned = re.search(r'^lmms = \["lmms-eval==([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert version("lmms-eval") == pinned, "scripts/test.sh installs another lmms-eval than the lmms extra"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
            "PYTHONPATH": str(REPO)}

@@ -4,12 +4,15 @@ Registered through lmms-eval's ``lmms_eval.models`` entry point (``pip install -
 runs unchanged. ``generate_until`` decodes in batches with the project's cached generation; ``loglikelihood``
 (multiple-choice tasks) scores the continuations of a batch in one forward pass. Model arguments:
 ``pretrained`` (a save_pretrained folder or an original release), ``device``, ``dtype``, ``batch_size``,
-``ep_size`` (experts sharded over that many ranks with DeepSpeed-MoE; start with ``accelerate launch`` or
-``torchrun``) and ``voice`` (``speech`` or ``audio``: which encoder hears audio; default the model's).
+``ep_size`` (experts sharded over that many ranks with DeepSpeed-MoE) and ``voice`` (``speech`` or
+``audio``: which encoder hears audio; default the model's). Started with ``accelerate launch`` or
+``torchrun``, each rank evaluates its share of the documents (lmms-eval splits them); with ``ep_size`` the
+ranks also exchange tokens in every MoE layer, so they step through the same number of batches.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,12 +53,18 @@ class UniMoELMMS(lmms):
             raise ValueError(f"uni_moe: unknown --model_args {sorted(kwargs)}; known: pretrained, device, dtype, "
                              "batch_size, ep_size, voice, max_new_tokens")
         ep = int(ep_size) if ep_size not in (None, "", 0) else None
-        if ep is not None:
+        if ep is not None:  # torch.distributed through DeepSpeed, before lmms-eval's Accelerator adopts it
             from ..eval.distributed import init_expert_parallel
 
             ranks = init_expert_parallel(ep)
             self._rank, self._world_size = ranks.rank, ranks.world_size
             device = device or ranks.device()
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # data parallel under accelerate launch / torchrun
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator()
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            device = device or str(self.accelerator.device)
         self.ep_size = ep
         self.model, self.tokenizer = load_model(pretrained, device, dtype, ep)
         self.processor = UniMoEProcessor.from_config(self.model.config, self.tokenizer)
@@ -64,6 +73,10 @@ class UniMoELMMS(lmms):
             raise ValueError(f"uni_moe: voice={self.voice!r}: expected speech or audio")
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> "UniMoELMMS":
