@@ -176,3 +176,12 @@ def test_pad_aspect_fills_with_the_mean_colour(processor):
 
 def processor_folder(processor) -> Path:
     return Path(processor.tokenizer.name_or_path)
+
+
+def test_multi_turn_prompt_ids_equal_the_conversation_ids(processor):
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."},
+             {"from": "human", "value": "And the shape?"}]
+    out = processor(text=processor.apply_chat_template(turns), images=[Image.new("RGB", (64, 64))])
+    ids, _ = processor.tokenize_conversation(turns, {"image": [64]}, for_generation=True)
+    assert out["input_ids"][0].tolist() == ids
+    assert processor.tokenizer.eos_token_id in ids  # the first answer's </s> is a token, not text

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
 from transformers import PreTrainedTokenizerBase
 
 from ..config import UniMoEConfig
