@@ -3,6 +3,7 @@ hand (CLIP resize/crop/normalise, Whisper windows, repeat-last sound windows, fr
 dataset, which goes through it."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,14 @@ def test_multi_turn_prompt_ids_equal_the_conversation_ids(processor):
     ids, _ = processor.tokenize_conversation(turns, {"image": [64]}, for_generation=True)
     assert out["input_ids"][0].tolist() == ids
     assert processor.tokenizer.eos_token_id in ids  # the first answer's </s> is a token, not text
+
+
+def test_readme_example_runs(tiny, monkeypatch, capsys):
+    readme = (SAMPLES.parents[1] / "README.md").read_text()
+    block = re.search(r"## Transformers Auto classes.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(SAMPLES.parents[1])
+    exec(compile(block.replace('"checkpoint/tiny"', repr(str(tiny))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert f"{SYSTEM} USER: <image>\nWhat colour is the shape? ASSISTANT:\n" in printed
+    reply = printed.strip().splitlines()[-1]
+    assert reply.startswith("['") and reply.endswith("']")
