@@ -11,7 +11,7 @@ from torch import nn
 pytest.importorskip("gradio")
 
 from Uni_MoE.data import synthetic  # noqa: E402
-from Uni_MoE.data.dataset import MediaProcessor  # noqa: E402
+from Uni_MoE.processing_uni_moe import UniMoEProcessor  # noqa: E402
 from Uni_MoE.serve.demo_cache import CachedMediaProcessor  # noqa: E402
 from Uni_MoE.serve.demo_chat import decoding_settings, upload_path, user_messages  # noqa: E402
 from Uni_MoE.serve.demo_engine import Conversation  # noqa: E402
@@ -170,14 +170,14 @@ def test_a_reply_whose_reader_leaves_stops_generating(engine):
 
 def test_media_are_decoded_once_while_a_chat_goes_on(engine, files, monkeypatch):
     calls = []
-    decode_speech = MediaProcessor.speech
+    decode_speech = UniMoEProcessor.speech
 
     def counted(self, path):
         calls.append(str(path))
         return decode_speech(self, path)
 
-    monkeypatch.setattr(MediaProcessor, "speech", counted)
-    monkeypatch.setattr(engine, "processor", CachedMediaProcessor(engine.config, size=2))
+    monkeypatch.setattr(UniMoEProcessor, "speech", counted)
+    monkeypatch.setattr(engine, "processor", CachedMediaProcessor.for_model(engine.config, engine.tokenizer, size=2))
     wav, video = str(files / "short.wav"), str(files / "sound.mp4")
     conversation = Conversation().with_question("Hi", engine.check_uploads({"speech": wav}))
     first = engine.inputs(conversation, 4)["input_features"]

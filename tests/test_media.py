@@ -1,8 +1,7 @@
-"""Media loading: CLIP transform, base64 images, video frames, soundtracks, waveforms, chunking, features."""
+"""Media loading: base64 images, video frames, soundtracks, waveforms, chunking, sound windows."""
 
 import base64
 import io
-import json
 import warnings
 
 import numpy as np
@@ -12,9 +11,6 @@ import torch
 from PIL import Image
 
 from Uni_MoE.data.media import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ImageTransform,
     MediaError,
     audio_chunks,
     frame_indices,
@@ -23,7 +19,6 @@ from Uni_MoE.data.media import (
     load_video_frames,
     load_waveform,
     num_chunks,
-    speech_features,
     split_into_chunks,
 )
 from Uni_MoE.data.synthetic import write_mp4
@@ -31,11 +26,6 @@ from Uni_MoE.data.synthetic import write_mp4
 
 def _random_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _normalised(img: Image.Image) -> np.ndarray:
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    return ((x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).transpose(2, 0, 1)
 
 
 def _peak_hz(wave: np.ndarray, rate: int = 16000) -> float:
@@ -48,45 +38,6 @@ def _tone(hz: float, seconds: float, rate: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- images
-
-
-def test_transform_square_image_is_rescale_and_normalise():
-    img = _random_image(8, 8)
-    out = ImageTransform(size=8)(img)
-    assert out.shape == (3, 8, 8) and out.dtype == torch.float32
-    np.testing.assert_allclose(out.numpy(), _normalised(img), atol=1e-6)
-
-
-def test_transform_resizes_shortest_side_then_centre_crops():
-    img = _random_image(8, 20)  # portrait: width is the short side
-    out = ImageTransform(size=4)(img)
-    by_hand = img.resize((4, 10), Image.Resampling.BICUBIC).crop((0, 3, 4, 7))
-    np.testing.assert_allclose(out.numpy(), _normalised(by_hand), atol=1e-6)
-
-
-def test_transform_matches_transformers_clip_processor():
-    processing = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
-    reference = processing.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    img = _random_image(45, 37, seed=1)
-    expected = reference(img, return_tensors="np")["pixel_values"][0]
-    np.testing.assert_allclose(ImageTransform(size=32)(img).numpy(), expected, atol=1e-5)
-
-
-def test_transform_pad_fills_with_mean_colour():
-    img = Image.new("RGB", (4, 8), (255, 0, 0))
-    out = ImageTransform(size=8, aspect="pad")(img).numpy()
-    fill = np.array([int(m * 255) for m in CLIP_MEAN]) / 255.0
-    pad_value = (fill - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
-    np.testing.assert_allclose(out[:, :, 0], np.repeat(pad_value[:, None], 8, axis=1), atol=1e-6)
-    np.testing.assert_allclose(out[:, 4, 4], (np.array([1.0, 0, 0]) - CLIP_MEAN) / CLIP_STD, atol=1e-6)
-
-
-def test_transform_from_pretrained_reads_preprocessor_config(tmp_path):
-    config = {"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}, "image_mean": [0.5] * 3}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
-    t = ImageTransform.from_pretrained(tmp_path, aspect="pad")
-    assert (t.size, t.resize, tuple(t.mean), tuple(t.std), t.aspect) == (224, 256, (0.5,) * 3, CLIP_STD, "pad")
-    assert ImageTransform.from_pretrained(tmp_path / "absent").size == 336
 
 
 def test_load_image_from_file_and_base64(tmp_path):
@@ -193,16 +144,6 @@ def test_split_into_chunks_cap_names_file_and_duration():
         assert len(split_into_chunks(wave, 32000, max_chunks=3)) == 3
     with pytest.raises(MediaError, match="zero duration"):
         split_into_chunks(np.zeros(0), 32000)
-
-
-def test_speech_features_shape():
-    rng = np.random.default_rng(0)
-    chunks = split_into_chunks(rng.normal(0, 0.1, 40000).astype(np.float32), 32000)
-    feats = speech_features(chunks, 32000)
-    assert feats.shape == (2, 80, 200) and feats.dtype == torch.float32 and torch.isfinite(feats).all()
-    assert speech_features(chunks[:1], 16000, num_mel_bins=128).shape == (1, 128, 100)
-    with pytest.raises(ValueError, match="multiple of 16000"):
-        speech_features(chunks, 1000)
 
 
 def test_audio_chunks_pad_by_repeating_last_sample():

@@ -290,9 +290,10 @@ def _stage_optional_lora(conv: _Conversion, folder: Path | None) -> None:
 
 
 def save_converted(model: UniMoEForCausalLM, out_dir: Path, tokenizer_dirs: list[Path]) -> None:
-    """save_pretrained the model, and the release's tokenizer with the placeholder tokens added (checked
-    against the model's placeholder ids before anything is written)."""
+    """save_pretrained the model and its processor: the release's tokenizer with the placeholder tokens added
+    (checked against the model's placeholder ids before anything is written)."""
     from ..data.tokenizer import load_tokenizer
+    from ..processing_uni_moe import UniMoEProcessor
 
     folder = next((d for d in tokenizer_dirs if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
     tokenizer = load_tokenizer(folder) if folder is not None else None
@@ -305,7 +306,7 @@ def save_converted(model: UniMoEForCausalLM, out_dir: Path, tokenizer_dirs: list
     if tokenizer is None:
         logger.warning("no tokenizer found in %s; copy the release's tokenizer files to %s", tokenizer_dirs, out_dir)
     else:
-        tokenizer.save_pretrained(out_dir)
+        UniMoEProcessor.from_config(model.config, tokenizer).save_pretrained(out_dir)
 
 
 def load_original(

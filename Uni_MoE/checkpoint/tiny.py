@@ -1,5 +1,5 @@
 """Build the tiny default checkpoint offline: a locally trained tokenizer and a randomly initialised
-few-MB Uni-MoE with every encoder, saved with ``save_pretrained``.
+few-MB Uni-MoE with every encoder, saved with ``save_pretrained`` beside its processor.
 
     python -m Uni_MoE.checkpoint.tiny --out checkpoint/tiny            # dense LLM (stage-1 start)
     python -m Uni_MoE.checkpoint.tiny --out checkpoint/tiny-moe --moe  # 4 experts in every layer
@@ -19,6 +19,7 @@ from .. import presets
 from ..data.conversation import ROLES, SYSTEM
 from ..data.tokenizer import train_tokenizer
 from ..model.uni_moe import UniMoEForCausalLM
+from ..processing_uni_moe import UniMoEProcessor
 
 WORDS = (
     "the a an is are was what which who where when how many much colour color shape picture image video "
@@ -67,7 +68,7 @@ def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, vocab_size: in
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    UniMoEProcessor.from_config(config, tokenizer).save_pretrained(out)
     return out
 
 

@@ -57,22 +57,18 @@ def _template_with_targets(pieces: list[tuple[str, bool]], eos: str) -> tuple[st
     return text, spans
 
 
-def tokenize_conversation(
+def encode_template(
     tokenizer: PreTrainedTokenizerBase,
-    turns: list[dict[str, str]],
+    text: str,
     placeholder_lengths: dict[str, list[int]],
     placeholder_ids: dict[str, int],
-    for_generation: bool = False,
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels; ``placeholder_lengths[m][j]`` is the token count of the j-th item of m.
-
-    As the original: BOS, then each text chunk between placeholders tokenised on its own (``encode_chunk``),
-    each placeholder a run of its token. A token is a target when it starts inside an answer or its eos.
-    """
-    text, spans = _template_with_targets(prompt_pieces(turns, for_generation), tokenizer.eos_token)
+) -> tuple[list[int], list[int | None]]:
+    """Ids of a template text as the original made them: BOS, then each text chunk between placeholders
+    tokenised on its own (``encode_chunk``), each placeholder a run of its token (``placeholder_lengths[m][j]``
+    tokens for the j-th item of m); and the character each token starts at (None for BOS and placeholders)."""
     queues = {m: list(v) for m, v in placeholder_lengths.items()}
     ids: list[int] = [tokenizer.bos_token_id]
-    labels: list[int] = [IGNORE_INDEX]
+    starts: list[int | None] = [None]
     offset = 0
     for part in PLACEHOLDER_RE.split(text):
         if part in TOKEN_TO_MODALITY:
@@ -81,15 +77,39 @@ def tokenize_conversation(
                 raise ValueError(f"more {part} placeholders than {modality} items")
             run = queues[modality].pop(0)
             ids += [placeholder_ids[modality]] * run
-            labels += [IGNORE_INDEX] * run
+            starts += [None] * run
         elif part:
-            chunk_ids, starts = encode_chunk(tokenizer, part)
+            chunk_ids, chunk_starts = encode_chunk(tokenizer, part)
             ids += chunk_ids
-            labels += [
-                t if any(a <= offset + s < b for a, b in spans) else IGNORE_INDEX for t, s in zip(chunk_ids, starts)
-            ]
+            starts += [offset + s for s in chunk_starts]
         offset += len(part)
     leftover = {m: len(q) for m, q in queues.items() if q}
     if leftover:
         raise ValueError(f"media items without placeholders: {leftover}")
+    return ids, starts
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: list[dict[str, str]],
+    placeholder_lengths: dict[str, list[int]],
+    placeholder_ids: dict[str, int],
+    for_generation: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Token ids (``encode_template`` of the conversation's template) and labels: a token is a target when
+    it starts inside an answer or its eos."""
+    text, spans = _template_with_targets(prompt_pieces(turns, for_generation), tokenizer.eos_token)
+    ids, starts = encode_template(tokenizer, text, placeholder_lengths, placeholder_ids)
+    labels = [t if s is not None and any(a <= s < b for a, b in spans) else IGNORE_INDEX for t, s in zip(ids, starts)]
     return ids, labels
+
+
+def tokenize_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    placeholder_lengths: dict[str, list[int]],
+    placeholder_ids: dict[str, int],
+) -> list[int]:
+    """Token ids of a ready prompt (``render_prompt``'s, ``apply_chat_template``'s): the ids
+    ``tokenize_conversation`` gives the same conversation."""
+    return encode_template(tokenizer, text, placeholder_lengths, placeholder_ids)[0]

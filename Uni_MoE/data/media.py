@@ -1,4 +1,5 @@
-"""Media files to model-ready arrays: images, video frames, soundtracks, speech and audio chunks.
+"""Media files to arrays: images, video frames, soundtracks, waveforms and their chunking into windows;
+the CLIP / Whisper transforms on top of them live in ``processing_uni_moe``.
 
 Every reader checks its file first and raises `MediaError` naming the path and what is wrong, so a bad
 sample stops a run with a message (or is counted when the caller chooses to skip) instead of crashing deep
@@ -10,12 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import av
@@ -25,10 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from scipy.signal import resample_poly
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAMPLE_RATE = 16000
-WHISPER_HOP = 160
 MIN_BASE64_LEN = 200  # the original treats image strings at least this long as base64
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images and video frames are refused before they are decoded
 SILENCE_PEAK = 1e-4  # a waveform whose peak stays below this (-80 dBFS) counts as silent
@@ -104,65 +98,6 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     out = Image.new(img.mode, (side, side), fill)
     out.paste(img, ((side - w) // 2, (side - h) // 2))
     return out
-
-
-@dataclass
-class ImageTransform:
-    """CLIP preprocessing: resize the shortest side (bicubic), centre-crop, rescale to [0, 1], normalise.
-
-    `aspect="pad"` first pads to a square with the mean colour (LLaVA's expand2square). `resize` is the
-    shortest-side length before the crop; it defaults to `size`, as in every CLIP release.
-    """
-
-    size: int = 336
-    mean: Sequence[float] = CLIP_MEAN
-    std: Sequence[float] = CLIP_STD
-    aspect: str = "square"
-    resize: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.aspect not in ("square", "pad"):
-            raise ValueError(f"aspect must be 'square' or 'pad', got {self.aspect!r}")
-        if self.resize is None:
-            self.resize = self.size
-        if self.resize < self.size:
-            raise ValueError(f"resize ({self.resize}) must be at least the crop size ({self.size})")
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, aspect: str = "square") -> "ImageTransform":
-        """Read crop_size / size / image_mean / image_std from a CLIP folder's preprocessor_config.json."""
-        cfg_path = Path(folder) / "preprocessor_config.json"
-        if not cfg_path.is_file():
-            return cls(aspect=aspect)
-        cfg = json.loads(cfg_path.read_text())
-        crop = cfg.get("crop_size", cls.size)
-        crop = crop["height"] if isinstance(crop, dict) else crop
-        short = cfg.get("size", crop)
-        short = short.get("shortest_edge", short.get("height")) if isinstance(short, dict) else short
-        return cls(
-            size=int(crop),
-            mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
-            std=tuple(cfg.get("image_std", CLIP_STD)),
-            aspect=aspect,
-            resize=int(short),
-        )
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """[3, size, size] float32 pixel values."""
-        img = img.convert("RGB")
-        if self.aspect == "pad":
-            img = expand_to_square(img, tuple(int(m * 255) for m in self.mean))
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.resize * long / short)
-        new_size = (self.resize, new_long) if w <= h else (new_long, self.resize)
-        img = img.resize(new_size, Image.Resampling.BICUBIC)
-        left = (new_size[0] - self.size) // 2
-        top = (new_size[1] - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        x = np.asarray(img, dtype=np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
 
 # ---------------------------------------------------------------- video
@@ -279,6 +214,14 @@ def _decode_audio_av(p: Path) -> tuple[np.ndarray, int] | None:
     return np.concatenate(parts, axis=1), rate
 
 
+def waveform_from_array(data: np.ndarray, rate: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 audio at `sample_rate` from an array in memory: [n] or [channels, n] at `rate`."""
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim not in (1, 2):
+        raise MediaError(f"audio array: expected [samples] or [channels, samples], got shape {data.shape}")
+    return _mono_resampled(data, rate, sample_rate, "audio array")
+
+
 def load_audio_track(video_path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
     """The soundtrack of a video file as mono float32 at `sample_rate`, or None if it has none."""
     p = _checked_file(video_path)
@@ -367,42 +310,6 @@ def split_into_chunks(
         warnings.warn(f"{message}; kept the first {max_chunks}, dropped {len(chunks) - max_chunks}", stacklevel=2)
         chunks = chunks[:max_chunks]
     return chunks
-
-
-def _check_chunk_samples(chunk_samples: int) -> None:
-    if chunk_samples <= 0 or chunk_samples % SAMPLE_RATE:
-        raise ValueError(f"chunk_samples must be a positive multiple of {SAMPLE_RATE}, got {chunk_samples}")
-
-
-@lru_cache(maxsize=8)
-def _whisper_extractor(num_mel_bins: int, chunk_samples: int):
-    from transformers import WhisperFeatureExtractor
-
-    return WhisperFeatureExtractor(
-        feature_size=num_mel_bins,
-        sampling_rate=SAMPLE_RATE,
-        hop_length=WHISPER_HOP,
-        chunk_length=chunk_samples // SAMPLE_RATE,
-        n_fft=400,
-    )
-
-
-def speech_features(chunks: list[np.ndarray], chunk_samples: int, num_mel_bins: int = 80) -> torch.Tensor:
-    """Whisper log-mel features, [n_chunks, num_mel_bins, chunk_samples // 160]; each chunk zero-padded."""
-    _check_chunk_samples(chunk_samples)
-    frames = chunk_samples // WHISPER_HOP
-    if not chunks:
-        return torch.zeros(0, num_mel_bins, frames)
-    extractor = _whisper_extractor(num_mel_bins, chunk_samples)
-    out = extractor(
-        [np.asarray(c, dtype=np.float32) for c in chunks],
-        sampling_rate=SAMPLE_RATE,
-        padding="max_length",
-        max_length=chunk_samples,
-        truncation=True,
-        return_tensors="np",
-    )
-    return torch.from_numpy(np.ascontiguousarray(out["input_features"], dtype=np.float32))
 
 
 def audio_chunks(chunks: list[np.ndarray], chunk_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,18 +11,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from ..config import UniMoEConfig
-from ..data.dataset import MediaProcessor
+from ..processing_uni_moe import UniMoEProcessor
 
 
-class CachedMediaProcessor(MediaProcessor):
-    """A ``MediaProcessor`` that keeps the encoder inputs of the ``size`` files used most recently."""
+class CachedMediaProcessor(UniMoEProcessor):
+    """A ``UniMoEProcessor`` that keeps the encoder inputs of the ``size`` files used most recently."""
 
-    def __init__(self, config: UniMoEConfig, size: int = 16) -> None:
-        super().__init__(config)
-        self.size = size
-        self.decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
+    @classmethod
+    def for_model(cls, config: UniMoEConfig, tokenizer: PreTrainedTokenizerBase,
+                  size: int = 16) -> "CachedMediaProcessor":
+        """The model's processor, caching the ``size`` most recent files."""
+        processor = cls.from_config(config, tokenizer)
+        processor.size = size
+        processor.decoded = OrderedDict()
+        return processor
 
     def _cached(self, kind: str, source: Any, decode: Callable[[Any], Any]) -> Any:
         key = (kind, str(source))

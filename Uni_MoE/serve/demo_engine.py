@@ -107,7 +107,7 @@ class DemoEngine:
         self.config = self.model.config
         self.device = torch.device(device)
         self.limits = limits
-        self.processor = CachedMediaProcessor(self.config)
+        self.processor = CachedMediaProcessor.for_model(self.config, self.tokenizer)
         self.lock = threading.Lock()
         self.recorder = RoutingRecorder(self.model.moe_layers())
         self.moe_layer_ids = self.config.moe_layer_indices()

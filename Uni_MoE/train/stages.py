@@ -31,6 +31,7 @@ from ..checkpoint.v2_experts import from_pretrained_expert_parallel, load_v2_exp
 from ..config import UniMoEConfig
 from ..model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_dict
 from ..model.uni_moe import UniMoEForCausalLM
+from ..processing_uni_moe import UniMoEProcessor
 from .arguments import ModelArguments, TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -364,7 +365,7 @@ def export(model: UniMoEForCausalLM, stage: int, out: str | Path, tokenizer=None
         return out
     save_local_layout(model, out, state)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        UniMoEProcessor.from_config(model.config, tokenizer).save_pretrained(out)
     if stage == 1:
         save_connectors(model, out)
     if stage == 2:

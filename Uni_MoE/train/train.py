@@ -17,10 +17,10 @@ import transformers
 
 from ..config import UniMoEConfig
 from ..data.collate import Collator
-from ..data.dataset import MediaProcessor
 from ..data.tokenizer import load_tokenizer
 from ..data.validate import DataValidationError
 from ..model_folder import ModelFolderError, require_model_folder
+from ..processing_uni_moe import visual_token_count
 from . import stages
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from .callbacks import ExpertLoadCallback
@@ -88,7 +88,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     samples = report.samples
     dataset = training_dataset(samples, tokenizer, model.config, data_args.root(), train_args.model_max_length,
                                data_args.cache_data)
-    per_visual = MediaProcessor(model.config).tokens_per_visual() if model.config.vision_config else 0
+    per_visual = visual_token_count(model.config) if model.config.vision_config else 0
     trainer = UniMoETrainer(
         model=model,
         args=train_args,
