@@ -7,7 +7,9 @@ import torch
 
 from Uni_MoE.model.moe import MoELayer, experts_reference, resolve_expert_implementation
 from Uni_MoE.model.moe import grouped, segments
+from Uni_MoE.model.moe.decode import experts_all_dense
 from Uni_MoE.model.moe.grouped import experts_grouped
+from Uni_MoE.model.moe.layer import DECODE_TOKENS
 
 H, I, T = 32, 48, 40
 
@@ -102,14 +104,15 @@ def test_function_matches_reference_with_weight_grads(
         assert_close(ours, ref)
 
 
-def test_auto_uses_grouped_except_for_a_lone_decoding_token() -> None:
+def test_auto_uses_grouped_except_for_decoding_sizes() -> None:
     assert resolve_expert_implementation("auto") is experts_grouped
     layer = MoELayer(H, I, 4, 2)
     assert resolve_expert_implementation(layer.implementation, 8) is experts_grouped
     assert resolve_expert_implementation(layer.implementation, 1) is experts_grouped  # training keeps grouped
     with torch.no_grad():
-        assert resolve_expert_implementation(layer.implementation, 1) is experts_reference
-        assert resolve_expert_implementation(layer.implementation, 2) is experts_grouped
+        assert resolve_expert_implementation(layer.implementation, 1) is experts_all_dense
+        assert resolve_expert_implementation(layer.implementation, DECODE_TOKENS) is experts_all_dense
+        assert resolve_expert_implementation(layer.implementation, DECODE_TOKENS + 1) is experts_grouped
         assert resolve_expert_implementation("grouped", 1) is experts_grouped
 
 

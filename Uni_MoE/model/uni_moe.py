@@ -286,6 +286,13 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
                 inputs.pop(key, None)
         return inputs
 
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' generate that never emits a placeholder token (fed back, it would ask for media
+        that is not there): the placeholder ids join ``suppress_tokens`` for greedy, sampling and beams."""
+        given = kwargs.pop("suppress_tokens", None) or self.generation_config.suppress_tokens or []
+        kwargs["suppress_tokens"] = sorted(set(given) | set(self.config.placeholder_token_ids().values()))
+        return super().generate(*args, **kwargs)
+
     def routing(self) -> list[torch.Tensor]:
         """Experts chosen in the last forward, one [B, S, k] tensor per MoE layer."""
         return [layer.routing for layer in self.moe_layers()]

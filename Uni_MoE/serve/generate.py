@@ -2,16 +2,16 @@
 and model loading. The media stack (PyAV, soundfile) is imported only where samples are read, so the
 generation core also runs where it is missing (the GPU benchmark machine).
 
-Samples go through the training data pipeline (``UniMoEDataset(for_generation=True)``), are left-padded
-into batches, and decoded with ``model.generate``: the media enter on the prefill step only, then every
-new token costs one cached forward step. The original decoded one sample at a time without a cache.
+Samples go through the training data pipeline (``UniMoEDataset(for_generation=True)``), are grouped by
+prompt length into left-padded batches, and decoded by the generation engine (``engine.py``): the media
+enter on the prefill step only, then every new token costs one cached step. The original decoded one
+sample at a time without a cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -20,65 +20,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data.collate import MEDIA_FIELDS, Collator
+from ..data.collate import Collator
 from ..data.schema import Sample, parse_sample
 from ..model.uni_moe import UniMoEForCausalLM
 from ..model_folder import require_model_folder
+from .engine import GenerationSettings, cut_at_stop, engine_for
 
 if TYPE_CHECKING:
     from ..data.dataset import UniMoEDataset
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-NON_MODEL_KEYS = ("labels", "modality", "sample_index")
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings; ``stop`` strings end a reply early and are cut from it."""
-
-    max_new_tokens: int = 512
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-
-    def with_overrides(self, **changes: Any) -> "GenerationSettings":
-        """A copy with the given fields replaced (None values are ignored)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate``. Temperature 0 means greedy, as in the original."""
-        sample = self.do_sample and self.temperature > 0
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            do_sample=sample,
-            num_beams=self.num_beams,
-            use_cache=True,
-        )
-        if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if self.num_beams > 1:
-            kwargs["length_penalty"] = self.length_penalty
-        return kwargs
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text before the first stop string, stripped."""
-    cut = len(text)
-    for s in stop:
-        pos = text.find(s)
-        if s and pos != -1:
-            cut = min(cut, pos)
-    return text[:cut].strip()
 
 
 def to_samples(
@@ -89,18 +40,6 @@ def to_samples(
             for i, s in enumerate(samples_or_records)]
 
 
-def _to_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    """Tensors onto the model's device; float media in the model's dtype."""
-    out = {}
-    for key, value in batch.items():
-        if key in NON_MODEL_KEYS:
-            continue
-        if key in MEDIA_FIELDS and value.is_floating_point():
-            value = value.to(model.dtype)
-        out[key] = value.to(model.device)
-    return out
-
-
 def generate_token_ids(
     model: UniMoEForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -108,23 +47,32 @@ def generate_token_ids(
     settings: GenerationSettings,
     synced_gpus: bool = False,
 ) -> torch.Tensor:
-    """New tokens [B, T] for one left-padded collated batch (pad after a sequence ends).
+    """New tokens [B, T] for one left-padded collated batch (pad after a sequence ends), through the
+    model's generation engine (media encoded once at prefill, static cache, placeholders suppressed)."""
+    return engine_for(model, tokenizer).generate(batch, settings, synced_gpus=synced_gpus)
 
-    The media are encoded and spliced here, once, and generate starts from those embeddings: generate
-    repeats every tensor it is given row by row for beams, which would misalign media tensors whose rows
-    are not one per sample (speech windows, several images). ``synced_gpus`` keeps every rank stepping
-    until all are done, as expert parallelism needs.
-    """
-    kwargs = settings.generate_kwargs()
-    if settings.stop:
-        kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
-    inputs = _to_device(batch, model)
-    input_ids = inputs.pop("input_ids")
-    media = {key: inputs.pop(key) for key in MEDIA_FIELDS if key in inputs}
-    embeds = model.model.embed_multimodal(input_ids, **media)
-    out = model.generate(input_ids=input_ids, inputs_embeds=embeds, **inputs, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, **kwargs)
-    return out[:, input_ids.shape[1]:]
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Eval batch size for the device: a GPU decodes a batch for nearly the price of one sequence (reading
+    the weights dominates) up to the MoE decode path's token limit; a CPU gains little from batching."""
+    return 32 if torch.device(device).type == "cuda" else 8
+
+
+def estimated_length(sample: Sample, config: Any) -> int:
+    """A prompt's token count estimated without reading its media (text ~4 characters a token; each image
+    or video its visual tokens; each speech or audio file one window of query tokens), to order batches."""
+    vc = config.vision_config
+    visual = (vc.image_size // vc.patch_size) ** 2 if vc is not None else 0
+    text = sum(len(turn.get("value", "")) for turn in sample.conversations) // 4
+    voice = config.query_tokens_size * (len(sample.speech) + len(sample.audio))
+    return text + visual * (len(sample.images) + len(sample.videos)) + voice
+
+
+def length_ordered_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Dataset positions in batches of similar prompt length (longest first, so the first batch shows at
+    once whether the largest fits in memory), which keeps left padding and cache length small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def iter_replies(
@@ -132,26 +80,25 @@ def iter_replies(
     tokenizer: PreTrainedTokenizerBase,
     dataset: "UniMoEDataset",
     settings: GenerationSettings,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool | str = False,
     synced_gpus: bool = False,
 ) -> Iterator[tuple[int, str]]:
-    """(dataset index, reply) in dataset order, one batch at a time; media load in ``num_workers``."""
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers,
-        collate_fn=Collator(tokenizer.pad_token_id, padding_side="left"),
-    )
+    """(dataset index, reply) for every sample, batch by batch in order of prompt length (not dataset
+    order); media load in ``num_workers``. ``batch_size`` None picks the device's default."""
+    batch_size = batch_size or default_batch_size(model.device)
+    batches = length_ordered_batches([estimated_length(s, model.config) for s in dataset.samples], batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=Collator(tokenizer.pad_token_id, padding_side="left"))
     bar = tqdm(total=len(dataset), desc=progress if isinstance(progress, str) else "generating",
                disable=not progress, unit="sample")
-    done = 0
-    with torch.inference_mode():
-        for batch in loader:
-            new = generate_token_ids(model, tokenizer, batch, settings, synced_gpus)
-            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-                yield done, cut_at_stop(text, settings.stop)
-                done += 1
-            bar.update(len(new))
+    engine = engine_for(model, tokenizer)
+    for positions, batch in zip(batches, loader):
+        new = engine.generate(batch, settings, synced_gpus=synced_gpus)
+        for i, text in zip(positions, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            yield i, cut_at_stop(text, settings.stop)
+        bar.update(len(positions))
     bar.close()
 
 

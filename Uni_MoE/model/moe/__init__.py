@@ -1,6 +1,6 @@
 """Mixture-of-experts layer: router, stacked experts, and interchangeable expert implementations."""
 
-from . import grouped  # noqa: F401  (registers the "grouped" implementation)
+from . import decode, grouped  # noqa: F401  (register the "all_dense" and "grouped" implementations)
 from .experts import MoEExperts
 from .layer import MoELayer, register_expert_implementation, resolve_expert_implementation
 from .reference import experts_reference

@@ -14,6 +14,7 @@ from .router import balance_loss, route_tokens
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MoEExperts], torch.Tensor]
 EXPERT_IMPLEMENTATIONS: dict[str, ExpertFn] = {"reference": experts_reference}
+DECODE_TOKENS = 64  # up to this many tokens without gradient, "auto" computes every expert densely
 
 
 def register_expert_implementation(name: str, fn: ExpertFn) -> None:
@@ -22,11 +23,13 @@ def register_expert_implementation(name: str, fn: ExpertFn) -> None:
 
 
 def resolve_expert_implementation(name: str, num_tokens: int | None = None) -> ExpertFn:
-    """The named implementation. ``auto``: the grouped one, except for a lone token without gradient (a
-    batch-1 decoding step), where the per-expert loop is faster (benchmarks/results/moe_decode_h200.md)."""
+    """The named implementation. ``auto``: the grouped one, except without gradient for up to
+    ``DECODE_TOKENS`` tokens (decoding steps), where the all-expert dense path runs with no host
+    synchronisation, so a decoding step can be captured in a CUDA graph (benchmarks/generation.py)."""
     if name == "auto":
-        single_decode = num_tokens == 1 and not torch.is_grad_enabled()
-        name = "grouped" if "grouped" in EXPERT_IMPLEMENTATIONS and not single_decode else "reference"
+        decoding = num_tokens is not None and num_tokens <= DECODE_TOKENS and not torch.is_grad_enabled()
+        name = "all_dense" if decoding and "all_dense" in EXPERT_IMPLEMENTATIONS else "grouped"
+        name = name if name in EXPERT_IMPLEMENTATIONS else "reference"
     if name not in EXPERT_IMPLEMENTATIONS:
         raise ValueError(f"unknown moe_implementation {name!r}; available: {sorted(EXPERT_IMPLEMENTATIONS)}")
     return EXPERT_IMPLEMENTATIONS[name]
