@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", default=None, help="folder relative media paths are under (default: data file's)")
     p.add_argument("--annotation_file", default=None,
                    help="reference answers kept apart from the questions (VQA / TextVQA annotation JSON)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU")
     p.add_argument("--num_workers", type=int, default=0, help="processes loading media")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--skip_bad_samples", "--skip_missing_media", dest="skip_bad_samples", action="store_true",

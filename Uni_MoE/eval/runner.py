@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..data.conversation import render_prompt
 from ..data.dataset import UniMoEDataset
 from ..data.schema import MEDIA_KEYS, Sample, SampleError
 from ..model_folder import config_and_tokenizer, require_model_folder
-from ..serve.generate import GenerationSettings, iter_replies, load_model
+from ..serve.generate import GenerationSettings, default_batch_size, iter_replies, load_model
 from . import metrics as M
 from .checks import (FAILED_GENERATION, Skipped, check_items, missing_references, refuse_bad_samples,
                      skipped_report, summary_line)
@@ -45,7 +46,7 @@ class EvalConfig:
     metrics_output: str | None = None
     data_root: str | None = None
     annotation_file: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the device's default (serve.generate.default_batch_size)
     num_workers: int = 0
     limit: int | None = None
     circular: bool = True
@@ -187,14 +188,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         print(f"{journal.path}: {len(done)} of {len(items)} generations already done; generating {len(todo)}",
               file=sys.stderr)
 
+    batch_size = cfg.batch_size or default_batch_size(model.device)
+
     def generate(batch: list[Sample]) -> Iterator[tuple[int, str]]:
         dataset = UniMoEDataset(batch, tokenizer, model.config, data_root, for_generation=True)
-        return iter_replies(model, tokenizer, dataset, settings, cfg.batch_size, cfg.num_workers,
+        return iter_replies(model, tokenizer, dataset, settings, batch_size, cfg.num_workers,
                             progress=ranks.is_main and task.name, synced_gpus=ranks.world_size > 1)
 
     torch.manual_seed(cfg.seed)
     resumed = len(done)
-    failed = _generate_into(done, journal, generate, samples, todo, items, ids, cfg.batch_size)
+    started = time.perf_counter()
+    failed = _generate_into(done, journal, generate, samples, todo, items, ids, batch_size)
+    seconds = time.perf_counter() - started
     skipped += failed
     generated = len(done) - resumed
 
@@ -207,6 +212,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "task": task.name, "description": task.description, "data_path": str(cfg.data_path),
         "model_path": str(cfg.model_path), "num_records": len(records), "num_generations": len(kept),
         "generation": settings.as_dict(), "metrics": metrics,
+        "throughput": {"batch_size": batch_size, "generation_seconds": round(seconds, 3),
+                       "samples_per_second": round(generated / seconds, 3) if seconds > 0 else None},
     }
     skipped.sort(key=lambda s: s.n)
     result.update(skipped_report(skipped, missing))

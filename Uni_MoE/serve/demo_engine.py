@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
 from ..config import PLACEHOLDERS
 from ..data import media
@@ -27,6 +27,7 @@ from ..model.uni_moe import UniMoEForCausalLM
 from .demo_cache import CachedMediaProcessor
 from .demo_media import RequestError, UploadError, UploadLimits, check_upload, has_soundtrack
 from .demo_routing import RoutingRecorder
+from .engine import GenerationEngine, GenerationSettings
 
 PROMPT_ORDER = ("image", "speech", "audio", "video")  # the original's order: <image>, <audio>, <video>
 
@@ -54,36 +55,25 @@ class Conversation:
         return Sample(0, "chat", self.turns, m["image"], m["video"], m["speech"], m["audio"])
 
 
-class _Cancelled(StoppingCriteria):
-    """Stops generation once the event is set (the reader of the reply has gone)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 class Reply:
     """Text pieces of one answer as they are generated; ``routing`` and ``error`` once it is done."""
 
-    def __init__(self, engine: "DemoEngine", inputs: dict[str, Any], generate_kwargs: dict[str, Any]) -> None:
+    def __init__(self, engine: "DemoEngine", inputs: dict[str, Any], settings: GenerationSettings) -> None:
         self.engine = engine
         self.prompt_groups = engine.token_groups(inputs["input_ids"][0])
-        self.streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.streamer = TextIteratorStreamer(engine.tokenizer, skip_special_tokens=True)
         self.cancelled = threading.Event()
         self.error: Exception | None = None
         self.routing: dict[str, np.ndarray] = {}
-        stop = StoppingCriteriaList([_Cancelled(self.cancelled)])
-        kwargs = dict(inputs, streamer=self.streamer, stopping_criteria=stop, **generate_kwargs)
-        self.thread = threading.Thread(target=self._run, args=(kwargs,), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(inputs, settings), daemon=True)
         self.thread.start()
 
-    def _run(self, kwargs: dict[str, Any]) -> None:
+    def _run(self, inputs: dict[str, Any], settings: GenerationSettings) -> None:
         engine = self.engine
         try:
-            with engine.lock, torch.inference_mode(), engine.recorder.recording() as rec:
-                engine.model.generate(**kwargs)
+            with engine.lock, engine.recorder.recording() as rec:
+                engine.generator.generate(inputs, settings, streamer=self.streamer,
+                                          should_stop=self.cancelled.is_set)
                 self.routing = rec.counts(self.prompt_groups, engine.model.config.num_experts)
         except Exception as err:  # shown to the user; the demo keeps serving
             self.error = err
@@ -110,6 +100,7 @@ class DemoEngine:
         self.processor = CachedMediaProcessor.for_model(self.config, self.tokenizer)
         self.lock = threading.Lock()
         self.recorder = RoutingRecorder(self.model.moe_layers())
+        self.generator = GenerationEngine(self.model, self.tokenizer)
         self.moe_layer_ids = self.config.moe_layer_indices()
         self.group_of_id = {tid: m for m, tid in self.config.placeholder_token_ids().items()}
 
@@ -165,9 +156,7 @@ class DemoEngine:
 
     def reply(self, inputs: dict[str, Any], temperature: float, max_new_tokens: int) -> Reply:
         """Start generating (sampled at ``temperature``, greedy at 0) and return the streaming reply.
-
-        Placeholder tokens are suppressed: one generated and fed back would ask for media that is not there.
-        """
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-        return Reply(self, inputs, dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                        suppress_tokens=sorted(self.group_of_id), **sampling))
+        The engine suppresses placeholder tokens: one generated would ask for media that is not there."""
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                      temperature=temperature)
+        return Reply(self, inputs, settings)

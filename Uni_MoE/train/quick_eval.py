@@ -10,30 +10,23 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from ..data.collate import Collator
 from ..data.dataset import UniMoEDataset
 from ..data.schema import load_samples
 from ..data.tokenizer import load_tokenizer
 from ..eval.tasks import synthetic_accuracy
 from ..model.uni_moe import UniMoEForCausalLM
+from ..serve.generate import GenerationSettings, iter_replies
 
 
-@torch.no_grad()
-def predict(model: UniMoEForCausalLM, dataset: UniMoEDataset, pad_id: int, batch_size: int,
+def predict(model: UniMoEForCausalLM, tokenizer: PreTrainedTokenizerBase, dataset: UniMoEDataset, batch_size: int,
             max_new_tokens: int) -> list[str]:
-    """Greedy replies, in dataset order."""
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(pad_id, padding_side="left"))
-    replies: list[str] = []
-    for batch in tqdm(loader, desc="held-out generation"):
-        for key in ("labels", "modality", "sample_index"):
-            batch.pop(key)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        new = out[:, batch["input_ids"].shape[1]:]
-        replies += dataset.tokenizer.batch_decode(new, skip_special_tokens=True)
+    """Greedy replies through the generation engine, in dataset order."""
+    replies = [""] * len(dataset)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    for i, reply in iter_replies(model, tokenizer, dataset, settings, batch_size, progress="held-out generation"):
+        replies[i] = reply
     return replies
 
 
@@ -47,7 +40,7 @@ def evaluate(model_dir: str, data_path: str, data_root: str | None, batch_size: 
     if missing:
         raise KeyError(f"{data_path}: samples {missing[:3]} have no 'task'/'answer' field")
     dataset = UniMoEDataset(samples, tokenizer, model.config, data_root, for_generation=True)
-    replies = predict(model, dataset, tokenizer.pad_token_id, batch_size, max_new_tokens)
+    replies = predict(model, tokenizer, dataset, batch_size, max_new_tokens)
     per_task, _ = synthetic_accuracy([s.meta["task"] for s in samples], [str(s.meta["answer"]) for s in samples],
                                      replies)
     return per_task
