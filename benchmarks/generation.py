@@ -1,9 +1,14 @@
-"""Generation tokens/s: our batched KV-cached path (``serve.generate``) at batch 1 and 16 against one-by-one
-decoding without our batching, in one process on the same weights and prompts.
+"""Generation tokens/s, in one process on the same weights and prompts: our engine at batch 1 and 16, the
+paths it replaces, the transformers dense anchor, and the weight-read floor.
 
-Baselines: a plain greedy loop calling the model one sample at a time with its KV cache (HF-style), and
-the same loop without a cache, which re-runs the whole prompt and the image encoder every token, as the
-original v1 inference did (``use_cache=False``). Prompts: one image (CLIP patch tokens through the
+Rows: our engine (``serve.engine``: static KV cache, CUDA-graph decode step, sync-free MoE decode path);
+transformers' generate on our model (the previous path: dynamic cache, eager steps); a plain one-by-one
+greedy loop calling the model with its KV cache (the baseline whose tokens the others are checked
+against); optionally the same loop without a cache, as the original v1 decoded. The anchor is
+transformers' dense ``LlamaForCausalLM`` of the same width and depth on random prompts of the typical
+length, with the default dynamic cache and with ``cache_implementation="static"`` (compiled on a GPU).
+The floor is the time to read, per decoding step, the weights a step needs (attention, the experts the
+batch's tokens pick, the head) at the device's bandwidth. Prompts: one image (CLIP patch tokens through the
 mlp2x_gelu connector) plus questions of different lengths, so batches are left-padded.
 
     python benchmarks/generation.py --out generation.md     # LLaMA-7B width, 4 layers, 4 experts top-2, bf16, CUDA
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from Uni_MoE import presets
 from Uni_MoE.checkpoint.tiny import tokenizer_corpus
@@ -29,7 +37,7 @@ from Uni_MoE.data.collate import collate
 from Uni_MoE.data.conversation import tokenize_conversation
 from Uni_MoE.data.tokenizer import train_tokenizer
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
-from Uni_MoE.serve.generate import GenerationSettings, generate_token_ids
+from Uni_MoE.serve.engine import GenerationEngine, GenerationSettings
 
 QUESTION = "Describe the picture in detail."
 
@@ -44,11 +52,13 @@ class Shapes:
     batch_sizes: tuple[int, ...]
     uncached_samples: int
     dtype: torch.dtype
+    bandwidth: float  # bytes/s the weight-read floor assumes (H200 HBM3e: 4.8 TB/s)
 
 
 FULL = Shapes(
     text={**presets.LLAMA_7B, "num_hidden_layers": 4, "vocab_size": 32000}, vision=presets.CLIP_L_336,
-    num_experts=4, samples=32, new_tokens=64, batch_sizes=(1, 16), uncached_samples=4, dtype=torch.bfloat16,
+    num_experts=4, samples=32, new_tokens=64, batch_sizes=(1, 16), uncached_samples=0, dtype=torch.bfloat16,
+    bandwidth=4.8e12,
 )
 SMOKE = Shapes(
     text={**presets.LLAMA_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -56,6 +66,7 @@ SMOKE = Shapes(
     vision={**presets.CLIP_L_336, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
     num_experts=4, samples=4, new_tokens=4, batch_sizes=(1, 4), uncached_samples=2, dtype=torch.float32,
+    bandwidth=4.8e12,
 )
 
 
@@ -100,13 +111,30 @@ def timed(fn: Callable[[], list[list[int]]], device: torch.device) -> tuple[list
     return out, time.perf_counter() - start
 
 
-def ours(model, tokenizer, items: list[dict], batch_size: int, new_tokens: int) -> list[list[int]]:
-    """Our path: left-padded batches through ``generate_token_ids`` (HF generate with a KV cache)."""
+def batches(items: list[dict], batch_size: int, pad_id: int) -> list[dict]:
+    return [collate(items[i:i + batch_size], pad_id, padding_side="left") for i in range(0, len(items), batch_size)]
+
+
+def ours(engine: GenerationEngine, items: list[dict], batch_size: int, new_tokens: int) -> list[list[int]]:
+    """Our engine on left-padded batches (collated beforehand: timing covers generation, not padding)."""
     settings = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     out: list[list[int]] = []
-    for start in tqdm(range(0, len(items), batch_size), desc=f"ours, batch {batch_size}", leave=False):
-        batch = collate(items[start:start + batch_size], tokenizer.pad_token_id, padding_side="left")
-        out += generate_token_ids(model, tokenizer, batch, settings).tolist()
+    for batch in tqdm(batches(items, batch_size, engine.tokenizer.pad_token_id), desc=f"ours, batch {batch_size}",
+                      leave=False):
+        out += engine.generate(batch, settings).tolist()
+    return out
+
+
+def hf_generate(model, tokenizer, items: list[dict], batch_size: int, new_tokens: int) -> list[list[int]]:
+    """The previous path: transformers' generate (dynamic cache) from the spliced embeddings."""
+    out: list[list[int]] = []
+    for batch in tqdm(batches(items, batch_size, tokenizer.pad_token_id), desc=f"generate, batch {batch_size}",
+                      leave=False):
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        embeds = model.model.embed_multimodal(ids, pixel_values=batch["pixel_values"].to(model.device, model.dtype))
+        new = model.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out += new[:, ids.shape[1]:].tolist()
     return out
 
 
@@ -116,8 +144,10 @@ def cache_keyword() -> str:
 
 
 def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: bool) -> list[list[int]]:
-    """One sample at a time, greedy argmax, no batching: with the KV cache, or re-running everything."""
+    """One sample at a time, greedy argmax (placeholders suppressed, as everywhere), no batching: with the
+    KV cache, or re-running everything."""
     device, dtype, cache_kw = model.device, model.dtype, cache_keyword()
+    placeholders = torch.tensor(sorted(model.config.placeholder_token_ids().values()), device=device)
     out = []
     desc = "one-by-one, " + ("KV cache" if use_cache else "no cache")
     for item in tqdm(items, desc=desc, leave=False):
@@ -126,11 +156,11 @@ def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: 
         step_ids, cache, tokens = ids, None, []
         for _ in range(new_tokens):
             kwargs = {cache_kw: cache} if cache is not None else {"pixel_values": pixels}
-            logits = model(input_ids=step_ids, use_cache=use_cache, logits_to_keep=1, **kwargs)
-            nxt = logits.logits[:, -1].argmax(-1, keepdim=True)
+            result = model(input_ids=step_ids, use_cache=use_cache, logits_to_keep=1, **kwargs)
+            nxt = result.logits[:, -1].index_fill(-1, placeholders, float("-inf")).argmax(-1, keepdim=True)
             tokens.append(int(nxt))
             if use_cache:
-                cache = getattr(logits, cache_kw)
+                cache = getattr(result, cache_kw)
                 step_ids = nxt
             else:
                 ids = torch.cat([ids, nxt], dim=1)
@@ -139,30 +169,92 @@ def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: 
     return out
 
 
-def run(shapes: Shapes, device: torch.device) -> tuple[list[dict], UniMoEForCausalLM, list[int]]:
+def dense_anchor(shapes: Shapes, device: torch.device, prompt_len: int, samples: int, static: bool,
+                 batch_size: int) -> float:
+    """Seconds for transformers' dense LlamaForCausalLM (same width and depth) to greedily decode
+    ``shapes.new_tokens`` tokens for ``samples`` random prompts of ``prompt_len`` tokens, in batches."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(shapes.dtype)
+    try:
+        with torch.device(device):
+            llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in shapes.text.items() if k != "model_type"})).eval()
+    finally:
+        torch.set_default_dtype(default)
+    kwargs = dict(do_sample=False, pad_token_id=0, **({"cache_implementation": "static"} if static else {}))
+    prompts = torch.randint(3, 1000, (samples, prompt_len), device=device)
+    for _ in range(2):  # warm-up (and, for the static cache on a GPU, compilation) at this batch size
+        llama.generate(prompts[:batch_size], max_new_tokens=4, min_new_tokens=4, **kwargs)
+
+    def run() -> list[list[int]]:
+        for i in range(0, samples, batch_size):
+            llama.generate(prompts[i:i + batch_size], max_new_tokens=shapes.new_tokens,
+                           min_new_tokens=shapes.new_tokens, **kwargs)
+        return []
+
+    seconds = timed(run, device)[1]
+    del llama
+    return seconds
+
+
+def floor_tok_s(model: UniMoEForCausalLM, batch: int, bandwidth: float) -> float:
+    """Tokens/s if a step took only the time to read its weights once: attention, the experts that
+    ``batch`` uniformly routed tokens pick (expected distinct count), final norm and head."""
+    tc, cfg = model.config.text_config, model.config
+    h, i, v = tc.hidden_size, tc.intermediate_size, tc.vocab_size
+    head_dim = h // tc.num_attention_heads
+    attention = h * (2 * h + 2 * tc.num_key_value_heads * head_dim)
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    experts = e * (1 - ((e - k) / e) ** batch)
+    params = tc.num_hidden_layers * (attention + experts * 3 * h * i) + v * h
+    return batch / (params * model.dtype.itemsize / bandwidth)
+
+
+def run(shapes: Shapes, device: torch.device, anchors: bool) -> tuple[list[dict], UniMoEForCausalLM, list[int]]:
     """Table rows (the cached loop first, as the baseline), the model, and the prompt lengths."""
     model, tokenizer = build(shapes, device)
+    engine = GenerationEngine(model, tokenizer)
     items = prompts(model, tokenizer, shapes.samples)
+    lengths = [len(it["input_ids"]) for it in items]
+    n_tok = len(items) * shapes.new_tokens
     with torch.inference_mode():
-        ours(model, tokenizer, items[:2], 2, 2)  # warm-up
-        plain_loop(model, tokenizer, items[:1], 2, True)
+        plain_loop(model, tokenizer, items[:1], 2, True)  # warm-up
         reference, loop_s = timed(lambda: plain_loop(model, tokenizer, items, shapes.new_tokens, True), device)
         rows = [dict(path="one-by-one loop, KV cache (baseline)", batch=1, samples=len(items), seconds=loop_s,
-                     tokens=len(items) * shapes.new_tokens, same=None)]
+                     tokens=n_tok, same=None)]
         k = shapes.uncached_samples
         if k:
             slow, slow_s = timed(lambda: plain_loop(model, tokenizer, items[:k], shapes.new_tokens, False), device)
             rows.append(dict(path="one-by-one loop, no cache (original v1)", batch=1, samples=k, seconds=slow_s,
                              tokens=k * shapes.new_tokens, same=sum(a == b for a, b in zip(slow, reference))))
         for bs in shapes.batch_sizes:
-            got, s = timed(lambda: ours(model, tokenizer, items, bs, shapes.new_tokens), device)
-            rows.append(dict(path="ours: batched, left-padded, KV cache", batch=bs, samples=len(items), seconds=s,
-                             tokens=sum(map(len, got)), same=sum(a == b for a, b in zip(got, reference))))
+            hf_generate(model, tokenizer, items[:bs], bs, 2)  # warm-up
+            got, s = timed(lambda: hf_generate(model, tokenizer, items, bs, shapes.new_tokens), device)
+            rows.append(dict(path="transformers generate on our model (previous path)", batch=bs, samples=len(items),
+                             seconds=s, tokens=sum(map(len, got)), same=sum(a == b for a, b in zip(got, reference))))
+        for bs in shapes.batch_sizes:
+            ours(engine, items[:bs], bs, 2)  # warm-up: allocates the cache and captures the step's graph
+            got, s = timed(lambda: ours(engine, items, bs, shapes.new_tokens), device)
+            rows.append(dict(path="**ours: engine** (static cache, graph-captured step)", batch=bs,
+                             samples=len(items), seconds=s, tokens=sum(map(len, got)),
+                             same=sum(a == b for a, b in zip(got, reference))))
+    if anchors:
+        mean_len = round(sum(lengths) / len(lengths))
+        for static in (False, True):
+            for bs in shapes.batch_sizes:
+                s = dense_anchor(shapes, device, mean_len, len(items), static, bs)
+                cache = "static cache" + (", compiled" if device.type == "cuda" else "") if static else "dynamic cache"
+                rows.append(dict(path=f"transformers dense LlamaForCausalLM, {cache}, {mean_len}-token prompts",
+                                 batch=bs, samples=len(items), seconds=s, tokens=n_tok, same=None))
+    for bs in shapes.batch_sizes:
+        rate = floor_tok_s(model, bs, shapes.bandwidth)
+        rows.append(dict(path=f"weight-read floor of our model ({shapes.bandwidth / 1e12:.1f} TB/s)", batch=bs,
+                         samples=len(items), seconds=n_tok / rate, tokens=n_tok, same=None))
     base = rows[0]["tokens"] / rows[0]["seconds"]
     for r in rows:
         r["tok_s"] = r["tokens"] / r["seconds"]
         r["speedup"] = r["tok_s"] / base
-    return rows, model, [len(it["input_ids"]) for it in items]
+    return rows, model, lengths
 
 
 def same_tokens(row: dict) -> str:
@@ -170,7 +262,7 @@ def same_tokens(row: dict) -> str:
 
 
 def report(rows: list[dict], shapes: Shapes, model: UniMoEForCausalLM, device: torch.device,
-           lengths: list[int]) -> str:
+           lengths: list[int], command: str) -> str:
     tc, vc = model.config.text_config, model.config.vision_config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     prompt_lens = f"{min(lengths)}-{max(lengths)} tokens, {(vc.image_size // vc.patch_size) ** 2} of them image"
@@ -179,14 +271,16 @@ def report(rows: list[dict], shapes: Shapes, model: UniMoEForCausalLM, device: t
         "",
         f"- device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
         f"date {datetime.date.today().isoformat()}",
+        f"- command: `{command}`",
         f"- model (random init): hidden {tc.hidden_size}, intermediate {tc.intermediate_size}, "
         f"{tc.num_attention_heads} heads, {tc.num_hidden_layers} layers, vocab {tc.vocab_size}, MoE "
         f"{model.config.num_experts} experts top-{model.config.num_experts_per_tok} in every layer; CLIP "
         f"{vc.hidden_size}x{vc.num_hidden_layers} layers at {vc.image_size}px + mlp2x_gelu; "
         f"{str(shapes.dtype).removeprefix('torch.')}",
-        f"- prompts: {prompt_lens}; greedy, exactly {shapes.new_tokens} new tokens per sample",
+        f"- prompts: {prompt_lens}; greedy, exactly {shapes.new_tokens} new tokens per sample; times include "
+        "prefill and image encoding (the dense anchor has no image)",
         "- same tokens: samples whose greedy tokens equal the cached one-by-one loop's "
-        "(bf16 batches may differ in the last bits)",
+        "(bf16 batches may differ at near-ties)",
         "",
         "| path | batch | samples | new tokens | seconds | tokens/s | × baseline | same tokens |",
         "|---|---|---|---|---|---|---|---|",
@@ -203,14 +297,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU")
     parser.add_argument("--new_tokens", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--uncached_samples", type=int, default=None, help="also time the no-cache loop on N")
+    parser.add_argument("--no_anchors", action="store_true", help="skip the dense transformers anchor")
     args = parser.parse_args(argv)
     shapes = SMOKE if args.smoke else FULL
-    overrides = {k: v for k, v in (("new_tokens", args.new_tokens), ("samples", args.samples)) if v}
+    overrides = {k: v for k, v in (("new_tokens", args.new_tokens), ("samples", args.samples),
+                                   ("uncached_samples", args.uncached_samples)) if v is not None}
     shapes = Shapes(**{**shapes.__dict__, **overrides})
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     print(f"generation benchmark on {device}: {shapes.samples} samples x {shapes.new_tokens} tokens", flush=True)
-    rows, model, lengths = run(shapes, device)
-    text = report(rows, shapes, model, device, lengths)
+    rows, model, lengths = run(shapes, device, not args.no_anchors)
+    command = "python benchmarks/generation.py " + shlex.join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                              if a != args.out and a != "--out")
+    text = report(rows, shapes, model, device, lengths, command.strip())
     print(text, flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

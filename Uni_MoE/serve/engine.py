@@ -183,8 +183,9 @@ class GenerationEngine:
         """New tokens [B, T] for one left-padded collated batch (pad after a sequence ends).
 
         ``streamer`` (transformers' streamer protocol, batch of one) receives each new token;
-        ``should_stop`` is asked every step (a closed demo tab); ``synced_gpus`` keeps every rank stepping
-        until all are done, as expert parallelism needs.
+        ``should_stop`` is asked before every token after the first (a closed demo tab ends the reply at
+        the next token); ``synced_gpus`` keeps every rank stepping until all are done, as expert
+        parallelism needs.
         """
         inputs = self.inputs(batch)
         input_ids = inputs.pop("input_ids")
@@ -226,9 +227,11 @@ class GenerationEngine:
         finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
         temperature = settings.temperature if settings.sampled else 0.0
         tokens: list[torch.Tensor] = []
-        every = 1 if streamer is not None or should_stop is not None else CHECK_EVERY
+        every = 1 if streamer is not None else CHECK_EVERY
         try:
             for t in range(steps):
+                if t > 0 and should_stop is not None and should_stop():
+                    break
                 block_eos = eos if eos is not None and t < settings.min_new_tokens else None
                 new = choose_tokens(logits, self.suppress, block_eos=block_eos, temperature=temperature,
                                     top_p=settings.top_p)
@@ -242,7 +245,7 @@ class GenerationEngine:
                 if (t + 1) % every == 0 or last:
                     if settings.stop:
                         finished |= self._stopped(tokens, settings.stop, finished.device)
-                    if self._all_done(finished, should_stop, synced_gpus):
+                    if self._all_done(finished, synced_gpus):
                         break
                 if last:
                     break
@@ -259,13 +262,13 @@ class GenerationEngine:
         return torch.tensor([any(s and s in text for s in stop) for text in texts], device=device)
 
     @staticmethod
-    def _all_done(finished: torch.Tensor, should_stop: Callable[[], bool] | None, synced_gpus: bool) -> bool:
-        """Whether to end the loop: every row finished (on every rank, when synced) or the reader left."""
+    def _all_done(finished: torch.Tensor, synced_gpus: bool) -> bool:
+        """Whether every row has finished (on every rank, when synced)."""
         done = finished.all()
         if synced_gpus and dist.is_available() and dist.is_initialized():
             done = done.to(torch.int32)
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        return bool(done) or (should_stop is not None and should_stop())
+        return bool(done)
 
     @staticmethod
     def _kept_columns(out: torch.Tensor, eos: int | None, pad: int | None) -> int:
