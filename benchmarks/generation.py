@@ -183,8 +183,9 @@ def dense_anchor(shapes: Shapes, device: torch.device, prompt_len: int, samples:
         torch.set_default_dtype(default)
     kwargs = dict(do_sample=False, pad_token_id=0, **({"cache_implementation": "static"} if static else {}))
     prompts = torch.randint(3, 1000, (samples, prompt_len), device=device)
-    for _ in range(2):  # warm-up (and, for the static cache on a GPU, compilation) at this batch size
-        llama.generate(prompts[:batch_size], max_new_tokens=4, min_new_tokens=4, **kwargs)
+    for _ in range(2):  # warm-up (and, for the static cache on a GPU, compilation) at the timed shapes
+        llama.generate(prompts[:batch_size], max_new_tokens=shapes.new_tokens, min_new_tokens=shapes.new_tokens,
+                       **kwargs)
 
     def run() -> list[list[int]]:
         for i in range(0, samples, batch_size):
@@ -210,6 +211,15 @@ def floor_tok_s(model: UniMoEForCausalLM, batch: int, bandwidth: float) -> float
     return batch / (params * model.dtype.itemsize / bandwidth)
 
 
+class Rows(list):
+    """Table rows, each printed as it is measured (a long run that is cut short still shows its rows)."""
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        print(f"{row['path']}, batch {row['batch']}: {row['tokens'] / row['seconds']:.1f} tokens/s "
+              f"({row['seconds']:.2f} s)", flush=True)
+
+
 def run(shapes: Shapes, device: torch.device, anchors: bool) -> tuple[list[dict], UniMoEForCausalLM, list[int]]:
     """Table rows (the cached loop first, as the baseline), the model, and the prompt lengths."""
     model, tokenizer = build(shapes, device)
@@ -220,8 +230,9 @@ def run(shapes: Shapes, device: torch.device, anchors: bool) -> tuple[list[dict]
     with torch.inference_mode():
         plain_loop(model, tokenizer, items[:1], 2, True)  # warm-up
         reference, loop_s = timed(lambda: plain_loop(model, tokenizer, items, shapes.new_tokens, True), device)
-        rows = [dict(path="one-by-one loop, KV cache (baseline)", batch=1, samples=len(items), seconds=loop_s,
-                     tokens=n_tok, same=None)]
+        rows = Rows()
+        rows.append(dict(path="one-by-one loop, KV cache (baseline)", batch=1, samples=len(items), seconds=loop_s,
+                         tokens=n_tok, same=None))
         k = shapes.uncached_samples
         if k:
             slow, slow_s = timed(lambda: plain_loop(model, tokenizer, items[:k], shapes.new_tokens, False), device)
