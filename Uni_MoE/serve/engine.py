@@ -11,6 +11,7 @@ which turn graphs off) are options of the same loop.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
@@ -124,7 +125,12 @@ class DecodeStep:
         if not self.use_graph:
             return self._run()
         if self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as err:  # a step that syncs with the host; slower, still correct
+                warnings.warn(f"the decoding step could not be captured in a CUDA graph ({err}); running it eagerly")
+                self.graph, self.use_graph = None, False
+                return self._run()
         self.graph.replay()
         return self.logits
 
@@ -142,12 +148,13 @@ class GenerationEngine:
 
     def _graphs_on(self, batch: int) -> bool:
         """CUDA graphs: on a GPU, local experts (DeepSpeed-MoE all-to-alls synchronise), a batch the MoE
-        decode path takes, and no forward hooks (routing capture reads every step on the host)."""
+        decode path takes, and no forward hooks on the MoE layers (routing capture reads every step on the
+        host; a captured step would run them once, at capture)."""
         if self.cuda_graphs is False or self.model.device.type != "cuda" or batch > DECODE_TOKENS:
             return False
         if self.model.config.moe_backend == "deepspeed":
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.model.moe_layers())
 
     def decode_step(self, batch: int, length: int) -> DecodeStep:
         """The step for this batch size and cache length (rounded up), reusing the last one if it fits."""
