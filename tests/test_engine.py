@@ -74,7 +74,8 @@ def test_a_reused_static_cache_gives_the_same_tokens(tiny):
 def test_placeholders_are_never_generated(tiny, settings):
     """A head biased so hard toward the placeholders that plain argmax always picks one: every decoding
     mode still answers (no 'placeholder tokens but no image inputs' error) and emits none of them."""
-    model, tokenizer, batch = tiny
+    model, tokenizer, _ = tiny
+    batch = text_batch(tokenizer, ["Describe it.", "What colour is the square on the left?"])
     placeholders = sorted(model.config.placeholder_token_ids().values())
     bias = torch.zeros(model.config.text_config.vocab_size)
     bias[placeholders] = 1e4 + torch.arange(len(placeholders), dtype=torch.float)
