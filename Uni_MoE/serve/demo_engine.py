@@ -7,9 +7,7 @@ reader goes away (a closed browser tab) is cancelled at the next token rather th
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,43 +15,16 @@ import numpy as np
 import torch
 from transformers import TextIteratorStreamer
 
-from ..config import PLACEHOLDERS
 from ..data import media
 from ..data.collate import collate
 from ..data.dataset import UniMoEDataset
-from ..data.schema import PLACEHOLDER_RE, Sample
 from ..data.tokenizer import load_tokenizer
 from ..model.uni_moe import UniMoEForCausalLM
+from .chat import PROMPT_ORDER, Conversation
 from .demo_cache import CachedMediaProcessor
 from .demo_media import RequestError, UploadError, UploadLimits, check_upload, has_soundtrack
 from .demo_routing import RoutingRecorder
 from .engine import GenerationEngine, GenerationSettings
-
-PROMPT_ORDER = ("image", "speech", "audio", "video")  # the original's order: <image>, <audio>, <video>
-
-
-@dataclass
-class Conversation:
-    """The turns so far (original schema) and every media file they refer to, in placeholder order."""
-
-    turns: list[dict[str, str]] = field(default_factory=list)
-    media: dict[str, list[str]] = field(default_factory=lambda: {m: [] for m in PROMPT_ORDER})
-
-    def with_question(self, question: str, uploads: dict[str, list[str]]) -> "Conversation":
-        """A copy with one more human turn: a placeholder per upload (in prompt order), then the question.
-        Placeholders typed by the user are removed: only real uploads may ask for media."""
-        text = PLACEHOLDER_RE.sub("", question).strip()
-        tokens = "".join(PLACEHOLDERS[m] + "\n" for m in PROMPT_ORDER for _ in uploads.get(m, []))
-        new_media = {m: files + list(uploads.get(m, [])) for m, files in self.media.items()}
-        return Conversation(self.turns + [{"from": "human", "value": tokens + text}], new_media)
-
-    def with_answer(self, answer: str) -> "Conversation":
-        return dataclasses.replace(self, turns=self.turns + [{"from": "gpt", "value": answer}])
-
-    def sample(self) -> Sample:
-        m = self.media
-        return Sample(0, "chat", self.turns, m["image"], m["video"], m["speech"], m["audio"])
-
 
 class Reply:
     """Text pieces of one answer as they are generated; ``routing`` and ``error`` once it is done."""

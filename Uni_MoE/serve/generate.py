@@ -24,6 +24,7 @@ from ..data.collate import Collator
 from ..data.schema import Sample, parse_sample
 from ..model.uni_moe import UniMoEForCausalLM
 from ..model_folder import require_model_folder
+from .chat import Conversation
 from .engine import GenerationSettings, cut_at_stop, engine_for
 
 if TYPE_CHECKING:
@@ -154,7 +155,8 @@ def build_chat_sample(
     history: Sequence[tuple[str, str]] | None = None,
     video_track_as: str | None = "speech",
 ) -> dict[str, Any]:
-    """One record in the data schema from free text and media paths, media in the first turn.
+    """One record in the data schema from free text and media paths, media in the first turn, through the
+    chat prompt builder the demo uses.
 
     The first human turn is ``<image>\\n<speech>\\n<audio>\\n<video>\\n`` (those present) + the first
     question, as the original's CLI builds it. ``history`` holds earlier (question, answer) pairs.
@@ -162,27 +164,16 @@ def build_chat_sample(
     """
     from ..data import media
 
-    record: dict[str, Any] = {}
-    if image:
-        record["image"] = str(image)
-    if speech:
-        record["speech"] = [str(speech)]
-    if audio:
-        record["audio"] = [str(audio)]
+    uploads: dict[str, list[Any]] = {"image": [str(image)] if image else [], "speech": [str(speech)] if speech else [],
+                                     "audio": [str(audio)] if audio else [], "video": []}
     if video:
-        record["video"] = video_frames_or_file(video)
-        if video_track_as and isinstance(record["video"], str) and media.load_audio_track(video) is not None:
-            record.setdefault(video_track_as, []).append(str(video))
-    tokens = ["<image>"] * ("image" in record) + ["<speech>"] * len(record.get("speech", [])) \
-        + ["<audio>"] * len(record.get("audio", [])) + ["<video>"] * ("video" in record)
-    prefix = "".join(t + "\n" for t in tokens)
-    turns: list[dict[str, str]] = []
-    for q, a in list(history or []):
-        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    turns += [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
-    turns[0] = {"from": "human", "value": prefix + turns[0]["value"]}
-    record["conversations"] = turns
-    return record
+        uploads["video"] = [video_frames_or_file(video)]
+        if video_track_as and isinstance(uploads["video"][0], str) and media.load_audio_track(video) is not None:
+            uploads[video_track_as].append(str(video))
+    conversation = Conversation()
+    for turn, (q, a) in enumerate([*(history or []), (question, "")]):
+        conversation = conversation.with_question(q, uploads if turn == 0 else {}).with_answer(a)
+    return conversation.record()
 
 
 def is_original_release(model_path: str | Path) -> bool:
