@@ -148,13 +148,16 @@ class GenerationEngine:
 
     def _graphs_on(self, batch: int) -> bool:
         """CUDA graphs: on a GPU, local experts (DeepSpeed-MoE all-to-alls synchronise), a batch the MoE
-        decode path takes, and no forward hooks on the MoE layers (routing capture reads every step on the
-        host; a captured step would run them once, at capture)."""
+        decode path takes (and no other path configured), and no forward hooks on the MoE layers (routing
+        capture reads every step on the host; a captured step would run them once, at capture)."""
         if self.cuda_graphs is False or self.model.device.type != "cuda" or batch > DECODE_TOKENS:
             return False
         if self.model.config.moe_backend == "deepspeed":
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.model.moe_layers())
+        layers = self.model.moe_layers()
+        if any(layer.implementation not in ("auto", "all_dense") for layer in layers):
+            return False  # a configured grouped or reference path sizes its work on the host
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
 
     def decode_step(self, batch: int, length: int) -> DecodeStep:
         """The step for this batch size and cache length (rounded up), reusing the last one if it fits."""
