@@ -8,17 +8,16 @@ release's config.json where it has one (``mm_vision_select_layer``, ``num_expert
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
-try:
-    from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # transformers < 5.18 has no SubConfigSpec: sub-configs are built in __post_init__
-    SubConfigSpec = None
+from .compat import SubConfigSpec, build_sub_configs
+from .modalities import MODALITIES
 
-MODALITIES = ("image", "video", "speech", "audio")
-PLACEHOLDERS = {"image": "<image>", "video": "<video>", "speech": "<speech>", "audio": "<audio>"}
+ORIGINAL_MODEL_TYPES = ("llava", "llava_llama")  # config.json model_type of an original Uni-MoE release
 MOE_LAYER_CHOICES = ("all", "even", "odd", "none")
 EXPERT_TYPES = ("mlp", "shared")
 MOE_BACKENDS = ("local", "deepspeed")
@@ -95,21 +94,9 @@ class UniMoEConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         if SubConfigSpec is None:
-            self._build_sub_configs()
+            build_sub_configs(self, SUB_CONFIG_TYPES)
         super().__post_init__(**kwargs)
         self.validate_fields()
-
-    def _build_sub_configs(self) -> None:
-        """Dict sub-configs to config objects, as SubConfigSpec does in newer transformers."""
-        from transformers import CONFIG_MAPPING
-
-        for key, (kind, optional) in SUB_CONFIG_TYPES.items():
-            value = getattr(self, key)
-            if isinstance(value, dict):
-                value = CONFIG_MAPPING[value.get("model_type", kind)](**value)
-            elif value is None and not optional:
-                value = CONFIG_MAPPING[kind]()
-            setattr(self, key, value)
 
     def validate_fields(self) -> None:
         """Reject settings that cannot work, naming the field."""
@@ -147,23 +134,11 @@ class UniMoEConfig(PreTrainedConfig):
 
     def enabled_modalities(self) -> list[str]:
         """Modalities whose encoder is configured."""
-        on = []
-        if self.vision_config is not None:
-            on += ["image", "video"]
-        if self.speech_config is not None:
-            on.append("speech")
-        if self.audio_config is not None:
-            on.append("audio")
-        return on
+        return [m.name for m in MODALITIES.values() if getattr(self, m.encoder_config) is not None]
 
     def placeholder_token_ids(self) -> dict[str, int]:
         """Vocabulary id of each modality's placeholder token."""
-        return {
-            "image": self.image_token_index,
-            "video": self.video_token_index,
-            "speech": self.speech_token_index,
-            "audio": self.audio_token_index,
-        }
+        return {m.name: getattr(self, m.token_id_field) for m in MODALITIES.values()}
 
     def speech_chunk_samples(self) -> int:
         """16 kHz samples per Whisper window (480000 = 30 s for Whisper-small)."""
@@ -172,3 +147,20 @@ class UniMoEConfig(PreTrainedConfig):
     def audio_chunk_samples(self) -> int:
         """16 kHz samples per BEATs window; the original uses the same 30 s windows."""
         return int((self.audio_config or {}).get("chunk_samples", 480000))
+
+
+def saved_config(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's ``config.json`` as a plain dict ({} when it has none)."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_original_release(folder: str | Path) -> bool:
+    """Whether the folder holds an original Uni-MoE release (a llava config) rather than our checkpoint."""
+    return saved_config(folder).get("model_type") in ORIGINAL_MODEL_TYPES
+
+
+def saved_with_experts(saved: dict[str, Any]) -> bool:
+    """Whether a saved config (as a dict) has MoE layers, whose experts are in the weights; a dense base's
+    MoE layers, if asked for, are built fresh."""
+    return saved.get("moe_layers", "all") not in ("none", [])

@@ -6,9 +6,10 @@ CLIP ViT-L/14-336, Whisper-small, BEATs iter3+); the tiny preset is the same cod
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from .config import PLACEHOLDERS, UniMoEConfig
+from .config import UniMoEConfig
+from .modalities import PLACEHOLDERS
 
 LLAMA_7B = dict(
     model_type="llama", vocab_size=32004, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -90,7 +91,3 @@ def tiny(vocab_size: int = 1024, placeholder_ids: dict[str, int] | None = None, 
                 num_experts=4, num_experts_per_tok=2, **ids)
     return UniMoEConfig(**{**base, **overrides})
 
-
-PRESETS: dict[str, Callable[..., UniMoEConfig]] = {
-    "speech_v1": speech_v1, "speech_v1_5": speech_v1_5, "audio_v1": audio_v1, "v2_8e": v2_8e, "tiny": tiny,
-}

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin, WhisperFeatureExtractor
 
-from .config import PLACEHOLDERS, UniMoEConfig
+from .config import UniMoEConfig
 from .data.collate import collate
 from .data.conversation import SYSTEM, render_prompt, tokenize_conversation, tokenize_prompt
 from .data.schema import PLACEHOLDER_RE, TOKEN_TO_MODALITY
+from .modalities import MEDIA_INPUT_KEYS, PLACEHOLDERS
 
 try:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -291,8 +292,7 @@ class UniMoEProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "pixel_values_videos", "input_features",
-                "input_values", "padding_mask"]
+        return ["input_ids", "attention_mask", *MEDIA_INPUT_KEYS]
 
 
 ROLE_NAMES = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt"}

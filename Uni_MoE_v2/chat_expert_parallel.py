@@ -17,11 +17,12 @@ import sys
 import torch
 import torch.distributed as dist
 
+from Uni_MoE.checkpoint.loader import load_model
+from Uni_MoE.cli_args import str_to_bool
 from Uni_MoE.data.dataset import UniMoEDataset
-from Uni_MoE.eval.__main__ import str_to_bool
 from Uni_MoE.eval.distributed import init_expert_parallel
 from Uni_MoE.serve.cli import EXIT_WORDS, build_parser, chat_settings
-from Uni_MoE.serve.generate import build_chat_sample, iter_replies, load_model, to_samples
+from Uni_MoE.serve.generate import build_chat_sample, iter_replies, to_samples
 
 ORIGINAL_ARGS = ("deepspeed", "version")  # the CLI parser already takes --model_base, --mlp_dir, towers
 

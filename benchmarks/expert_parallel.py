@@ -363,7 +363,7 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
     with torch.no_grad():
         held_out = tokens(shape, shape.batch, shape.seq, args.seed + 2, device)
         logits = model(input_ids=held_out).logits.float().cpu()
-    routing = torch.stack([r.cpu() for r in model.routing()])
+    routing = torch.stack([r.cpu() for r in model.collect_routing()])
     outputs.update(logits=logits, routing=routing, grads=grads)
     if reference is not None:
         res.grad_rel_err = gradient_rel_err(grads, reference["grads"], device)
@@ -403,7 +403,7 @@ def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res:
     if args.profile:
         name = res.name.replace(" ", "_")
         profile_step(model, optimizer, batch, world, Path(args.out) / f"profile_{name}_rank{rank}.txt")
-    res.expert_rows = all_ranks(sum(getattr(layer, "expert_rows", 0) for layer in model.moe_layers()))
+    res.expert_rows = all_ranks(sum(getattr(layer, "expert_rows", 0) for layer in model.moe_mlps()))
 
 
 def profile_step(model, optimizer, batch: torch.Tensor, world: int, path: Path) -> None:

@@ -33,7 +33,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
 
-from Uni_MoE.model.connectors import SpeechQFormer, build_projector
+from Uni_MoE.model.connectors import SpeechAligner, build_projector
 from Uni_MoE.model.lm_loss import causal_lm_loss
 from Uni_MoE.model.moe import MoELayer
 
@@ -85,14 +85,14 @@ class Stage3Model(nn.Module):
                                 decoder_attention_heads=max(1, s.speech_dim // 64),
                                 decoder_ffn_dim=4 * s.speech_dim, max_target_positions=QUERIES)
         self.image_projector = build_projector("mlp2x_gelu", s.image_dim, s.hidden)
-        self.speech_aligner = SpeechQFormer(whisper, QUERIES, s.hidden, "linear")
+        self.speech_aligner = SpeechAligner(whisper, QUERIES, s.hidden, "linear")
         inject_adapter_in_model(
             LoraConfig(r=s.rank, lora_alpha=16, lora_dropout=0.05,
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
             self.llm,
         )
 
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_mlps(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.llm.model.layers]
 
     def set_trainable(self) -> list[nn.Parameter]:
@@ -115,7 +115,7 @@ class Stage3Model(nn.Module):
             loss = causal_lm_loss(hidden, self.llm.lm_head.weight, labels)
         else:
             loss = self.llm(inputs_embeds=embeds, labels=labels).loss
-        return loss + 0.01 * sum(layer.aux_loss for layer in self.moe_layers())
+        return loss + 0.01 * sum(layer.aux_loss for layer in self.moe_mlps())
 
 
 def make_batch(s: StepShapes, device: torch.device) -> dict[str, torch.Tensor]:
@@ -181,7 +181,7 @@ def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: in
         batch = make_batch(s, device)
         tokens = s.batch * s.seq
         for implementation in ("reference", "grouped"):
-            for layer in model.moe_layers():
+            for layer in model.moe_mlps():
                 layer.implementation = implementation
             ms, gb = time_steps(model, batch, opt, device, warmup, steps)
             tflops = flops_per_token(s, expert_type) * tokens / ms / 1e9

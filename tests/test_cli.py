@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from Uni_MoE.checkpoint.loader import load_model
 from Uni_MoE.checkpoint.tiny import build_tiny
+from Uni_MoE.cli_args import release_parts
+from Uni_MoE.data.dataset import UniMoEDataset
+from Uni_MoE.data.schema import parse_sample
 from Uni_MoE.data.synthetic import make_dataset
+from Uni_MoE.modalities import MEDIA_INPUT_KEYS
 from Uni_MoE.serve import cli
-from Uni_MoE.serve.generate import GenerationSettings, build_chat_sample, generate_batch, load_model, release_parts
+from Uni_MoE.serve.generate import generate_batch
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +32,30 @@ def workspace(tmp_path_factory):
     }
 
 
+def greedy_by_hand(model, tokenizer, record: dict, max_new_tokens: int) -> str:
+    """Greedy decoding written out: a full forward pass per new token (no cache), argmax, stop at EOS."""
+    item = UniMoEDataset([parse_sample(record, 0)], tokenizer, model.config, for_generation=True)[0]
+    ids = item["input_ids"][None]
+    embeds = model.model.embed_multimodal(ids, **{k: item[k] for k in MEDIA_INPUT_KEYS if k in item})
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(inputs_embeds=embeds).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
 def test_one_shot_answer_is_the_greedy_reply(workspace, capsys):
     model_dir, media = workspace
     cli.main(["--model_path", str(model_dir), "--image", media["image"], "--question", "What colour?",
               "--max_new_tokens", "5"])
     printed = capsys.readouterr().out.strip()
     model, tokenizer = load_model(model_dir, "cpu")
-    expected = generate_batch(model, tokenizer, [build_chat_sample("What colour?", image=media["image"])],
-                              GenerationSettings(max_new_tokens=5))[0]
-    assert printed == expected
+    record = {"image": media["image"], "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}]}
+    assert printed == greedy_by_hand(model, tokenizer, record, 5)
 
 
 def test_chat_keeps_history_and_media(workspace, capsys, monkeypatch):
@@ -60,12 +81,23 @@ def test_chat_keeps_history_and_media(workspace, capsys, monkeypatch):
     assert seen[0][1].do_sample and seen[0][1].temperature == 0.2  # no image: sampled, as the original
 
 
-def test_no_video_audio_leaves_the_soundtrack_out(workspace):
-    _, media = workspace
-    args = cli.build_parser().parse_args(["--model_path", "m", "--video", media["video"], "--no_video_audio"])
-    assert args.no_video_audio
-    record = build_chat_sample("q", video=media["video"], video_track_as=None)
-    assert "speech" not in record and record["conversations"][0]["value"] == "<video>\nq"
+def test_no_video_audio_leaves_the_soundtrack_out(workspace, monkeypatch):
+    """The CLI run on a video with a soundtrack: heard as speech by default, left out with the flag."""
+    model_dir, media = workspace
+    seen = []
+
+    def spy(model, tokenizer, records, settings, **kwargs):
+        seen.append(records[0])
+        return generate_batch(model, tokenizer, records, settings, **kwargs)
+
+    monkeypatch.setattr(cli, "generate_batch", spy)
+    argv = ["--model_path", str(model_dir), "--video", media["video"], "--question", "q", "--max_new_tokens", "2"]
+    cli.main(argv)
+    cli.main([*argv, "--no_video_audio"])
+    with_track, without = seen
+    assert with_track["speech"] == [media["video"]]
+    assert with_track["conversations"][0]["value"] == "<speech>\n<video>\nq"
+    assert "speech" not in without and without["conversations"][0]["value"] == "<video>\nq"
 
 
 def test_original_release_arguments_map_to_the_converter():

@@ -38,8 +38,11 @@ def test_sample_data_goes_through_dataset_collate_and_model(tiny):
         target = item["labels"][item["labels"] != IGNORE_INDEX]
         assert tokenizer.decode(target).replace(" ", "") == answer.replace(" ", "") + "</s>"
 
-    batch = collate([ds[i] for i in range(8)], tokenizer.pad_token_id)
-    assert batch.pop("modality") and batch.pop("sample_index") == list(range(8))
+    picks = [0, 8, 16, 20, 24, 28]  # one sample of each media mix in samples.json, in file order
+    batch = collate([ds[i] for i in picks], tokenizer.pad_token_id)
+    assert batch.pop("modality") == ["image", "speech", "image+speech", "audio", "video", "video+audio"]
+    assert batch.pop("sample_index") == picks
+    assert batch["pixel_values"].shape[0] == 2 and batch["pixel_values_videos"].shape[0] == 2
     out = model(**batch)
     assert torch.isfinite(out.loss)
 

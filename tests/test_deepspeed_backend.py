@@ -5,7 +5,6 @@ over two CPU processes (gloo). Run as a script, this file is the two-process wor
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.model.moe import MoELayer
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
 
@@ -22,19 +22,13 @@ LORA_NAMES = ("gate_lora_A", "gate_lora_B", "up_lora_A", "up_lora_B", "down_lora
 LAYER = dict(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, lora_r=4, lora_alpha=8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_world():
     """A one-process gloo world for DeepSpeed, torn down after this module so other tests see none."""
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -82,10 +76,10 @@ def test_deepspeed_layer_matches_local_outputs_and_gradients(dist_world):
             torch.testing.assert_close(getattr(expert, name).grad[0], getattr(local.experts, name).grad[b])
 
 
-def test_local_experts_run_packed_in_one_implementation_call(dist_world):
+def test_local_experts_run_packed_in_one_implementation_call(dist_world, monkeypatch):
     """The frozen expert bases become slices of one tensor per projection (again after a dtype move), and the
     expert implementation sees all local experts stacked, once per forward."""
-    from Uni_MoE.model.moe import register_expert_implementation
+    from Uni_MoE.model.moe import EXPERT_IMPLEMENTATIONS
     from Uni_MoE.model.moe.reference import experts_reference
 
     calls = []
@@ -94,7 +88,7 @@ def test_local_experts_run_packed_in_one_implementation_call(dist_world):
         calls.append((x.shape[0], experts.num_experts, experts.gate_proj.shape))
         return experts_reference(x, weights, indices, experts)
 
-    register_expert_implementation("spy_for_tests", spy)
+    monkeypatch.setitem(EXPERT_IMPLEMENTATIONS, "spy_for_tests", spy)
     local, ds = _local_layer(), _ds_layer(implementation="spy_for_tests")
     ds.load_state_dict(local.state_dict(), strict=True)
     for p in ds.parameters():
@@ -184,7 +178,7 @@ def test_wrong_expert_count_names_the_key(dist_world):
 
 
 def test_param_groups_mark_expert_parameters(dist_world):
-    from Uni_MoE.model.moe.deepspeed_backend import moe_param_groups
+    from Uni_MoE.train.moe_optimizer import moe_param_groups
 
     ds = _ds_layer()
     groups = moe_param_groups([{"params": list(ds.parameters()), "weight_decay": 0.0}])
@@ -202,7 +196,7 @@ def _model_pair(make_config):
     config = make_config(expert_lora_r=4, expert_lora_alpha=8)
     local = UniMoEForCausalLM(config).eval()
     with torch.no_grad():
-        for layer in local.moe_layers():
+        for layer in local.moe_mlps():
             for p in layer.experts.lora_parameters():
                 p.normal_(0.0, 0.1)
     ds_config = make_config(expert_lora_r=4, expert_lora_alpha=8, moe_backend="deepspeed")
@@ -210,6 +204,7 @@ def _model_pair(make_config):
 
 
 def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_path):
+    from Uni_MoE.checkpoint.loader import load_checkpoint
     from Uni_MoE.checkpoint.v2_experts import from_pretrained_expert_parallel
     from Uni_MoE.model.moe.deepspeed_backend import local_layout_state_dict
 
@@ -219,7 +214,7 @@ def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_p
     out_l, out_d = local(ids), ds(ids)
     torch.testing.assert_close(out_d.logits, out_l.logits)
     torch.testing.assert_close(out_d.aux_loss, out_l.aux_loss)
-    assert len(ds.routing()) == len(local.routing())
+    assert len(ds.collect_routing()) == len(local.collect_routing())
 
     ds.save_pretrained(tmp_path / "from_ds", state_dict=local_layout_state_dict(ds))
     reloaded = UniMoEForCausalLM.from_pretrained(tmp_path / "from_ds", moe_backend="local").eval()
@@ -228,10 +223,12 @@ def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_p
     local.save_pretrained(tmp_path / "from_local")
     ep_model = from_pretrained_expert_parallel(tmp_path / "from_local", ep_size=1)
     torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
-    # from_pretrained with the deepspeed backend splits the saved experts too, instead of leaving them random
-    ep_model = UniMoEForCausalLM.from_pretrained(tmp_path / "from_local", moe_backend="deepspeed").eval()
+    # the loader with the deepspeed backend splits the saved experts too, instead of leaving them random
+    ep_model = load_checkpoint(tmp_path / "from_local", moe_backend="deepspeed").eval()
     assert ep_model.config.moe_backend == "deepspeed"
     torch.testing.assert_close(ep_model(ids).logits, out_l.logits)
+    with pytest.raises(ValueError, match="load_checkpoint.*ep_size"):  # loading by name would leave them random
+        UniMoEForCausalLM.from_pretrained(tmp_path / "from_local", moe_backend="deepspeed")
 
 
 def test_deepspeed_layout_save_pretrained_round_trips(dist_world, make_config, tmp_path):
@@ -241,7 +238,9 @@ def test_deepspeed_layout_save_pretrained_round_trips(dist_world, make_config, t
     ids = torch.randint(0, 200, (2, 12))
     expected = ds(ids).logits  # packs the bases
     ds.save_pretrained(tmp_path)
-    again = UniMoEForCausalLM.from_pretrained(tmp_path, moe_backend="deepspeed").eval()
+    from Uni_MoE.checkpoint.loader import load_checkpoint
+
+    again = load_checkpoint(tmp_path, moe_backend="deepspeed").eval()
     torch.testing.assert_close(again(ids).logits, expected)
 
 
@@ -251,12 +250,12 @@ def test_dense_checkpoint_upcycles_into_deepspeed_experts(dist_world, make_confi
     dense.save_pretrained(tmp_path)
     model = UniMoEForCausalLM.from_pretrained(tmp_path, moe_backend="deepspeed", moe_layers="all", num_experts=8,
                                               expert_lora_r=4)
-    assert len(model.moe_layers()) == 4 and len(model.moe_layers()[3].local_experts()) == 8
+    assert len(model.moe_mlps()) == 4 and len(model.moe_mlps()[3].local_experts()) == 8
     name = "model.language_model.layers.2.self_attn.q_proj.weight"
     torch.testing.assert_close(model.get_parameter(name), dense.get_parameter(name))
-    from Uni_MoE.model.moe.deepspeed_backend import mark_expert_parameters, with_moe_param_groups
+    from Uni_MoE.train.moe_optimizer import mark_expert_parameters, with_moe_param_groups
 
-    experts = [p for layer in model.moe_layers() for p in layer.local_experts().parameters()]
+    experts = [p for layer in model.moe_mlps() for p in layer.local_experts().parameters()]
     assert mark_expert_parameters(model) == len(experts) == 4 * 8 * 9  # flags lost when loading replaced them
     optimizer = with_moe_param_groups(torch.optim.SGD)([{"params": list(model.parameters())}], lr=0.1)
     moe_groups = [g for g in optimizer.param_groups if g.get("moe")]
@@ -264,14 +263,14 @@ def test_dense_checkpoint_upcycles_into_deepspeed_experts(dist_world, make_confi
 
 
 def test_v2_expert_files_fill_deepspeed_experts(dist_world, make_config, tmp_path):
-    from test_v2_experts import write_experts_dir
+    from helpers import write_experts_dir
 
     from Uni_MoE.checkpoint.v2_experts import V2_EXPERT_FILES, V2_MLP_KEY, load_v2_expert_bases
 
     model = UniMoEForCausalLM(make_config(num_experts=8, expert_lora_r=4, moe_backend="deepspeed"))
     files = write_experts_dir(tmp_path, model.config)
     assert load_v2_expert_bases(model, tmp_path) == list(range(8))
-    layer = model.moe_layers()[1]
+    layer = model.moe_mlps()[1]
     expected = files[V2_EXPERT_FILES[5]][V2_MLP_KEY.format(layer=1, proj="down_proj")]
     assert torch.equal(layer.local_expert(5).down_proj[0], expected)
 
@@ -282,7 +281,7 @@ def test_expert_parallel_over_two_processes(tmp_path):
     local backend's, and local_layout_state_dict gathers the full stacked experts."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), __file__]
+           str(free_port()), __file__]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
@@ -373,7 +372,7 @@ def _ep2_v2_experts(rank: int, out: Path) -> None:
     """Each rank of an ep_size=2 model reads only the Experts files of the experts it holds."""
     import torch.distributed as dist
     from conftest import small_config
-    from test_v2_experts import write_experts_dir
+    from helpers import write_experts_dir
 
     from Uni_MoE.checkpoint.v2_experts import V2_EXPERT_FILES, V2_MLP_KEY, load_v2_expert_bases
 
@@ -384,7 +383,7 @@ def _ep2_v2_experts(rank: int, out: Path) -> None:
     assert load_v2_expert_bases(model, out / f"experts{rank}") == list(range(4 * rank, 4 * rank + 4))
     expert = 4 * rank + 3
     expected = files[V2_EXPERT_FILES[expert]][V2_MLP_KEY.format(layer=0, proj="up_proj")]
-    assert torch.equal(model.moe_layers()[0].local_experts()[3].up_proj[0], expected)
+    assert torch.equal(model.moe_mlps()[0].local_experts()[3].up_proj[0], expected)
     dist.barrier()
 
 

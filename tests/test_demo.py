@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ httpx = pytest.importorskip("httpx")
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
 from Uni_MoE.data import synthetic  # noqa: E402
+from Uni_MoE.eval.distributed import free_port  # noqa: E402
 from Uni_MoE.serve import demo  # noqa: E402
 from Uni_MoE.serve.demo_engine import DemoEngine  # noqa: E402
 from Uni_MoE.serve.demo_media import UploadLimits  # noqa: E402
@@ -39,12 +39,6 @@ MAX_NEW = 6
 class Server:
     url: str
     engine: DemoEngine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(app: gr.Blocks) -> str:

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
+from Uni_MoE.checkpoint.loader import load_model
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data.collate import collate
 from Uni_MoE.data.dataset import UniMoEDataset
 from Uni_MoE.data.synthetic import make_dataset
 from Uni_MoE.serve.engine import GenerationEngine, GenerationSettings
-from Uni_MoE.serve.generate import length_ordered_batches, load_model, to_samples
+from Uni_MoE.serve.generate import length_ordered_batches, to_samples
 
 TASKS = ["image_colour", "speech_word", "image_speech"]
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import torch
-from test_convert_original import V, make_encoders, write_v1_release
+from helpers import V, make_encoders, write_v1_release
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from Uni_MoE.checkpoint.convert_original import convert_original
+from Uni_MoE.checkpoint.loader import load_model
 from Uni_MoE.eval.__main__ import main
 from Uni_MoE.eval.fixtures import write_benchmark_files
-from Uni_MoE.serve.generate import load_model
 
 WORDS = "is there a circle square triangle in the image which shape picture".split()
 

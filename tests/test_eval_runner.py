@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import pope_by_hand
 
 from Uni_MoE.checkpoint.tiny import build_tiny
-from Uni_MoE.eval import metrics as M
+from Uni_MoE.data.schema import SampleError, read_records
 from Uni_MoE.eval.__main__ import main
 from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.eval.fixtures import BUILDERS, write_benchmark_files
-from Uni_MoE.eval.runner import read_records
-from Uni_MoE.data.schema import SampleError
 
 FAST_DECODING = ["--max_new_tokens", "3", "--min_new_tokens", "0", "--num_beams", "1", "--do_sample", "False"]
 
@@ -52,10 +51,14 @@ def test_every_data_type_runs_end_to_end(workspace, data_type, capsys):
 
 
 def test_pope_metrics_match_the_written_predictions(workspace):
+    """Scores and F1 of the written predictions, recomputed by hand from POPE's rule."""
     rows, result = _run(workspace, "pope")
-    recomputed = M.pope_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
-    assert result["metrics"]["f1"] == pytest.approx(recomputed["f1"])
-    assert [r["score"] for r in rows] == [float(M.pope_yes_no(r["prediction"]) == r["reference"]) for r in rows]
+    labels = [r["label"] for r in json.loads(workspace[1]["pope"]["data"].read_text())]
+    assert [r["reference"] for r in rows] == labels
+    hits, f1 = pope_by_hand([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert [r["score"] for r in rows] == hits
+    assert result["metrics"]["f1"] == pytest.approx(f1)
+    assert result["metrics"]["accuracy"] == pytest.approx(sum(hits) / 2)
 
 
 def test_mmbench_original_file_gets_circular_copies(workspace):
@@ -81,7 +84,7 @@ def test_bad_eval_file_is_named(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"id": 1,}]')
     with pytest.raises(SampleError, match="broken.json: malformed JSON at line 1"):
-        read_records(bad)
+        read_records(bad, strict=True)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import pope_by_hand
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.eval.fixtures import write_benchmark_files
@@ -62,5 +63,7 @@ def test_eval_speech_runs_from_another_folder(tmp_path):
                 "out/pope.json", "--max_new_tokens", "3", cwd=tmp_path, MODEL="model")
     rows = json.loads((tmp_path / "out" / "pope.json").read_text())
     metrics = json.loads((tmp_path / "out" / "pope_metrics.json").read_text())
-    assert len(rows) == 2 and metrics["metrics"]["f1"] >= 0
+    assert len(rows) == 2
+    _, f1 = pope_by_hand([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert metrics["metrics"]["f1"] == pytest.approx(f1)
     assert "pope  f1" in out.stdout

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from Uni_MoE.checkpoint.loader import load_model
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data.collate import collate
 from Uni_MoE.data.dataset import UniMoEDataset
@@ -17,7 +18,6 @@ from Uni_MoE.serve.generate import (
     cut_at_stop,
     generate_batch,
     generate_token_ids,
-    load_model,
     to_samples,
 )
 

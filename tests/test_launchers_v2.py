@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from Uni_MoE.eval.__main__ import build_parser as eval_parser
+from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.train.arguments import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,12 +116,6 @@ def test_inference_chats_expert_parallel_or_on_one_gpu(folders):
     assert single.startswith(f"+ python -m Uni_MoE.serve.cli --model_path {model} ")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def tiny_moe_checkpoint(folder: Path) -> Path:
     """The tiny model with 4 random experts in every layer, saved with its tokenizer."""
     import torch
@@ -134,7 +128,7 @@ def tiny_moe_checkpoint(folder: Path) -> Path:
     model = UniMoEForCausalLM.from_pretrained(tiny, moe_layers="all", num_experts=4, expert_lora_r=2)
     torch.manual_seed(0)
     with torch.no_grad():
-        for layer in model.moe_layers():
+        for layer in model.moe_mlps():
             layer.router.weight.normal_(0.0, 0.02)
             layer.experts.reset_parameters()
     model.save_pretrained(folder / "moe")

@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from Uni_MoE.checkpoint.loader import load_model
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data.collate import collate
 from Uni_MoE.data.conversation import IGNORE_INDEX, SYSTEM
@@ -26,7 +27,7 @@ from Uni_MoE.data.schema import parse_sample
 from Uni_MoE.eval.runner import EvalConfig, run_eval
 from Uni_MoE.integrations.lmms_inputs import continuation_logprobs, encode_prompts, sort_media, user_prompt
 from Uni_MoE.processing_uni_moe import UniMoEProcessor
-from Uni_MoE.serve.generate import load_model, video_frames_or_file
+from Uni_MoE.serve.generate import video_frames_or_file
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "Uni_MoE" / "integrations" / "lmms_tasks"

@@ -120,7 +120,7 @@ def test_every_modality_trains_and_generates(make_config):
     aligners = [model.model.mm_projector, model.model.speech_aligner, model.model.audio_aligner]
     for module in aligners:
         assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
-    assert len(model.routing()) == 4 and model.routing()[0].shape == (2, ids.shape[1], 2)
+    assert len(model.collect_routing()) == 4 and model.collect_routing()[0].shape == (2, ids.shape[1], 2)
 
     model.eval()
     mask = torch.ones_like(ids)

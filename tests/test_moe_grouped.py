@@ -9,7 +9,7 @@ from Uni_MoE.model.moe import MoELayer, experts_reference, resolve_expert_implem
 from Uni_MoE.model.moe import grouped, segments
 from Uni_MoE.model.moe.decode import experts_all_dense
 from Uni_MoE.model.moe.grouped import experts_grouped
-from Uni_MoE.model.moe.layer import DECODE_TOKENS
+from Uni_MoE.model.moe.implementations import DECODE_TOKENS
 
 H, I, T = 32, 48, 40
 

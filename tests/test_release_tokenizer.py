@@ -11,10 +11,11 @@ import sentencepiece as spm
 from llama_sentencepiece import write_release_tokenizer
 
 from Uni_MoE import presets
-from Uni_MoE.config import PLACEHOLDERS, UniMoEConfig
+from Uni_MoE.config import UniMoEConfig
 from Uni_MoE.data import tokenizer as tokenizer_module
 from Uni_MoE.data.conversation import IGNORE_INDEX, SYSTEM, tokenize_conversation
 from Uni_MoE.data.tokenizer import encode_chunk, load_tokenizer
+from Uni_MoE.modalities import PLACEHOLDERS
 
 PLACEHOLDER = re.compile("(<image>|<video>|<speech>|<audio>)")
 SPECIAL = re.compile("(<s>|</s>|<unk>)")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from Uni_MoE.data.media import load_audio_track, load_image, load_video_frames, load_waveform
-from Uni_MoE.data.synthetic import COLOURS, TASK_CHOICES, espeak, main, make_dataset
+from Uni_MoE.data.synthetic import espeak, main, make_dataset
+from Uni_MoE.data.synthetic_tasks import COLOURS, TASK_CHOICES
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="speech samples need espeak-ng")
 

@@ -3,7 +3,6 @@ the local MoE backend, and with DeepSpeed-MoE experts (``--enable_deepspeed_moe`
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +11,11 @@ import pytest
 import torch
 
 from Uni_MoE.checkpoint.tiny import build_tiny
+from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data_sample" / "samples.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_stage3(tmp_path: Path, *extra: str, processes: int = 1, experts: int = 2) -> Path:
@@ -29,7 +23,7 @@ def _train_stage3(tmp_path: Path, *extra: str, processes: int = 1, experts: int 
     pytest.importorskip("deepspeed")
     tiny = build_tiny(tmp_path / "tiny")
     out = tmp_path / "out"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "Uni_MoE.train"]
     if processes > 1:
@@ -51,7 +45,7 @@ def _train_stage3(tmp_path: Path, *extra: str, processes: int = 1, experts: int 
 @pytest.mark.timeout(900)
 def test_zero2_on_cpu_trains_and_exports(tmp_path):
     out = _train_stage3(tmp_path)
-    assert UniMoEForCausalLM.from_pretrained(out).moe_layers()
+    assert UniMoEForCausalLM.from_pretrained(out).moe_mlps()
 
 
 @pytest.mark.slow
@@ -62,7 +56,7 @@ def test_zero2_with_deepspeed_moe_experts_trains_and_exports_the_local_layout(tm
     assert "layer_0_expert_1_mp_rank_00_model_states.pt" in experts  # DeepSpeed's own expert files
     model = UniMoEForCausalLM.from_pretrained(out)  # exported for the local backend
     assert model.config.moe_backend == "local" and model.config.num_experts == 2
-    lora_b = torch.stack([layer.experts.up_lora_B for layer in model.moe_layers()])
+    lora_b = torch.stack([layer.experts.up_lora_B for layer in model.moe_mlps()])
     assert lora_b.abs().max() > 0  # zero-initialised, so non-zero only if the expert LoRA trained
 
 
@@ -75,5 +69,5 @@ def test_zero2_expert_parallel_over_two_processes_exports_every_expert(tmp_path)
     files = {p.name for p in (out / "checkpoint-3" / "global_step3").glob("layer_0_expert_*")}
     assert files == {f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)}
     model = UniMoEForCausalLM.from_pretrained(out)
-    for layer in model.moe_layers():
+    for layer in model.moe_mlps():
         assert torch.all(layer.experts.up_lora_B.abs().amax(dim=(1, 2)) > 0)  # every expert's LoRA moved

@@ -36,7 +36,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     out = _train(tiny, full)
     assert (full / "checkpoint-2" / "expert_load.png").exists()
     assert set(json.loads((full / "checkpoint-4" / "expert_load.json").read_text())) >= {"text", "image"}
-    assert UniMoEForCausalLM.from_pretrained(out).moe_layers()
+    assert UniMoEForCausalLM.from_pretrained(out).moe_mlps()
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()

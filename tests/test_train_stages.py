@@ -108,7 +108,7 @@ def test_stage3_builds_experts_from_stage2_mlps_and_trains_routers_and_loras(tin
                 layer.mlp.gate_proj.weight.add_(0.01 * (k + 1))
         dirs.append(stages.export(model, 2, tmp_path / f"expert{k}"))
     model, trained = _prepare(*_args(tiny, 3, expert_dirs=[str(d) for d in dirs], num_experts=3, expert_lora_r=4))
-    for layer_index, moe in zip(model.config.moe_layer_indices(), model.moe_layers()):
+    for layer_index, moe in zip(model.config.moe_layer_indices(), model.moe_mlps()):
         for expert, source in enumerate([0, 1, 0]):  # 2 dirs for 3 experts: cycled
             mlp = stages.read_dense_mlps(dirs[source], [layer_index])[layer_index]
             assert torch.equal(moe.experts.gate_proj[expert], mlp["gate_proj.weight"])
@@ -162,3 +162,23 @@ def test_modality_sampler_keeps_every_sample_and_groups_full_megabatches():
     full_single = [b for b in batches if len({modalities[i] for i in b}) == 1 and len(b) == 4]
     assert len(full_single) == 2  # one of 4 images, one of 4 speech; the 3+1+2 leftovers are pooled
     assert all(lengths[b[0]] >= lengths[b[-1]] for b in batches)
+
+
+def test_stage1_connector_files_load_into_a_fresh_model(tmp_path, make_config):
+    """save_connectors writes the original's two files; each loads its own connectors and nothing else."""
+    trained = UniMoEForCausalLM(make_config(moe_layers="none"))
+    stages.save_connectors(trained, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mm_audio_aligner.safetensors", "mm_projector.safetensors"]
+    torch.manual_seed(1)
+    fresh = UniMoEForCausalLM(make_config(moe_layers="none"))
+    before = {n: p.clone() for n, p in fresh.named_parameters()}
+    n_proj = stages.load_connector_weights(fresh, str(tmp_path / "mm_projector.safetensors"), "mm_projector")
+    n_align = stages.load_connector_weights(fresh, str(tmp_path / "mm_audio_aligner.safetensors"), "mm_audio_aligner")
+    prefixes = ("model.mm_projector.", "model.speech_aligner.", "model.audio_aligner.")
+    own = dict(trained.named_parameters())
+    assert n_proj == sum(n.startswith(prefixes[0]) for n in own) == 4  # Linear, GELU, Linear: 2 weights, 2 biases
+    assert n_align == sum(n.startswith(prefixes[1:]) for n in own)
+    for name, param in fresh.named_parameters():
+        assert torch.equal(param, own[name] if name.startswith(prefixes) else before[name]), name
+    with pytest.raises(KeyError, match="mm_projector.safetensors: keys do not fit.*speech_aligner"):
+        stages.load_connector_weights(fresh, str(tmp_path / "mm_projector.safetensors"), "mm_audio_aligner")

@@ -82,7 +82,7 @@ def test_beats_and_connector_loaders_refuse(tmp_path, marker, make_config) -> No
         load_beats_checkpoint(beats)
     adapter = evil_file(tmp_path / "mm_projector.bin", marker)
     with pytest.raises(UnsafeCheckpointError, match=f"{adapter}: refused to load"):
-        load_connector_weights(UniMoEForCausalLM(make_config()), str(adapter), "image")
+        load_connector_weights(UniMoEForCausalLM(make_config()), str(adapter), "mm_projector")
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
@@ -95,7 +95,7 @@ def test_connector_weights_in_safe_files_still_load(tmp_path, make_config, suffi
     else:
         torch.save(state, path)
     assert not all(torch.equal(target.get_parameter(k), v) for k, v in state.items())
-    assert load_connector_weights(target, str(path), "image") == len(state)
+    assert load_connector_weights(target, str(path), "mm_projector") == len(state)
     for key, value in target.model.mm_projector.state_dict().items():
         assert torch.equal(value, source.model.mm_projector.state_dict()[key])
 

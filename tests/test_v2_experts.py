@@ -6,25 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import PROJ, write_experts_dir
+
 from Uni_MoE.checkpoint.v2_experts import V2_EXPERT_FILES, V2_MLP_KEY, load_v2_expert_bases
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
-
-PROJ = ("gate_proj", "up_proj", "down_proj")
-
-
-def write_experts_dir(folder, config) -> dict[str, dict[str, torch.Tensor]]:
-    """The six dense stage-2 MLP files of the original release, random, as torch pickles."""
-    tc = config.text_config
-    shapes = {"gate_proj": (tc.intermediate_size, tc.hidden_size), "up_proj": (tc.intermediate_size, tc.hidden_size),
-              "down_proj": (tc.hidden_size, tc.intermediate_size)}
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for stem in dict.fromkeys(V2_EXPERT_FILES):
-        files[stem] = {V2_MLP_KEY.format(layer=i, proj=p): torch.randn(shapes[p])
-                       for i in range(tc.num_hidden_layers) for p in PROJ}
-        torch.save(files[stem], folder / f"{stem}.bin")
-    return files
-
 
 @pytest.fixture
 def v2_model(make_config):
@@ -33,13 +18,13 @@ def v2_model(make_config):
 
 def test_every_expert_gets_its_file_in_every_moe_layer(v2_model, tmp_path):
     files = write_experts_dir(tmp_path / "experts", v2_model.config)
-    lora_before = v2_model.moe_layers()[0].experts.gate_lora_A.clone()
+    lora_before = v2_model.moe_mlps()[0].experts.gate_lora_A.clone()
     assert load_v2_expert_bases(v2_model, tmp_path / "experts") == list(range(8))
-    for layer, moe in zip(v2_model.config.moe_layer_indices(), v2_model.moe_layers()):
+    for layer, moe in zip(v2_model.config.moe_layer_indices(), v2_model.moe_mlps()):
         for e, stem in enumerate(V2_EXPERT_FILES):
             for p in PROJ:
                 assert torch.equal(getattr(moe.experts, p)[e], files[stem][V2_MLP_KEY.format(layer=layer, proj=p)])
-    assert torch.equal(v2_model.moe_layers()[0].experts.gate_lora_A, lora_before)  # LoRA untouched
+    assert torch.equal(v2_model.moe_mlps()[0].experts.gate_lora_A, lora_before)  # LoRA untouched
 
 
 def test_missing_file_names_it_and_its_experts(v2_model, tmp_path):

@@ -27,7 +27,8 @@ import torch
 from transformers import CLIPVisionModel, WhisperModel
 from transformers.initialization import no_init_weights
 
-from ..config import PLACEHOLDERS, UniMoEConfig
+from ..config import UniMoEConfig
+from ..modalities import PLACEHOLDERS
 from ..model.encoders.beats import PREDICTOR_PREFIX, load_beats_checkpoint
 from ..model.uni_moe import UniMoEForCausalLM
 from .io import checkpoint_keys, iter_state_dicts, load_state_dict
@@ -35,10 +36,10 @@ from .original_config import build_config, is_deepspeed_moe, moe_layers_from_key
 from .original_keys import LM, Drop, Layout, Target, is_router_lora, map_original_key, strip_trainer_prefix
 from .peft_adapter import find_adapter_file, read_adapter
 from .state_writer import ConversionError, StateWriter
+from .v2_experts import V2_EXPERT_FILES
 
 logger = logging.getLogger(__name__)
 
-V2_EXPERT_FILES = ("mlp_audiocap", "mlp_basev", "mlp_base", "mlp_base1", "mlp_base4", "mlp_base7", "mlp_base", "mlp_base7")
 VOCAB_KEYS = (f"{LM}.embed_tokens.weight", "lm_head.weight")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.model", "tokenizer.json")
 

@@ -15,14 +15,14 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 
 from .. import presets
-from ..config import PLACEHOLDERS, UniMoEConfig
+from ..config import ORIGINAL_MODEL_TYPES, UniMoEConfig
+from ..modalities import PLACEHOLDERS
 
 LLAMA_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range",
     "pad_token_id", "bos_token_id", "eos_token_id", "rope_theta", "rope_scaling", "pretraining_tp",
 )
-ORIGINAL_MODEL_TYPES = ("llava", "llava_llama")
 
 
 def read_original_config(path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from .. import presets
 from ..data.conversation import ROLES, SYSTEM
 from ..data.tokenizer import train_tokenizer
+from ..modalities import MODALITIES
 from ..model.uni_moe import UniMoEForCausalLM
 from ..processing_uni_moe import UniMoEProcessor
 
@@ -49,7 +50,7 @@ def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, vocab_size: in
     of the LLaMA config (e.g. ``hidden_size``, ``num_hidden_layers``) for a model of another width."""
     out = Path(out)
     tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
-    ids = {f"{m}_token_index": tokenizer.convert_tokens_to_ids(f"<{m}>") for m in ("image", "video", "audio", "speech")}
+    ids = {m.token_id_field: tokenizer.convert_tokens_to_ids(m.placeholder) for m in MODALITIES.values()}
     config = presets.tiny(vocab_size=len(tokenizer), placeholder_ids=ids, moe_layers="all" if moe else "none")
     for key, value in (llm or {}).items():
         setattr(config.text_config, key, value)

@@ -29,7 +29,7 @@ V2_EXPERT_FILES = ("mlp_audiocap", "mlp_basev", "mlp_base", "mlp_base1", "mlp_ba
 V2_MLP_KEY = "model.layers.{layer}.mlp.{proj}.weight"
 
 
-def moe_layers_by_index(model: nn.Module) -> dict[int, MoELayer | DeepSpeedMoELayer]:
+def moe_mlps_by_index(model: nn.Module) -> dict[int, MoELayer | DeepSpeedMoELayer]:
     """Decoder-layer index -> MoE MLP module, for either backend."""
     found = {}
     for name, module in model.named_modules():
@@ -58,7 +58,7 @@ def load_v2_expert_bases(model: nn.Module, mlp_dir: str | Path) -> list[int]:
     error naming the file and key; LoRA and routers are left as they are.
     """
     mlp_dir = Path(mlp_dir)
-    layers = moe_layers_by_index(model)
+    layers = moe_mlps_by_index(model)
     if not layers:
         raise ValueError("the model has no MoE layers to load v2 experts into")
     num_experts = next(iter(layers.values())).num_experts

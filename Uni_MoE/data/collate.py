@@ -6,9 +6,8 @@ from typing import Any
 
 import torch
 
+from ..modalities import MEDIA_INPUT_KEYS
 from .conversation import IGNORE_INDEX
-
-MEDIA_FIELDS = ("pixel_values", "pixel_values_videos", "input_features", "input_values", "padding_mask")
 
 
 def collate(batch: list[dict[str, Any]], pad_token_id: int, padding_side: str = "right") -> dict[str, Any]:
@@ -28,7 +27,7 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int, padding_side: str = 
         labels[row, span] = item["labels"]
         mask[row, span] = 1
     out: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    for key in MEDIA_FIELDS:
+    for key in MEDIA_INPUT_KEYS:
         parts = [item[key] for item in batch if key in item]
         if parts:
             out[key] = torch.cat(parts)

@@ -12,7 +12,6 @@ import base64
 import binascii
 import io
 import math
-import warnings
 from pathlib import Path
 
 import av
@@ -22,8 +21,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from scipy.signal import resample_poly
 
+from .schema import MIN_BASE64_LEN
+
 SAMPLE_RATE = 16000
-MIN_BASE64_LEN = 200  # the original treats image strings at least this long as base64
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images and video frames are refused before they are decoded
 SILENCE_PEAK = 1e-4  # a waveform whose peak stays below this (-80 dBFS) counts as silent
 
@@ -282,14 +282,12 @@ def split_into_chunks(
     chunk_samples: int,
     max_chunks: int | None = None,
     *,
-    truncate: bool = False,
     source: str | Path = "audio",
 ) -> list[np.ndarray]:
     """The original's speech chunking of 16 kHz `wave`: full chunks while more than one chunk remains,
     then the remainder (never an empty extra chunk).
 
-    More than `max_chunks` chunks raises MediaError naming `source` and its duration; with
-    `truncate=True` the first `max_chunks` are kept and a warning says how many were dropped.
+    More than `max_chunks` chunks raises MediaError naming `source` and its duration (nothing is cut).
     """
     if wave.size == 0:
         raise MediaError(f"{source}: audio has zero duration")
@@ -301,14 +299,10 @@ def split_into_chunks(
     if max_chunks is not None and len(chunks) > max_chunks:
         seconds = wave.size / SAMPLE_RATE
         limit = max_chunks * chunk_samples / SAMPLE_RATE
-        message = (
+        raise MediaError(
             f"{source}: audio lasts {seconds:.1f} s ({len(chunks)} chunks of {chunk_samples / SAMPLE_RATE:g} s), "
             f"more than the {max_chunks} chunks ({limit:g} s) allowed"
         )
-        if not truncate:
-            raise MediaError(message)
-        warnings.warn(f"{message}; kept the first {max_chunks}, dropped {len(chunks) - max_chunks}", stacklevel=2)
-        chunks = chunks[:max_chunks]
     return chunks
 
 

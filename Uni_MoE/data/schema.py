@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PLACEHOLDERS
+from ..modalities import MODALITIES, MODALITY_NAMES, PLACEHOLDERS, VOICE_KEY
 
-MEDIA_KEYS = ("image", "video", "voice", "speech", "audio")
+MEDIA_KEYS = (*MODALITY_NAMES, VOICE_KEY)
+MIN_BASE64_LEN = 200  # the original treats image strings at least this long as inline base64, not paths
 PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(t) for t in PLACEHOLDERS.values()) + ")")
 TOKEN_TO_MODALITY = {t: m for m, t in PLACEHOLDERS.items()}
 MEDIA_SUFFIXES = frozenset(
@@ -41,12 +42,12 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def media(self, modality: str) -> list[Any]:
-        return {"image": self.images, "video": self.videos, "speech": self.speech, "audio": self.audio}[modality]
+        return getattr(self, MODALITIES[modality].sample_field)
 
     @property
     def modality(self) -> str:
         """Short label of the sample's media mix (``text``, ``image``, ``image+speech`` ...)."""
-        on = [m for m in ("image", "video", "speech", "audio") if self.media(m)]
+        on = [m for m in MODALITY_NAMES if self.media(m)]
         return "+".join(on) if on else "text"
 
 
@@ -92,7 +93,7 @@ def parse_sample(record: Any, index: int, voice_modality: str = "speech", source
         raise SampleError(f"{where}: field 'video' is an empty frame list")
     speech = _as_list(record.get("speech"), "speech", where)
     audio = _as_list(record.get("audio"), "audio", where)
-    voice = _as_list(record.get("voice"), "voice", where)
+    voice = _as_list(record.get(VOICE_KEY), VOICE_KEY, where)
     if voice and voice_modality == "speech":
         if speech:
             raise SampleError(f"{where}: has both 'voice' and 'speech'; use one")
@@ -132,9 +133,25 @@ def _json_lines(text: str) -> list[Any]:
     return records
 
 
-def read_records(path: str | Path) -> list[Any]:
-    """The raw records of a JSON list (or JSON-lines) file; an unreadable or malformed file names itself."""
-    path = Path(path)
+def read_records(path: str | Path, strict: bool = False) -> list[Any]:
+    """The raw records of a JSON list (or JSON-lines) file; an unreadable or malformed file names itself.
+
+    A malformed JSON line or a record that is not an object is returned in place as a SampleError (or
+    left for ``parse_sample`` to report), so that validation reports only that sample; ``strict`` (eval,
+    which has no sample to skip to) raises it instead, naming the file.
+    """
+    records = _read_raw_records(Path(path))
+    if strict:
+        for index, record in enumerate(records):
+            if isinstance(record, SampleError):
+                raise SampleError(f"{path}: {record}")
+            if not isinstance(record, dict):
+                raise SampleError(f"{path}: expected a list of JSON objects (record {index} is "
+                                  f"{type(record).__name__})")
+    return records
+
+
+def _read_raw_records(path: Path) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

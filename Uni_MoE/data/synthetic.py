@@ -27,29 +27,17 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 from scipy.signal import resample_poly
 
+from .synthetic_tasks import COLOURS, SHAPES, TASK_CHOICES
+
 SAMPLE_RATE = 16000
 NUM_FRAMES = 8
 VIDEO_FPS = 8
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 30)}
-SHAPES = ("circle", "square", "triangle")
-WORDS = ("cat", "dog", "bird", "horse")
 FILLERS = ("one", "two", "three", "four", "five", "six")
-SOUNDS = ("hum", "whistle", "noise", "beeps")
 SPOKEN_QUESTIONS = {"colour": "what colour is the shape", "shape": "what shape is it"}
 ESPEAK_SPEEDS = (130, 160, 190)
 ESPEAK_PITCHES = (30, 50, 70)
 
-TASK_CHOICES: dict[str, list[str]] = {
-    "image_colour": list(COLOURS),
-    "image_shape": list(SHAPES),
-    "speech_word": list(WORDS),
-    "speech_long": list(WORDS),
-    "image_speech": list(COLOURS) + list(SHAPES),  # the spoken question picks colour or shape
-    "audio_class": list(SOUNDS),
-    "video_colour": list(COLOURS),
-    "video_sound": list(SOUNDS),
-}
 TASK_PROMPTS = {
     "image_colour": "<image>\nWhat colour is the shape?",
     "image_shape": "<image>\nWhat shape is in the picture?",

@@ -13,7 +13,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..config import PLACEHOLDERS
+from ..modalities import PLACEHOLDERS
 from ..model_folder import require_model_folder
 from .llama_tokenization import encode_llama_chunk, release_legacy_flag, tokenizer_config
 

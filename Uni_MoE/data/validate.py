@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..config import UniMoEConfig
+from ..modalities import MODALITY_NAMES
 from ..model_folder import ModelFolderError, require_model_folder
 from . import media
 from .dataset import UniMoEDataset
@@ -106,7 +107,7 @@ class _SampleChecker(Dataset):
             return Issue(self.file_of[j], sample.index, sample.id, reason, severity)
 
         config = self.dataset.config
-        missing = [m for m in ("image", "video", "speech", "audio")
+        missing = [m for m in MODALITY_NAMES
                    if sample.media(m) and m not in config.enabled_modalities()]
         if missing:
             return [issue(f"has {'/'.join(missing)} media but the model has no encoder for it")]

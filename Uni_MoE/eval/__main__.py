@@ -16,22 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_args import add_release_arguments, release_parts, str_to_bool
 from ..data.schema import SampleError
 from ..model_folder import ModelFolderError
-from ..serve.generate import add_release_arguments, release_parts
 from .journal import JournalError
 from .runner import EvalConfig, run_eval
 from .tasks import ALIASES, TASKS, TaskError
 
 NO_OP_ARGS = ("deepspeed", "version")
-
-
-def str_to_bool(text: str) -> bool:
-    """``True``/``False`` as the original's TrainingArguments-style flags take them (also 1/0, yes/no)."""
-    value = text.strip().lower()
-    if value not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return value in ("1", "true", "yes")
 
 
 def build_parser() -> argparse.ArgumentParser:

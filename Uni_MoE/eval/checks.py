@@ -14,7 +14,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..config import UniMoEConfig
-from ..data.schema import Sample, SampleError, parse_sample, resolve_media_path
+from ..data.schema import MIN_BASE64_LEN, Sample, SampleError, parse_sample, resolve_media_path
 from ..data.validate import ERROR, check_samples, issue_reason
 from .tasks import EvalItem, Task, record_id
 
@@ -43,7 +43,7 @@ def missing_media(sample: Sample, data_root: Path) -> list[str]:
     """The sample's media files that do not exist (a long string is an inline base64 image, not a file)."""
     frames = [f for v in sample.videos for f in (v if isinstance(v, list) else [v])]
     paths = [*sample.images, *frames, *sample.speech, *sample.audio]
-    return [p for p in paths if len(p) < 200 and not resolve_media_path(p, data_root).exists()]
+    return [p for p in paths if len(p) < MIN_BASE64_LEN and not resolve_media_path(p, data_root).exists()]
 
 
 def check_items(items: list[EvalItem], config: UniMoEConfig, tokenizer: PreTrainedTokenizerBase, data_path: str,

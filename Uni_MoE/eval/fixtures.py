@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data import synthetic as syn
+from ..data.synthetic_tasks import COLOURS, SHAPES, SOUNDS, WORDS
 from .tasks import LETTER_ANSWER, SHORT_ANSWER
 
 IMAGE_SIZE = 64
@@ -91,9 +92,9 @@ def _shuffled(m: MediaMaker, answer: str, pool: Any, n: int = 4) -> list[str]:
 
 
 def okvqa(m: MediaMaker, i: int) -> dict[str, Any]:
-    colour, shape = m.pick(syn.COLOURS), m.pick(syn.SHAPES)
+    colour, shape = m.pick(COLOURS), m.pick(SHAPES)
     text = f"What colour is the {shape}?\n{SHORT_ANSWER}"
-    m.answers[1000 + i] = [colour] * 8 + [m.pick(syn.COLOURS) for _ in range(2)]  # mostly right, as humans
+    m.answers[1000 + i] = [colour] * 8 + [m.pick(COLOURS) for _ in range(2)]  # mostly right, as humans
     return {"question_id": 1000 + i, "image": m.image(colour, shape), "text": text, "category": "default",
             "conversations": _turns(f"<image>\n{text}")}
 
@@ -106,53 +107,53 @@ def vqa_annotations(records: list[dict[str, Any]], m: MediaMaker) -> dict[str, A
 
 
 def textvqa(m: MediaMaker, i: int) -> dict[str, Any]:
-    colour, shape = m.pick(syn.COLOURS), m.pick(syn.SHAPES)
+    colour, shape = m.pick(COLOURS), m.pick(SHAPES)
     text = f"what is written on the sign?\nReference OCR token: {colour}, {shape}\n{SHORT_ANSWER}"
     return {"question_id": 2000 + i, "image": m.image(colour, shape), "text": text, "category": "default",
             "answers": [colour] * 6 + [shape] * 4}
 
 
 def aokvqa(m: MediaMaker, i: int) -> dict[str, Any]:
-    colour, shape = m.pick(syn.COLOURS), m.pick(syn.SHAPES)
+    colour, shape = m.pick(COLOURS), m.pick(SHAPES)
     text = f"What colour is the shape?\n{SHORT_ANSWER}"
-    choices = _shuffled(m, colour, syn.COLOURS)
+    choices = _shuffled(m, colour, COLOURS)
     return {"question_id": f"aok{i:03d}", "image": m.image(colour, shape), "text": text, "category": "default",
-            "gt": [colour] * 7 + [m.pick(syn.COLOURS) for _ in range(3)], "choices": choices,
+            "gt": [colour] * 7 + [m.pick(COLOURS) for _ in range(3)], "choices": choices,
             "correct_choice_idx": choices.index(colour), "conversations": _turns(f"<image>\n{text}")}
 
 
 def pope(m: MediaMaker, i: int) -> dict[str, Any]:
-    shape, asked = m.pick(syn.SHAPES), m.pick(syn.SHAPES)
-    return {"question_id": 3000 + i, "image": m.image(m.pick(syn.COLOURS), shape),
+    shape, asked = m.pick(SHAPES), m.pick(SHAPES)
+    return {"question_id": 3000 + i, "image": m.image(m.pick(COLOURS), shape),
             "text": f"Is there a {asked} in the image?", "label": "yes" if asked == shape else "no",
             "category": ["random", "popular", "adversarial"][i % 3]}
 
 
 def mmbench(m: MediaMaker, i: int) -> dict[str, Any]:
     """MMBench1.1 as the original ships it: image list, no placeholder, "A.text" options, list answer."""
-    colour = m.pick(syn.COLOURS)
-    opts = _shuffled(m, colour, syn.COLOURS)
+    colour = m.pick(COLOURS)
+    opts = _shuffled(m, colour, COLOURS)
     text = f"Look at the image and select the correct answer to the following question:\nWhat colour is the " \
            f"shape?\nOptions:\n{_options_text(opts, '.')}\n{SHORT_ANSWER}"
-    return {"id": f"MMBench1.1-{100 + i}", "image": [m.image(colour, m.pick(syn.SHAPES))],
+    return {"id": f"MMBench1.1-{100 + i}", "image": [m.image(colour, m.pick(SHAPES))],
             "category": [["attribute_recognition"], ["spatial_relation"]][i % 2],
             "answer": [chr(ord("A") + opts.index(colour))], "conversations": _turns(text)}
 
 
 def mmbench_audio(m: MediaMaker, i: int) -> dict[str, Any]:
     """MMBench-Audio: the question is spoken; the options stay text."""
-    colour = m.pick(syn.COLOURS)
-    opts = _shuffled(m, colour, syn.COLOURS)
+    colour = m.pick(COLOURS)
+    opts = _shuffled(m, colour, COLOURS)
     text = f"<image>\n<audio>\nOptions:\n{_options_text(opts)}\n{LETTER_ANSWER}"
-    return {"index": 200 + i, "image": m.image(colour, m.pick(syn.SHAPES)),
+    return {"index": 200 + i, "image": m.image(colour, m.pick(SHAPES)),
             "voice": [m.speech(["what colour is the shape"])], "category": "attribute_recognition",
             "answer": chr(ord("A") + opts.index(colour)), "conversations": _turns(text)}
 
 
 def seedbench(m: MediaMaker, i: int) -> dict[str, Any]:
-    shape = m.pick(syn.SHAPES)
-    opts = _shuffled(m, shape, syn.SHAPES + ("star",))
-    rec = {"question_id": f"seed{i}", "image": m.image(m.pick(syn.COLOURS), shape),
+    shape = m.pick(SHAPES)
+    opts = _shuffled(m, shape, SHAPES + ("star",))
+    rec = {"question_id": f"seed{i}", "image": m.image(m.pick(COLOURS), shape),
            "question": "Which shape is in the picture?", "answer": chr(ord("A") + opts.index(shape)),
            "question_type_id": 1 + i % 2}
     rec.update({f"choice_{chr(ord('a') + k)}": o for k, o in enumerate(opts)})
@@ -160,7 +161,7 @@ def seedbench(m: MediaMaker, i: int) -> dict[str, Any]:
 
 
 def mmvet(m: MediaMaker, i: int) -> dict[str, Any]:
-    colour, shape = m.pick(syn.COLOURS), m.pick(syn.SHAPES)
+    colour, shape = m.pick(COLOURS), m.pick(SHAPES)
     text = f"What is the colour of the {shape}?"
     return {"imagename": f"v1_{i}.png", "text": text, "gt": f"{colour}<OR>{colour} {shape}",
             "capability": ["rec"], "imagesource": "web", "id": f"v1_{i}", "conversations": _turns(f"<image>\n{text}"),
@@ -168,7 +169,7 @@ def mmvet(m: MediaMaker, i: int) -> dict[str, Any]:
 
 
 def clothoaqa(m: MediaMaker, i: int) -> dict[str, Any]:
-    kind, asked = m.pick(syn.SOUNDS), m.pick(syn.SOUNDS)
+    kind, asked = m.pick(SOUNDS), m.pick(SOUNDS)
     if i % 2:
         question, answer = f"Is this sound a {asked}?", "yes" if asked == kind else "no"
     else:
@@ -178,7 +179,7 @@ def clothoaqa(m: MediaMaker, i: int) -> dict[str, Any]:
 
 
 def clotho_caption(m: MediaMaker, i: int) -> dict[str, Any]:
-    kind = m.pick(syn.SOUNDS)
+    kind = m.pick(SOUNDS)
     captions = [f"a {kind} plays", f"the sound of a {kind}", f"a steady {kind} is heard",
                 f"someone plays a {kind}", f"a {kind} and nothing else"]
     return {"id": f"clotho_{i}.wav", "audio": [m.sound(kind)], "gt": captions,
@@ -187,8 +188,8 @@ def clotho_caption(m: MediaMaker, i: int) -> dict[str, Any]:
 
 def race(m: MediaMaker, i: int) -> dict[str, Any]:
     """RACE read aloud: the passage is long speech, the question and options text."""
-    word = m.pick(syn.WORDS)
-    opts = _shuffled(m, word, syn.WORDS)
+    word = m.pick(WORDS)
+    opts = _shuffled(m, word, WORDS)
     text = f"<audio>\nWhich animal is named first in the passage?\n{_options_text(opts)}\n{LETTER_ANSWER}"
     return {"id": f"race_{i}", "voice": [m.speech([word], min_seconds=3.0)],
             "answer": chr(ord("A") + opts.index(word)), "category": ["middle", "high"][i % 2],
@@ -196,8 +197,8 @@ def race(m: MediaMaker, i: int) -> dict[str, Any]:
 
 
 def english_listening(m: MediaMaker, i: int) -> dict[str, Any]:
-    word = m.pick(syn.WORDS)
-    opts = _shuffled(m, word, syn.WORDS, n=3)
+    word = m.pick(WORDS)
+    opts = _shuffled(m, word, WORDS, n=3)
     text = f"<audio>\nWhat animal does the speaker mention?\n{_options_text(opts)}\n{LETTER_ANSWER}"
     return {"id": f"ehsl_{i}", "voice": [m.speech([word], min_seconds=2.0)], "answer": opts.index(word),
             "conversations": _turns(text)}
@@ -205,14 +206,14 @@ def english_listening(m: MediaMaker, i: int) -> dict[str, Any]:
 
 def msvd(m: MediaMaker, i: int) -> dict[str, Any]:
     """MSVD-QA: frame list plus its soundtrack as a separate ``voice`` file, as the original reads video."""
-    colour, kind = m.pick(syn.COLOURS), m.pick(syn.SOUNDS)
+    colour, kind = m.pick(COLOURS), m.pick(SOUNDS)
     return {"question_id": f"msvd_{i}", "video": m.video_frames(colour), "audio": [m.sound(kind)],
             "answer": colour, "conversations": _turns("<video>\n<audio>\nwhat colour is the moving shape?")}
 
 
 def activitynet_qa(m: MediaMaker, i: int) -> dict[str, Any]:
     """ActivityNet-QA: an mp4 whose own soundtrack is the audio input."""
-    colour, kind = m.pick(syn.COLOURS), m.pick(syn.SOUNDS)
+    colour, kind = m.pick(COLOURS), m.pick(SOUNDS)
     video = m.video_file(colour, kind)
     return {"question_id": f"v_anet_{i}", "video": video, "audio": [video], "answer": kind,
             "question": "what sound plays in the video?"}

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..checkpoint.loader import config_and_tokenizer, load_model
 from ..config import UniMoEConfig
-from ..data import schema
 from ..data.conversation import render_prompt
 from ..data.dataset import UniMoEDataset
-from ..data.schema import MEDIA_KEYS, Sample, SampleError
-from ..model_folder import config_and_tokenizer, require_model_folder
-from ..serve.generate import GenerationSettings, default_batch_size, iter_replies, load_model
+from ..data.schema import MEDIA_KEYS, MIN_BASE64_LEN, Sample, SampleError, read_records
+from ..model_folder import require_model_folder
+from ..serve.generate import GenerationSettings, default_batch_size, iter_replies
 from . import metrics as M
 from .checks import (FAILED_GENERATION, Skipped, check_items, missing_references, refuse_bad_samples,
                      skipped_report, summary_line)
@@ -71,18 +71,6 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """A JSON list or JSON-lines file of eval records, read as training data is; any bad record stops the
-    run with the file named (eval has no sample to skip to)."""
-    records = schema.read_records(path)
-    for index, record in enumerate(records):
-        if isinstance(record, SampleError):
-            raise SampleError(f"{path}: {record}")
-        if not isinstance(record, dict):
-            raise SampleError(f"{path}: expected a list of JSON objects (record {index} is {type(record).__name__})")
-    return records
-
-
 def read_annotations(path: str | Path) -> dict[Any, list[str]]:
     """Reference answers from an annotation file (VQA / TextVQA JSON); errors name the file."""
     try:
@@ -98,7 +86,7 @@ def rebase_media(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
     def fix(p: Any) -> Any:
         if isinstance(p, list):
             return [fix(q) for q in p]
-        if not isinstance(p, str) or len(p) >= 200:
+        if not isinstance(p, str) or len(p) >= MIN_BASE64_LEN:
             return p
         if Path(p).exists():
             return str(Path(p).resolve())
@@ -165,7 +153,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     data_root = Path(cfg.data_root) if cfg.data_root else Path(cfg.data_path).resolve().parent
     annotations = read_annotations(cfg.annotation_file) if cfg.annotation_file else {}
     options = TaskOptions(annotations=annotations, circular=cfg.circular)
-    records = read_records(cfg.data_path)[: cfg.limit]
+    records = read_records(cfg.data_path, strict=True)[: cfg.limit]
     items = prepare_items(task, records, data_root, options, cfg.data_path)
     unreferenced = missing_references(task, items)
     if unreferenced:

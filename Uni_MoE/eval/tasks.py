@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..data.schema import PLACEHOLDER_RE
-from ..data.synthetic import TASK_CHOICES
+from ..data.synthetic_tasks import synthetic_accuracy
 from ..serve.generate import GenerationSettings
 from . import metrics as M
 
@@ -377,31 +377,10 @@ def score_caption(items: list[EvalItem], preds: list[str], options: TaskOptions)
     return out, [None] * len(items)
 
 
-def first_word(text: str) -> str:
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return words[0] if words else ""
-
-
 def prepare_synthetic(record: dict[str, Any], position: int, options: TaskOptions) -> list[EvalItem]:
     if "task" not in record or "answer" not in record:
         raise TaskError(f"record {record_id(record, position)}: synthetic records need 'task' and 'answer'")
     return [EvalItem(with_question(record), str(record["answer"]), {"category": record["task"]})]
-
-
-def synthetic_accuracy(
-    tasks: list[str], answers: list[str], replies: list[str]
-) -> tuple[dict[str, dict[str, float]], list[float]]:
-    """Per task: n, accuracy of the reply's first word against the answer, and chance (1 / #choices: the
-    task's choice list, else the distinct answers seen); and each reply's hit (1.0 or 0.0)."""
-    hits = [float(first_word(p) == first_word(a)) for a, p in zip(answers, replies)]
-    by_task: dict[str, list[float]] = defaultdict(list)
-    seen: dict[str, set[str]] = defaultdict(set)
-    for task, answer, hit in zip(tasks, answers, hits):
-        by_task[task].append(hit)
-        seen[task].add(answer)
-    per = {t: {"n": len(v), "accuracy": sum(v) / len(v), "chance": 1.0 / len(TASK_CHOICES.get(t) or seen[t])}
-           for t, v in sorted(by_task.items())}
-    return per, hits
 
 
 def score_synthetic(items: list[EvalItem], preds: list[str], options: TaskOptions) -> tuple[dict[str, Any], list[Any]]:

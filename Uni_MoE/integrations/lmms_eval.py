@@ -22,8 +22,9 @@ from lmms_eval.api.model import lmms
 from lmms_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
+from ..checkpoint.loader import load_model
 from ..processing_uni_moe import UniMoEProcessor
-from ..serve.generate import GenerationSettings, cut_at_stop, generate_token_ids, load_model
+from ..serve.generate import GenerationSettings, cut_at_stop, generate_token_ids
 from .lmms_inputs import continuation_logprobs, encode_prompts
 
 

@@ -1,10 +1,10 @@
 """Connectors from encoder features to the LLM's embedding space.
 
-Images and video frames: an MLP projector (``mlp2x_gelu``: Linear -> GELU -> Linear, LLaVA-1.5's).
-Speech: learnable query tokens read the Whisper encoder states through a Whisper decoder used as a
-Q-former (as the original does), then a linear projection. Sound: query tokens through a BLIP-2
-Q-Former over BEATs features, then a linear projection. Each 30 s window becomes ``query_tokens_size``
-LLM tokens.
+Images and video frames: an MLP projector (``mm_projector``; ``mlp2x_gelu``: Linear -> GELU -> Linear,
+LLaVA-1.5's). Speech and sound each have an aligner (the original's ``mm_audio_aligner``): learnable query
+tokens read the encoder states through a Q-former, then a linear projection. The speech aligner's
+Q-former is a Whisper decoder (as the original's), the sound aligner's a BLIP-2 Q-Former over BEATs
+features. Each 30 s window becomes ``query_tokens_size`` LLM tokens.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-class SpeechQFormer(nn.Module):
-    """Query tokens -> Whisper decoder (cross-attending encoder states) -> projection."""
+class SpeechAligner(nn.Module):
+    """The speech aligner: query tokens -> Whisper decoder as Q-former (cross-attending the Whisper encoder
+    states) -> projection."""
 
     def __init__(self, speech_config: PreTrainedConfig, num_queries: int, out_dim: int, projector: str) -> None:
         super().__init__()
@@ -53,8 +54,8 @@ class SpeechQFormer(nn.Module):
         return self.projector(hidden)
 
 
-class AudioQFormer(nn.Module):
-    """Query tokens -> BLIP-2 Q-Former (cross-attending BEATs features) -> projection."""
+class AudioAligner(nn.Module):
+    """The sound aligner: query tokens -> BLIP-2 Q-Former (cross-attending BEATs features) -> projection."""
 
     def __init__(self, qformer_config: PreTrainedConfig, num_queries: int, out_dim: int, projector: str) -> None:
         super().__init__()

@@ -9,11 +9,8 @@ consumed on the prefill step only.
 
 from __future__ import annotations
 
-import json
 import os
-import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +20,10 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ..config import UniMoEConfig
-from .connectors import AudioQFormer, SpeechQFormer, build_projector
+from ..compat import CACHE_ARG
+from ..config import ORIGINAL_MODEL_TYPES, UniMoEConfig, saved_config, saved_with_experts
+from ..modalities import MEDIA_INPUT_KEYS, MODALITIES
+from .connectors import AudioAligner, SpeechAligner, build_projector
 from .moe import MoEExperts, MoELayer
 from .moe.deepspeed_backend import DeepSpeedMoELayer
 
@@ -52,7 +51,7 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
         if isinstance(module, MoEExperts):
             module.reset_parameters(std)
-        elif isinstance(module, (SpeechQFormer, AudioQFormer)):
+        elif isinstance(module, (SpeechAligner, AudioAligner)):
             # N(0, 0.02) rather than the original's zeros: identical zero queries in the BLIP-2
             # Q-Former (which has no query position embedding) would receive identical gradients.
             init.normal_(module.query_tokens, mean=0.0, std=0.02)
@@ -98,7 +97,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         self.speech_encoder = self.speech_aligner = None
         if config.speech_config is not None:
             self.speech_encoder = WhisperEncoder(config.speech_config)
-            self.speech_aligner = SpeechQFormer(
+            self.speech_aligner = SpeechAligner(
                 config.speech_config, config.query_tokens_size, hidden, config.audio_projector_type
             )
 
@@ -107,7 +106,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             from .encoders.beats import BEATs, BEATsConfig
 
             self.audio_encoder = BEATs(BEATsConfig.from_dict(config.audio_config))
-            self.audio_aligner = AudioQFormer(
+            self.audio_aligner = AudioAligner(
                 config.audio_qformer_config, config.query_tokens_size, hidden, config.audio_projector_type
             )
         self.post_init()
@@ -118,7 +117,9 @@ class UniMoEModel(UniMoEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_mlps(self) -> list[MoELayer | DeepSpeedMoELayer]:
+        """The mixture-of-experts MLP modules, in layer order (``config.moe_layer_indices()`` says where;
+        ``config.moe_layers`` is the saved spec, "all" / "even" / a list ...)."""
         moe_types = (MoELayer, DeepSpeedMoELayer)
         return [layer.mlp for layer in self.language_model.layers if isinstance(layer.mlp, moe_types)]
 
@@ -185,33 +186,23 @@ class UniMoEModel(UniMoEPreTrainedModel):
         input_values: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with every modality's features spliced in at its placeholders."""
+        """Token embeddings with every modality's features spliced in at its placeholders (in the modality
+        table's order, each through its ``get_<modality>_features``)."""
         embeds = self.get_input_embeddings()(input_ids)
-        items = {
-            "image": (pixel_values, self.vision_tower, lambda: self.get_image_features(pixel_values)),
-            "video": (pixel_values_videos, self.vision_tower, lambda: self.get_video_features(pixel_values_videos)),
-            "speech": (input_features, self.speech_encoder, lambda: self.get_speech_features(input_features)),
-            "audio": (
-                input_values,
-                self.audio_encoder,
-                lambda: self.get_audio_features(input_values, padding_mask),
-            ),
-        }
-        for modality, (inputs, encoder, encode) in items.items():
-            if inputs is None or inputs.shape[0] == 0:
-                token_id = self.config.placeholder_token_ids()[modality]
+        given = dict(pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+                     input_features=input_features, input_values=input_values, padding_mask=padding_mask)
+        for name, modality in MODALITIES.items():
+            inputs = [given[key] for key in modality.input_keys]
+            if inputs[0] is None or inputs[0].shape[0] == 0:
+                token_id = self.config.placeholder_token_ids()[name]
                 if bool((input_ids == token_id).any()):
-                    raise ValueError(f"{modality}: the prompt has placeholder tokens but no {modality} inputs")
+                    raise ValueError(f"{name}: the prompt has placeholder tokens but no {name} inputs")
                 continue
-            if encoder is None:
-                raise ValueError(f"{modality} inputs were given but this model has no {modality} encoder")
-            embeds = self.splice_modality_features(input_ids, embeds, modality, encode())
+            if getattr(self, modality.encoder) is None:
+                raise ValueError(f"{name} inputs were given but this model has no {name} encoder")
+            features = getattr(self, f"get_{name}_features")(*inputs)
+            embeds = self.splice_modality_features(input_ids, embeds, name, features)
         return embeds
-
-
-MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values", "padding_mask")
-# The KV cache's keyword and output field: "cache" in transformers >= 5.18, "past_key_values" before.
-CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
@@ -239,40 +230,24 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """Load a ``save_pretrained`` folder, or an original Uni-MoE release converted in memory.
-
-        A folder whose ``config.json`` is an original release's (``model_type`` llava / llava_llama) goes
-        through :func:`Uni_MoE.checkpoint.convert_original.load_original`, as the original's
-        ``load_pretrained_model(model_path, model_base)``: ``model_base`` names the base release when the
-        folder is a fine-tuned one; ``experts_dir``, ``clip_dir``, ``whisper_dir``, ``beats_path``,
-        ``strict`` and ``dtype`` pass through.
-
-        With the DeepSpeed-MoE backend (``moe_backend="deepspeed"`` given, or in the saved config) a checkpoint
-        that has experts gets them split over the expert-parallel ranks while loading, through
-        :func:`Uni_MoE.checkpoint.v2_experts.from_pretrained_expert_parallel` (call it on every rank).
-        """
-        from ..checkpoint.original_config import ORIGINAL_MODEL_TYPES
-
-        config_file = Path(str(pretrained_model_name_or_path)) / "config.json"
-        saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        if saved.get("model_type") in ORIGINAL_MODEL_TYPES:
-            from ..checkpoint.convert_original import load_original
-
-            base = kwargs.pop("model_base", None)
-            finetuned = pretrained_model_name_or_path if base else None
-            return load_original(base or pretrained_model_name_or_path, finetuned, **kwargs)
-        has_experts = saved.get("moe_layers", "all") not in ("none", [])  # a dense base upcycles as usual
-        if has_experts and kwargs.get("moe_backend", saved.get("moe_backend")) == "deepspeed" and not args:
-            from ..checkpoint.v2_experts import from_pretrained_expert_parallel
-
-            kwargs.pop("moe_backend", None)
-            ep_size = kwargs.pop("ep_size", saved.get("ep_size", 1))
-            dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-            return from_pretrained_expert_parallel(pretrained_model_name_or_path, ep_size, dtype=dtype, **kwargs)
+        """transformers' ``from_pretrained``, which refuses, naming the loader to use instead, the two
+        folder kinds it would read wrong: an original release (a llava config, converted by
+        :func:`Uni_MoE.checkpoint.loader.load_checkpoint`), and experts to be sharded over
+        expert-parallel ranks (``moe_backend="deepspeed"``), which loading by parameter name cannot split."""
+        saved = saved_config(pretrained_model_name_or_path)
+        loader = "Uni_MoE.checkpoint.loader.load_checkpoint"
+        if saved.get("model_type") in ORIGINAL_MODEL_TYPES or "model_base" in kwargs:
+            raise ValueError(f"{pretrained_model_name_or_path} (model_type {saved.get('model_type')!r}): an original "
+                             f"Uni-MoE release, and model_base and its other parts, load with {loader}(path, "
+                             "release={...})")
+        if saved_with_experts(saved) and kwargs.get("moe_backend", saved.get("moe_backend")) == "deepspeed":
+            raise ValueError(f"{pretrained_model_name_or_path}: experts sharded by DeepSpeed-MoE load with "
+                             f"{loader}(path, ep_size=...), which splits them over the ranks")
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def moe_layers(self) -> list[MoELayer]:
-        return self.model.moe_layers()
+    def moe_mlps(self) -> list[MoELayer | DeepSpeedMoELayer]:
+        """The mixture-of-experts MLP modules, in layer order."""
+        return self.model.moe_mlps()
 
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """Media inputs enter on the prefill step only (later steps hold no placeholders); without a
@@ -282,7 +257,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in MEDIA_INPUTS:
+            for key in MEDIA_INPUT_KEYS:
                 inputs.pop(key, None)
         return inputs
 
@@ -293,9 +268,9 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         kwargs["suppress_tokens"] = sorted(set(given) | set(self.config.placeholder_token_ids().values()))
         return super().generate(*args, **kwargs)
 
-    def routing(self) -> list[torch.Tensor]:
-        """Experts chosen in the last forward, one [B, S, k] tensor per MoE layer."""
-        return [layer.routing for layer in self.moe_layers()]
+    def collect_routing(self) -> list[torch.Tensor]:
+        """Experts chosen in the last forward, one [B, S, k] tensor per MoE layer (each layer's ``routing``)."""
+        return [layer.routing for layer in self.moe_mlps()]
 
     def forward(
         self,
@@ -339,7 +314,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
 
-        moe = self.moe_layers()
+        moe = self.moe_mlps()
         aux_loss = torch.stack([m.aux_loss for m in moe]).sum() if moe else None
         loss = lm_loss = None
         if labels is not None:

@@ -7,10 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PLACEHOLDERS
 from ..data.schema import PLACEHOLDER_RE, Sample
-
-PROMPT_ORDER = ("image", "speech", "audio", "video")  # the original's order: <image>, <audio>, <video>
+from ..modalities import PLACEHOLDERS, PROMPT_ORDER
 
 
 @dataclass

@@ -18,15 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..model_folder import ModelFolderError, config_and_tokenizer, require_model_folder
-from .generate import (
-    GenerationSettings,
-    add_release_arguments,
-    build_chat_sample,
-    generate_batch,
-    load_model,
-    release_parts,
-)
+from ..checkpoint.loader import config_and_tokenizer, load_model
+from ..cli_args import add_release_arguments, release_parts
+from ..model_folder import ModelFolderError, require_model_folder
+from .generate import GenerationSettings, build_chat_sample, generate_batch
 
 EXIT_WORDS = ("exit", "quit", ":q")
 MEDIA_FLAGS = ("image", "speech", "audio", "video")

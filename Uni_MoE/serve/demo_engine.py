@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from transformers import TextIteratorStreamer
 
+from ..checkpoint.loader import load_checkpoint
 from ..data import media
 from ..data.collate import collate
 from ..data.dataset import UniMoEDataset
 from ..data.tokenizer import load_tokenizer
-from ..model.uni_moe import UniMoEForCausalLM
+from ..modalities import MODALITIES
 from .chat import PROMPT_ORDER, Conversation
 from .demo_cache import CachedMediaProcessor
 from .demo_media import RequestError, UploadError, UploadLimits, check_upload, has_soundtrack
@@ -63,14 +64,14 @@ class DemoEngine:
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  limits: UploadLimits = UploadLimits()) -> None:
-        self.model = UniMoEForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+        self.model = load_checkpoint(model_dir, dtype).to(device).eval()
         self.tokenizer = load_tokenizer(model_dir)
         self.config = self.model.config
         self.device = torch.device(device)
         self.limits = limits
         self.processor = CachedMediaProcessor.for_model(self.config, self.tokenizer)
         self.lock = threading.Lock()
-        self.recorder = RoutingRecorder(self.model.moe_layers())
+        self.recorder = RoutingRecorder(self.model.moe_mlps())
         self.generator = GenerationEngine(self.model, self.tokenizer)
         self.moe_layer_ids = self.config.moe_layer_indices()
         self.group_of_id = {tid: m for m, tid in self.config.placeholder_token_ids().items()}
@@ -105,8 +106,7 @@ class DemoEngine:
 
     def _decode(self, modality: str, path: Path) -> None:
         """Decode the file as the model input will (the result is dropped); UploadError if it fails."""
-        decode = {"image": self.processor.image, "video": self.processor.video, "speech": self.processor.speech,
-                  "audio": self.processor.audio}[modality]
+        decode = getattr(self.processor, MODALITIES[modality].processor_step)
         try:
             decode(path)
         except (media.MediaError, ValueError) as err:

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from ..data.collate import MEDIA_FIELDS
-from ..model.moe.layer import DECODE_TOKENS
+from ..model.moe.implementations import DECODE_TOKENS
+from ..modalities import MEDIA_INPUT_KEYS
 from ..model.uni_moe import UniMoEForCausalLM
 from .sampling import choose_tokens
 from .static_cache import StaticKVCache, forward_cached, prefill_mask, step_mask
@@ -154,7 +154,7 @@ class GenerationEngine:
             return False
         if self.model.config.moe_backend == "deepspeed":
             return False
-        layers = self.model.moe_layers()
+        layers = self.model.moe_mlps()
         if any(layer.implementation not in ("auto", "all_dense") for layer in layers):
             return False  # a configured grouped or reference path sizes its work on the host
         return not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
@@ -175,7 +175,7 @@ class GenerationEngine:
         for key, value in batch.items():
             if key in NON_MODEL_KEYS:
                 continue
-            if key in MEDIA_FIELDS and value.is_floating_point():
+            if key in MEDIA_INPUT_KEYS and value.is_floating_point():
                 value = value.to(self.model.dtype)
             out[key] = value.to(self.model.device)
         return out
@@ -200,7 +200,7 @@ class GenerationEngine:
         inputs = self.inputs(batch)
         input_ids = inputs.pop("input_ids")
         mask = inputs.pop("attention_mask", torch.ones_like(input_ids))
-        media = {key: inputs.pop(key) for key in MEDIA_FIELDS if key in inputs}
+        media = {key: inputs.pop(key) for key in MEDIA_INPUT_KEYS if key in inputs}
         embeds = self.model.model.embed_multimodal(input_ids, **media)
         if settings.num_beams > 1:
             return self._beam_search(input_ids, embeds, mask, settings, synced_gpus)

@@ -1,5 +1,5 @@
-"""Batched, KV-cached generation from samples of mixed modalities, one-prompt building for the CLI,
-and model loading. The media stack (PyAV, soundfile) is imported only where samples are read, so the
+"""Batched, KV-cached generation from samples of mixed modalities, and one-prompt building for the CLI.
+The media stack (PyAV, soundfile) is imported only where samples are read, so the
 generation core also runs where it is missing (the GPU benchmark machine).
 
 Samples go through the training data pipeline (``UniMoEDataset(for_generation=True)``), are grouped by
@@ -10,8 +10,6 @@ sample at a time without a cache.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -23,7 +21,6 @@ from transformers import PreTrainedTokenizerBase
 from ..data.collate import Collator
 from ..data.schema import Sample, parse_sample
 from ..model.uni_moe import UniMoEForCausalLM
-from ..model_folder import require_model_folder
 from .chat import Conversation
 from .engine import GenerationSettings, cut_at_stop, engine_for
 
@@ -175,75 +172,3 @@ def build_chat_sample(
         conversation = conversation.with_question(q, uploads if turn == 0 else {}).with_answer(a)
     return conversation.record()
 
-
-def is_original_release(model_path: str | Path) -> bool:
-    """Whether the folder holds an original Uni-MoE release (a llava config) rather than our checkpoint."""
-    from ..checkpoint.original_config import ORIGINAL_MODEL_TYPES
-
-    config_file = Path(model_path) / "config.json"
-    return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in ORIGINAL_MODEL_TYPES
-
-
-def _tokenizer_folder(folders: Sequence[str | Path | None]) -> Path:
-    """The first folder that holds tokenizer files (an original fine-tuned release may have none)."""
-    from ..checkpoint.convert_original import TOKENIZER_FILES
-
-    found = [Path(f) for f in folders if f is not None and any((Path(f) / n).is_file() for n in TOKENIZER_FILES)]
-    if not found:
-        named = [str(f) for f in folders if f]
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {named}")
-    return found[0]
-
-
-def add_release_arguments(parser: argparse.ArgumentParser) -> None:
-    """The original scripts' arguments that locate an original release's other parts."""
-    group = parser.add_argument_group("when --model_path is an original release folder")
-    group.add_argument("--model_base", default=None, help="the base release the --model_path folder fine-tunes")
-    group.add_argument("--mlp_dir", default=None, help="v2/8e: the Experts directory (mlp_*.bin)")
-    group.add_argument("--vision_tower", default=None, help="CLIP folder (default: the release config's path)")
-    group.add_argument("--audio_tower", default=None, help="Whisper folder or BEATs .pt (default: the config's)")
-
-
-def release_parts(args: argparse.Namespace) -> dict[str, str | None]:
-    """Those arguments, named as ``load_model``'s ``release`` (the in-memory converter) takes them."""
-    tower = args.audio_tower
-    beats = tower if tower and tower.endswith(".pt") else None
-    return {"model_base": args.model_base, "experts_dir": args.mlp_dir, "clip_dir": args.vision_tower,
-            "whisper_dir": None if beats else tower, "beats_path": beats}
-
-
-def load_model(
-    model_path: str | Path,
-    device: str | None = None,
-    dtype: str | None = None,
-    ep_size: int | None = None,
-    release: dict[str, Any] | None = None,
-) -> tuple[UniMoEForCausalLM, PreTrainedTokenizerBase]:
-    """Model (eval mode) and tokenizer from a ``save_pretrained`` folder; dtype "auto" keeps the saved one.
-
-    An original release folder is converted in memory; ``release`` then names its other parts as the
-    original's arguments did (``model_base``, ``experts_dir``, ``clip_dir``, ``whisper_dir``,
-    ``beats_path``). With ``ep_size`` the MoE layers are DeepSpeed-MoE layers holding this rank's share
-    of the experts (torch.distributed must be initialised, and every rank must call this).
-    """
-    from ..data.tokenizer import load_tokenizer
-
-    require_model_folder(model_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
-    release = {k: v for k, v in (release or {}).items() if v is not None}
-    original = is_original_release(model_path)
-    if original and ep_size is not None:
-        raise ValueError(f"{model_path}: expert-parallel evaluation reads a converted checkpoint; convert the "
-                         "release first (python -m Uni_MoE.checkpoint.convert_original)")
-    if ep_size is not None:
-        from ..checkpoint.v2_experts import from_pretrained_expert_parallel
-
-        model = from_pretrained_expert_parallel(model_path, ep_size, torch_dtype)
-    elif original:
-        model = UniMoEForCausalLM.from_pretrained(str(model_path), **release,
-                                                  **({"dtype": torch_dtype} if torch_dtype else {}))
-    else:
-        model = UniMoEForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype or "auto")
-    folders = [model_path, release.get("model_base")] if original else [model_path]
-    return model.to(device).eval(), load_tokenizer(_tokenizer_folder(folders))

@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.dataset import UniMoEDataset
 from ..data.schema import load_samples
+from ..data.synthetic_tasks import synthetic_accuracy
 from ..data.tokenizer import load_tokenizer
-from ..eval.tasks import synthetic_accuracy
 from ..model.uni_moe import UniMoEForCausalLM
 from ..serve.generate import GenerationSettings, iter_replies
 

@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint.io import load_state_dict
-from ..checkpoint.v2_experts import from_pretrained_expert_parallel, load_v2_expert_bases
+from ..checkpoint.loader import load_checkpoint
+from ..checkpoint.v2_experts import load_v2_expert_bases
 from ..config import UniMoEConfig
 from ..model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_dict
 from ..model.uni_moe import UniMoEForCausalLM
@@ -40,17 +41,23 @@ EXPERT_MLPS_FILE = "expert_mlps.safetensors"
 ADAPTER_DIR = "adapter"
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
-# Parameter groups by name (names as in UniMoEForCausalLM, after PEFT injection).
+# Parameter groups by name (names as in UniMoEForCausalLM, after PEFT injection). An aligner is a voice
+# connector: query tokens, Q-former and projector (the original's mm_audio_aligner).
 GROUPS: dict[str, str] = {
-    "image_projector": r"^model\.mm_projector\.",
-    "speech_qformer": r"^model\.speech_aligner\.",
-    "audio_qformer": r"^model\.audio_aligner\.",
-    "audio_projectors": r"^model\.(speech|audio)_aligner\.projector\.",
+    "mm_projector": r"^model\.mm_projector\.",
+    "speech_aligner": r"^model\.speech_aligner\.",
+    "audio_aligner": r"^model\.audio_aligner\.",
+    "aligner_projectors": r"^model\.(speech|audio)_aligner\.projector\.",
     "routers": r"\.mlp\.(router|moe\.deepspeed_moe\.gate\.wg)\.weight$",
     "expert_lora": r"\.mlp\.(experts|moe\.deepspeed_moe\.experts\.deepspeed_experts\.\d+)\.(gate|up|down)_lora_[AB]$",
     "peft_lora": r"\.lora_[AB]\.",
     "llm": r"^(model\.language_model\.|lm_head\.)",
     "lm_head": r"^lm_head\.",
+}
+# Stage 1's connector files (named as the original's) and the modules each holds.
+CONNECTOR_FILES: dict[str, tuple[str, ...]] = {
+    "mm_projector": ("mm_projector.",),
+    "mm_audio_aligner": ("speech_aligner.", "audio_aligner."),
 }
 DENSE_OVERRIDES = ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature")
 
@@ -92,13 +99,13 @@ def make_recipe(model: UniMoEForCausalLM, model_args: ModelArguments, train_args
         raise ValueError("--train_full_llm applies to stages 1 and 2; stage 3 keeps the expert bases frozen")
     groups: list[str] = []
     if _flag(model_args.tune_mm_mlp_adapter, True):
-        groups.append("image_projector")
+        groups.append("mm_projector")
     if _flag(model_args.tune_mm_audio_aligner, stage == 1):
-        groups += ["speech_qformer", "audio_qformer"]
+        groups += ["speech_aligner", "audio_aligner"]
     elif _flag(model_args.tune_mm_audio_projector, True):
-        groups.append("audio_projectors")
+        groups.append("aligner_projectors")
     if stage == 3:
-        if not model.moe_layers():
+        if not model.moe_mlps():
             raise ValueError(f"stage 3 needs a MoE model, but {model_args.model_name_or_path} built none")
         groups += ["routers", "expert_lora"]
     lora = _flag(train_args.llm_lora_enable, stage > 1) and not full_llm
@@ -186,13 +193,11 @@ def build_model(model_args: ModelArguments) -> UniMoEForCausalLM:
     if model_args.stage in (1, 2):
         if config.moe_layer_indices():
             raise ValueError(f"stage {model_args.stage} trains a dense model, but {path} has MoE layers")
-        return UniMoEForCausalLM.from_pretrained(path, **_overrides(model_args))
+        return load_checkpoint(path, **_overrides(model_args))
     if config.moe_layer_indices() and model_args.expert_dirs:
         raise ValueError(f"--expert_dirs needs a dense base, but {path} already has MoE layers")
-    if config.moe_layer_indices() and backend:
-        model = from_pretrained_expert_parallel(path, backend["ep_size"], **_overrides(model_args))
-    elif config.moe_layer_indices():
-        model = UniMoEForCausalLM.from_pretrained(path, **_overrides(model_args))
+    if config.moe_layer_indices():
+        model = load_checkpoint(path, ep_size=backend.get("ep_size"), **_overrides(model_args))
     else:
         overrides = {**_overrides(model_args), **_moe_overrides(model_args, config), **backend}
         model = upcycle(path, model_args.expert_dirs, overrides)
@@ -221,7 +226,7 @@ def upcycle(base: str, expert_dirs: list[str], overrides: dict) -> UniMoEForCaus
                        len(dirs) - bases)
     mlps = [read_dense_mlps(d, layers) for d in dirs[:bases]]
     std = getattr(model.config.text_config, "initializer_range", 0.02)
-    for layer, moe in zip(layers, model.moe_layers()):
+    for layer, moe in zip(layers, model.moe_mlps()):
         # initialised here: the checkpoint has no router or expert LoRA, and loading does not promise to
         per_base = [mlps[j % len(mlps)][layer] for j in range(bases)]
         if isinstance(moe, DeepSpeedMoELayer):
@@ -265,10 +270,11 @@ def read_dense_mlps(folder: str | Path, layers: list[int]) -> dict[int, dict[str
 
 
 def load_connector_weights(model: UniMoEForCausalLM, path: str, kind: str) -> int:
-    """Load ``--pretrain_mm_mlp_adapter`` (kind "image") or ``--pretrain_audio_aligner`` (kind "audio")
-    weights; keys may carry any prefix before ``mm_projector.`` / ``speech_aligner.`` / ``audio_aligner.``."""
+    """Load a stage-1 connector file of ``kind`` (a CONNECTOR_FILES key: ``mm_projector`` for
+    ``--pretrain_mm_mlp_adapter``, ``mm_audio_aligner`` for ``--pretrain_audio_aligner``, speech and sound
+    aligners alike); keys may carry any prefix before the connector's module name."""
     state = load_state_dict(path)
-    anchors = ("mm_projector.",) if kind == "image" else ("speech_aligner.", "audio_aligner.")
+    anchors = CONNECTOR_FILES[kind]
     own = dict(model.named_parameters())
     mapped = {}
     for key, value in state.items():
@@ -334,11 +340,11 @@ def save_expert_mlps(model: UniMoEForCausalLM, out: Path) -> None:
 
 def save_connectors(model: UniMoEForCausalLM, out: Path) -> None:
     """Stage 1's connector weights on their own, for ``--pretrain_mm_mlp_adapter`` / ``--pretrain_audio_aligner``."""
-    for file, pattern in (("mm_projector.safetensors", r"^model\.mm_projector\."),
-                          ("mm_audio_aligner.safetensors", r"^model\.(speech|audio)_aligner\.")):
-        state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if re.search(pattern, n)}
+    for kind, modules in CONNECTOR_FILES.items():
+        prefixes = tuple(f"model.{m}" for m in modules)
+        state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n.startswith(prefixes)}
         if state:
-            save_file(state, str(out / file), metadata={"format": "pt"})
+            save_file(state, str(out / f"{kind}.safetensors"), metadata={"format": "pt"})
 
 
 def save_local_layout(model: UniMoEForCausalLM, out: Path, state: dict[str, torch.Tensor]) -> None:

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.conversation import IGNORE_INDEX
+from ..modalities import MODALITY_NAMES
 
-TOKEN_MODALITIES = ("text", "image", "video", "speech", "audio")
+TOKEN_MODALITIES = ("text", *MODALITY_NAMES)
 
 
 def token_modality_masks(

@@ -77,9 +77,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     )
     model = stages.build_model(model_args)
     if model_args.pretrain_mm_mlp_adapter:
-        stages.load_connector_weights(model, model_args.pretrain_mm_mlp_adapter, "image")
+        stages.load_connector_weights(model, model_args.pretrain_mm_mlp_adapter, "mm_projector")
     if model_args.pretrain_audio_aligner:
-        stages.load_connector_weights(model, model_args.pretrain_audio_aligner, "audio")
+        stages.load_connector_weights(model, model_args.pretrain_audio_aligner, "mm_audio_aligner")
     if data_args.image_aspect_ratio is not None:
         model.config.image_aspect_ratio = data_args.image_aspect_ratio
     recipe = stages.make_recipe(model, model_args, train_args)

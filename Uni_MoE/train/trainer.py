@@ -4,16 +4,13 @@ It drops the batch's bookkeeping keys (``modality``, ``sample_index``) before th
 LM and balance losses, loss per sample modality and expert load per token modality, and serves the
 modality-grouped sampler. Everything else (DeepSpeed, checkpoint/resume, TensorBoard, progress bars,
 gradient checkpointing, mixed precision) is the Trainer's own, except that a checkpoint is written into a
-staging folder and renamed into place once complete, so a run killed while saving never leaves a
-half-written ``checkpoint-N`` for resume to pick.
+staging folder and renamed into place once complete (``compat.StagedCheckpointSaving``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +19,15 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint.io import check_checkpoint_folder
-from ..model.moe.deepspeed_backend import mark_expert_parameters, with_moe_param_groups
+from ..compat import StagedCheckpointSaving
+from .moe_optimizer import mark_expert_parameters, with_moe_param_groups
 from .sampler import ModalityGroupedSampler
 from .tracking import RoutingTracker
 
 BOOKKEEPING_KEYS = ("modality", "sample_index")
-STAGING_DIR = ".saving"  # under output_dir: checkpoints being written; never read by resume
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 logger = logging.getLogger(__name__)
 
@@ -52,18 +49,7 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
     return None
 
 
-def publish_checkpoint(staged: Path, final: Path) -> None:
-    """Move a completely written checkpoint folder to its final name (a same-filesystem rename)."""
-    if final.exists():  # the same step saved again: swap, so a complete copy exists at every moment
-        old = staged.with_name(staged.name + ".old")
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(staged, final)
-
-
-class UniMoETrainer(Trainer):
+class UniMoETrainer(StagedCheckpointSaving, Trainer):
     """Trainer for UniMoEForCausalLM (plain or with PEFT LoRA injected in place)."""
 
     def __init__(self, *args: Any, modalities: list[str] | None = None, lengths: list[int] | None = None,
@@ -73,7 +59,7 @@ class UniMoETrainer(Trainer):
         self.sample_modalities = modalities
         self.sample_lengths = lengths
         core = self.model
-        moe = core.moe_layers()
+        moe = core.moe_mlps()
         self.tracker = RoutingTracker(
             core.config.placeholder_token_ids(), moe[0].num_experts if moe else 0, len(moe)
         )
@@ -86,37 +72,6 @@ class UniMoETrainer(Trainer):
         if resume_from_checkpoint:
             check_checkpoint_folder(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _get_output_dir(self, trial: Any) -> str:
-        staging = getattr(self, "_staging_dir", None)
-        return str(staging) if staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint, written under ``output_dir/.saving`` and then renamed into place."""
-        run_dir = Path(self._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / STAGING_DIR
-        if self.args.should_save and staging.exists():  # left by a run killed while saving
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        best = self.state.best_model_checkpoint
-        if best and Path(best).parent == staging:  # the Trainer looked for the best checkpoint in staging
-            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-            if self.args.should_save:
-                self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            publish_checkpoint(staging / name, run_dir / name)
-            if not any(staging.iterdir()):
-                staging.rmdir()
-            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint,
-                               use_mtime=True)
-        self.accelerator.wait_for_everyone()
 
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
         if not getattr(self.args, "group_by_modality_length", False):
@@ -148,7 +103,7 @@ class UniMoETrainer(Trainer):
             inputs.pop(key, None)
         outputs = model(**inputs)
         if model.training:
-            routing = self.accelerator.unwrap_model(model).routing()
+            routing = self.accelerator.unwrap_model(model).collect_routing()
             self.tracker.update(inputs, outputs, modalities, [r for r in routing if r is not None])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 

@@ -9,7 +9,7 @@ from typing import Any
 import soundfile as sf
 from PIL import Image
 
-from Uni_MoE.eval.tasks import first_word
+from Uni_MoE.data.synthetic_tasks import first_word
 
 DATA_ROOT = Path(__file__).resolve().parents[3] / "data_sample"
 

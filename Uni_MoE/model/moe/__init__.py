@@ -1,17 +1,17 @@
 """Mixture-of-experts layer: router, stacked experts, and interchangeable expert implementations."""
 
-from . import decode, grouped  # noqa: F401  (register the "all_dense" and "grouped" implementations)
 from .experts import MoEExperts
-from .layer import MoELayer, register_expert_implementation, resolve_expert_implementation
+from .implementations import EXPERT_IMPLEMENTATIONS, resolve_expert_implementation
+from .layer import MoELayer
 from .reference import experts_reference
 from .router import balance_loss, route_tokens
 
 __all__ = [
+    "EXPERT_IMPLEMENTATIONS",
     "MoEExperts",
     "MoELayer",
     "balance_loss",
     "experts_reference",
-    "register_expert_implementation",
     "resolve_expert_implementation",
     "route_tokens",
 ]

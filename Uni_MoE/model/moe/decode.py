@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .experts import MoEExperts
-from .layer import register_expert_implementation
 
 
 def _lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, experts: MoEExperts) -> torch.Tensor:
@@ -43,5 +42,3 @@ def experts_all_dense(
     out = out.expand(experts.num_experts, -1, -1)  # shared experts without LoRA are one MLP
     return torch.einsum("eth,te->th", out, combine)
 
-
-register_expert_implementation("all_dense", experts_all_dense)

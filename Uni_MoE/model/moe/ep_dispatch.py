@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
 from .experts import MoEExperts
-from .layer import ExpertFn
+from .implementations import ExpertFn
 
 
 class _GatherRows(torch.autograd.Function):

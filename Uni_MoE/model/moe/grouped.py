@@ -17,7 +17,6 @@ from torch import nn
 
 from .distinct import DistinctExperts, LoRASettings
 from .experts import MoEExperts
-from .layer import register_expert_implementation
 from .reference import experts_reference
 from .segments import group_slots
 from .shared import SharedBaseExperts
@@ -76,5 +75,3 @@ def _fused(
     grouping = group_slots(indices, experts.num_experts)
     return DistinctExperts.apply(x, weights, za, *bases, *lora, grouping, _lora_settings(experts))
 
-
-register_expert_implementation("grouped", experts_grouped)

@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .experts import MoEExperts
-from .reference import experts_reference
+from .implementations import resolve_expert_implementation
 from .router import balance_loss, route_tokens
-
-ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MoEExperts], torch.Tensor]
-EXPERT_IMPLEMENTATIONS: dict[str, ExpertFn] = {"reference": experts_reference}
-DECODE_TOKENS = 64  # up to this many tokens without gradient, "auto" computes every expert densely
-
-
-def register_expert_implementation(name: str, fn: ExpertFn) -> None:
-    """Make ``fn(x, weights, indices, experts)`` selectable as ``moe_implementation=name``."""
-    EXPERT_IMPLEMENTATIONS[name] = fn
-
-
-def resolve_expert_implementation(name: str, num_tokens: int | None = None) -> ExpertFn:
-    """The named implementation. ``auto``: the grouped one, except without gradient for up to
-    ``DECODE_TOKENS`` tokens (decoding steps), where the all-expert dense path runs with no host
-    synchronisation, so a decoding step can be captured in a CUDA graph (benchmarks/generation.py)."""
-    if name == "auto":
-        decoding = num_tokens is not None and num_tokens <= DECODE_TOKENS and not torch.is_grad_enabled()
-        name = "all_dense" if decoding and "all_dense" in EXPERT_IMPLEMENTATIONS else "grouped"
-        name = name if name in EXPERT_IMPLEMENTATIONS else "reference"
-    if name not in EXPERT_IMPLEMENTATIONS:
-        raise ValueError(f"unknown moe_implementation {name!r}; available: {sorted(EXPERT_IMPLEMENTATIONS)}")
-    return EXPERT_IMPLEMENTATIONS[name]
 
 
 class MoELayer(nn.Module):
