@@ -159,7 +159,7 @@ def test_converter_eval_and_cli_read_a_release_with_its_sentencepiece_tokenizer(
     evaluated and chatted with from the release folder and from the conversion, with the same results."""
     import json
 
-    import test_convert_original as fake
+    import helpers as fake
 
     from Uni_MoE.checkpoint.convert_original import main as convert
     from Uni_MoE.eval.__main__ import main as evaluate
