@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from Uni_MoE.eval.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "expert_parallel.py"
 
@@ -44,7 +46,7 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2",
+           str(free_port()), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2",
            "--timed_steps", "1"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -62,11 +64,3 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
     assert ep2["experts_per_device"] == 4 and sum(ep2["expert_rows"]) == 2 * 2 * 16 * 2 * 2  # ranks*batch*seq*k*layers
     table = (tmp_path / "expert_parallel.md").read_text()
     assert "## Exact comparison (float32" in table and "| deepspeed ep2 | 2 | 4 |" in table
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from Uni_MoE.eval.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data_sample" / "samples.json"
@@ -64,10 +65,7 @@ def stop_at(point: str, step: int, marker: Path) -> None:
 def child_env(deepspeed: bool = False) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if deepspeed:  # a one-process DeepSpeed world on the CPU
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+        env.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                    WORLD_SIZE="1")
     return env
 
