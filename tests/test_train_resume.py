@@ -36,6 +36,12 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     out = _train(tiny, full)
     assert (full / "checkpoint-2" / "expert_load.png").exists()
     assert set(json.loads((full / "checkpoint-4" / "expert_load.json").read_text())) >= {"text", "image"}
+    load = {step: json.loads((full / f"checkpoint-{step}" / "expert_load.json").read_text()) for step in (2, 4)}
+    whole_run = json.loads((Path(out) / "expert_load.json").read_text())
+    for modality, counts in whole_run.items():  # the output folder holds the sum over both save windows
+        summed = [[a + b for a, b in zip(r2, r4)] for r2, r4 in zip(load[2][modality], load[4][modality])]
+        assert counts == summed
+    assert sum(map(sum, whole_run["text"])) > 0
     assert UniMoEForCausalLM.from_pretrained(out).moe_mlps()
 
     resumed = tmp_path / "resumed"

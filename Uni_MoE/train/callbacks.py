@@ -42,18 +42,27 @@ def write_expert_load(load: dict[str, torch.Tensor], folder: Path, title: str = 
 
 
 class ExpertLoadCallback(TrainerCallback):
-    """At every save, writes the load accumulated since the previous save into the checkpoint folder."""
+    """At every save, writes the load accumulated since the previous save into the checkpoint folder; at the
+    end of training, the whole run's load into the output folder."""
 
     def __init__(self, tracker: RoutingTracker) -> None:
         self.tracker = tracker
+        self.total: dict[str, torch.Tensor] = {}
 
-    def _write(self, folder: Path, state: TrainerState) -> None:
-        load = self.tracker.pop_load()
+    def _write(self, load: dict[str, torch.Tensor], folder: Path, state: TrainerState, title: str) -> None:
         if state.is_world_process_zero and self.tracker.num_layers:
-            write_expert_load(load, folder, f"expert load per modality, up to step {state.global_step}")
+            write_expert_load(load, folder, f"{title}, step {state.global_step}")
+
+    def _pop(self) -> dict[str, torch.Tensor]:
+        load = self.tracker.pop_load()
+        for modality, counts in load.items():
+            self.total[modality] = self.total[modality] + counts if modality in self.total else counts.clone()
+        return load
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        self._write(Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._write(self._pop(), folder, state, "expert load per modality since the previous checkpoint")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        self._write(Path(args.output_dir), state)
+        self._pop()
+        self._write(self.total, Path(args.output_dir), state, "expert load per modality, whole run up to")
