@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import LlamaModel, PreTrainedConfig
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 try:
     from transformers.configuration_utils import SubConfigSpec
@@ -70,6 +68,9 @@ class StagedCheckpointSaving:
         return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer import TRAINER_STATE_NAME  # the Trainer's modules load only when training
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
         run_dir = Path(self._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = run_dir / STAGING_DIR
