@@ -21,6 +21,7 @@ from Uni_MoE.checkpoint.loader import load_model
 from Uni_MoE.cli_args import str_to_bool
 from Uni_MoE.data.dataset import UniMoEDataset
 from Uni_MoE.eval.distributed import init_expert_parallel
+from Uni_MoE.model_folder import ModelFolderError, require_model_folder
 from Uni_MoE.serve.cli import EXIT_WORDS, build_parser, chat_settings
 from Uni_MoE.serve.generate import build_chat_sample, iter_replies, to_samples
 
@@ -55,6 +56,10 @@ def next_question(is_main: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        require_model_folder(args.model_path)
+    except ModelFolderError as err:
+        sys.exit(str(err))
     ranks = init_expert_parallel(args.eval_ep_size)
     model, tokenizer = load_model(args.model_path, args.device or ranks.device(), args.dtype, args.eval_ep_size)
     settings = chat_settings(args)

@@ -167,3 +167,12 @@ def test_expert_parallel_chat_over_two_processes_answers_as_one_process(tmp_path
     assert alone.returncode == 0, alone.stderr[-3000:]
     reply = sharded.stdout.strip().splitlines()[-1]  # after DeepSpeed's own start-up lines
     assert reply == alone.stdout.strip() != ""  # greedy float32: the same tokens
+
+
+def test_expert_parallel_chat_names_a_missing_model_folder_before_starting_ranks(tmp_path, monkeypatch):
+    module = chat_module()
+    monkeypatch.setattr(module, "init_expert_parallel", lambda size: pytest.fail("ranks started"))
+    missing = tmp_path / "no-model"
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--model_path", str(missing), "--question", "hi"])
+    assert str(stop.value) == f"no such model folder: {missing}"
