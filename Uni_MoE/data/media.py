@@ -14,14 +14,18 @@ import io
 import math
 from pathlib import Path
 
-import av
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 import numpy as np
 import soundfile as sf
 import torch
 from PIL import Image, UnidentifiedImageError
-from scipy.signal import resample_poly
 
 from .schema import MIN_BASE64_LEN
+
+if TYPE_CHECKING:
+    import av
 
 SAMPLE_RATE = 16000
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images and video frames are refused before they are decoded
@@ -111,7 +115,16 @@ def frame_indices(total: int, num_frames: int) -> list[int]:
     return [i * total // num_frames for i in range(num_frames)]
 
 
+def _pyav() -> ModuleType:
+    """PyAV (FFmpeg), imported on the first video or non-soundfile container: images and WAV speech need
+    neither it nor its libraries."""
+    import av
+
+    return av
+
+
 def _open_container(p: Path) -> av.container.InputContainer:
+    av = _pyav()
     try:
         return av.open(str(p))
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
@@ -131,6 +144,7 @@ def _check_video_stream(container: av.container.InputContainer, p: Path) -> av.v
 
 def _decode_frames(p: Path, wanted: list[int]) -> list[Image.Image]:
     """Frames at the (sorted, possibly repeated) indices `wanted`, in one decoding pass."""
+    av = _pyav()
     keep: dict[int, Image.Image] = {}
     targets = set(wanted)
     with _open_container(p) as container:
@@ -148,6 +162,7 @@ def _decode_frames(p: Path, wanted: list[int]) -> list[Image.Image]:
 
 def _count_frames(p: Path, trust_header: bool = True) -> int:
     """Frames in the first video stream: the container's count if it declares one, else by decoding."""
+    av = _pyav()
     with _open_container(p) as container:
         declared = _check_video_stream(container, p).frames
         if trust_header and declared > 0:
@@ -187,6 +202,8 @@ def _mono_resampled(data: np.ndarray, rate: int, sample_rate: int, name: str) ->
     if wave.size == 0:
         raise MediaError(f"{name}: audio has zero duration")
     if rate != sample_rate:
+        from scipy.signal import resample_poly  # only when the rate differs
+
         g = math.gcd(int(rate), int(sample_rate))
         wave = resample_poly(wave, sample_rate // g, int(rate) // g)
     return np.ascontiguousarray(wave, dtype=np.float32)
@@ -194,6 +211,7 @@ def _mono_resampled(data: np.ndarray, rate: int, sample_rate: int, name: str) ->
 
 def _decode_audio_av(p: Path) -> tuple[np.ndarray, int] | None:
     """[channels, n] float32 audio of the first audio stream and its rate, or None without one."""
+    av = _pyav()
     with _open_container(p) as container:
         if not container.streams.audio:
             return None

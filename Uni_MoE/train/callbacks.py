@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
-
-from .tracking import RoutingTracker  # noqa: E402
+from .tracking import RoutingTracker
 
 
 def plot_expert_load(load: dict[str, torch.Tensor], path: Path, title: str = "") -> None:
     """Grouped bars: for each token modality, the share of its routed tokens each expert received."""
+    import matplotlib  # at the first save, not at import: training itself does not need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     shown = {m: c.sum(dim=0).double() for m, c in load.items() if int(c.sum())}
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if shown:
