@@ -1,0 +1,246 @@
+"""Stage-3 training through the real launcher at real lengths, next to benchmarks/train_step.py at the same
+shapes, and the data pipeline's rate per worker.
+
+It writes a speech model of LLaMA-7B width (random init; CLIP ViT-L/14-336, Whisper-small, 4 full-MLP
+experts in every layer; ``--layers`` decoder layers) and a training set of image + speech questions at real
+lengths (336 px images = 576 tokens, 30 s of speech = one 50-token Whisper window, about 200 text tokens),
+then runs ``Uni_MoE/finetune_speech.sh`` on it (ZeRO-2, bf16, gradient checkpointing, its own data loader
+workers) with ``--per_device_train_batch_size``. It reports:
+
+- the launcher's tokens/s: the median of the per-step ``tokens_per_second_per_device`` the trainer logs
+  (data waits, encoders, ZeRO and logging included), after the first steps;
+- train_step.py's tokens/s and MFU on the same layers, batch and sequence length (encoders stubbed by
+  random features, the same activation checkpointing);
+- samples/s of one data worker (``UniMoEDataset`` item = media decode + CLIP/Whisper transforms + tokens)
+  and the frozen encoders' forward time per batch, which train_step does not run.
+
+    python benchmarks/launcher_run.py --out FILE            # CUDA, 8 layers, batch 8
+    python benchmarks/launcher_run.py --smoke               # the tiny preset on the CPU, 2 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_step  # noqa: E402
+
+from Uni_MoE import presets  # noqa: E402
+from Uni_MoE.checkpoint.tiny import WORDS, build_tiny, tokenizer_corpus  # noqa: E402
+from Uni_MoE.data.collate import Collator  # noqa: E402
+from Uni_MoE.data.dataset import UniMoEDataset  # noqa: E402
+from Uni_MoE.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from Uni_MoE.model.uni_moe import UniMoEForCausalLM  # noqa: E402
+from Uni_MoE.modalities import MODALITIES  # noqa: E402
+from Uni_MoE.processing_uni_moe import UniMoEProcessor  # noqa: E402
+from Uni_MoE.train.data import checked_samples  # noqa: E402
+
+SAMPLE_RATE = 16000
+
+
+def build_model(out: Path, layers: int, smoke: bool) -> UniMoEForCausalLM:
+    """The speech model at real geometry with ``layers`` decoder layers (the tiny MoE preset with --smoke),
+    saved with its tokenizer and processor; returned on the device in the launcher's dtype."""
+    if smoke:
+        build_tiny(out, moe=True)
+        return UniMoEForCausalLM.from_pretrained(out).eval()
+    tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=1024)
+    ids = {m.token_id_field: tokenizer.convert_tokens_to_ids(m.placeholder) for m in MODALITIES.values()}
+    text = {**presets.LLAMA_7B, "num_hidden_layers": layers, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = presets.speech_v1(text_config=text, **ids)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = UniMoEForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    UniMoEProcessor.from_config(config, tokenizer).save_pretrained(out)
+    return model.eval()
+
+
+def write_wav(path: Path, seconds: float, seed: int) -> None:
+    """A rising tone with noise, 16 kHz mono 16-bit."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    x = 0.3 * np.sin(2 * np.pi * (200 + 7 * seed) * t * (1 + t / seconds)) + 0.05 * rng.standard_normal(t.size)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(SAMPLE_RATE)
+        f.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def make_data(root: Path, n: int, image_size: int, seconds: float, answer_words: int) -> Path:
+    """``n`` image + speech questions with answers of ``answer_words`` words, in the original's JSON."""
+    words = WORDS.split()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        image = Image.new("RGB", (image_size, image_size), tuple(int(c) for c in rng.integers(0, 255, 3)))
+        ImageDraw.Draw(image).ellipse((20, 30, image_size - 40, image_size - 20), fill=(255, 255, 255))
+        image.save(root / f"{i:05d}.png")
+        write_wav(root / f"{i:05d}.wav", seconds, i)
+        records.append({"id": f"real_{i:05d}", "image": f"{i:05d}.png", "speech": [f"{i:05d}.wav"],
+                        "conversations": [
+                            {"from": "human", "value": "<image>\n<speech>\nAnswer the spoken question."},
+                            {"from": "gpt", "value": " ".join(rng.choice(words, answer_words))}]})
+    path = root / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls after one warm-up call."""
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[1:])
+
+
+def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int) -> dict[str, float]:
+    """Samples/s of one data worker, the batch's sequence length, and the frozen encoders' (with the
+    connectors') forward ms per batch."""
+    tokenizer = load_tokenizer(model_dir)
+    samples = checked_samples([str(data)], tokenizer, model.config, str(data.parent), 2048,
+                              show_progress=False).samples
+    dataset = UniMoEDataset(samples, tokenizer, model.config, data.parent, 2048)
+    t0 = time.perf_counter()
+    items = [dataset[i] for i in range(2 * batch)]
+    per_worker = 2 * batch / (time.perf_counter() - t0)
+    device = model.device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in Collator(tokenizer.pad_token_id)(items[:batch]).items()}
+    media = {k: inputs[k].to(model.dtype) for k in ("pixel_values", "input_features") if k in inputs}
+    with torch.no_grad():
+        ms = timed(lambda: model.model.embed_multimodal(inputs["input_ids"], **media), device, 3)
+    return {"per_worker": per_worker, "encoders_ms": ms, "seq": int(inputs["input_ids"].shape[1])}
+
+
+def launcher_tokens_per_second(model_dir: Path, data: Path, out: Path, batch: int, steps: int, workers: int,
+                               smoke: bool) -> tuple[float, list[float], str]:
+    """Run finetune_speech.sh; the median per-step tokens/s after the first third of the steps."""
+    env = {**os.environ, "MODEL": str(model_dir), "DATA": str(data), "DATA_ROOT": str(data.parent),
+           "OUTPUT": str(out), "NUM_GPUS": "1", "MASTER_PORT": "29533"}
+    if smoke:  # one CPU process, started as the deepspeed launcher would
+        env.update(LAUNCHER=f"{sys.executable} -m", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1")
+    extra = ["--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+             "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "100000", "--report_to", "none",
+             "--dataloader_num_workers", str(workers), "--disable_tqdm", "True"]
+    if smoke:
+        extra += ["--bf16", "False", "--tf32", "False"]
+    done = subprocess.run(["bash", str(ROOT / "Uni_MoE" / "finetune_speech.sh"), *extra], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    if done.returncode:
+        raise RuntimeError(f"finetune_speech.sh exited {done.returncode}:\n{log[-4000:]}")
+    rates = []
+    for line in log.splitlines():
+        line = line.strip()
+        if line.startswith("{") and "tokens_per_second_per_device" in line:
+            rates.append(float(ast.literal_eval(line)["tokens_per_second_per_device"]))
+    if not rates:
+        raise RuntimeError(f"no tokens_per_second_per_device in the launcher's log:\n{log[-4000:]}")
+    kept = rates[len(rates) // 3:] or rates
+    return statistics.median(kept), rates, log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=15, help="launcher steps (the first third is warm-up)")
+    parser.add_argument("--workers", type=int, default=3, help="the launcher's --dataloader_num_workers")
+    parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU")
+    parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--work_dir", help="where the model and data go (default: a temporary folder)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.steps, args.workers = 2, 3, 0
+    device = torch.device("cpu" if args.smoke else "cuda")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="launcher_run_"))
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    model = build_model(work / "model", args.layers, args.smoke)
+    image_size = model.config.vision_config.image_size
+    layers = model.config.text_config.num_hidden_layers
+    seconds = 2.0 if args.smoke else 30.0
+    data = make_data(work / "data", args.batch * (args.steps + 2), image_size, seconds, 20 if args.smoke else 170)
+    pipe = pipeline(model.to(device), work / "model", data, args.batch)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    launcher, rates, _ = launcher_tokens_per_second(work / "model", data, work / "out", args.batch, args.steps,
+                                                    args.workers, args.smoke)
+    shapes = train_step.SMOKE if args.smoke else train_step.FULL
+    image_tokens = shapes.image_tokens if args.smoke else 576
+    train_step.SPEECH_CHUNKS = 1  # 30 s of speech: one Whisper window of QUERIES tokens
+    shapes = replace(shapes, layers=layers, batch=args.batch, seq=pipe["seq"], image_tokens=image_tokens,
+                     checkpointing=True)
+    rows = train_step.run(shapes, ["mlp"], device, 1 if args.smoke else 2, 1 if args.smoke else 5)
+    step = next(r for r in rows if r["impl"] == "grouped")
+    text = report(args, shapes, pipe, launcher, rates, step, device)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def report(args: argparse.Namespace, s: train_step.StepShapes, pipe: dict, launcher: float, rates: list[float],
+           step: dict, device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    step_ms = s.batch * s.seq / launcher * 1e3
+    needed = s.batch / (step_ms / 1e3)
+    return "\n".join([
+        "# Stage-3 training through the launcher at real lengths",
+        "",
+        f"- device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}",
+        f"- command: `python benchmarks/launcher_run.py --layers {args.layers} --batch {args.batch} "
+        f"--steps {args.steps} --workers {args.workers}`",
+        f"- model: speech preset at LLaMA-7B width, {s.layers} layers, 4 full-MLP experts top-2 in every layer, "
+        f"CLIP ViT-L/14-336, Whisper-small; launcher Uni_MoE/finetune_speech.sh (ZeRO-2, bf16, gradient "
+        f"checkpointing, {args.workers} data workers), batch {s.batch}, accumulation 1",
+        f"- samples: one 336 px image (576 tokens) + 30 s of speech (50 tokens) + text; {s.seq} tokens a "
+        f"sequence; train_step.py on the same layers, batch, length and checkpointing, encoders stubbed",
+        f"- launcher tokens/s per step: {', '.join(f'{r:,.0f}' for r in rates)} (median of the last "
+        f"{len(rates) - len(rates) // 3})",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| launcher tokens/s (median step) | {launcher:,.0f} |",
+        f"| train_step.py tokens/s, same shapes | {step['tok_s']:,.0f} |",
+        f"| launcher / train_step | **{launcher / step['tok_s']:.2f}** |",
+        f"| train_step.py MFU | {step['mfu']:.1%} |",
+        f"| launcher MFU (train_step's FLOPs per token) | {step['mfu'] * launcher / step['tok_s']:.1%} |",
+        f"| launcher step ms / train_step step ms | {step_ms:.0f} / {step['ms']:.0f} |",
+        f"| frozen encoders + connectors forward, ms per batch | {pipe['encoders_ms']:.1f} |",
+        f"| one data worker, samples/s | {pipe['per_worker']:.1f} |",
+        f"| samples/s the launcher consumes | {needed:.1f} |",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
