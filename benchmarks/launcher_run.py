@@ -25,6 +25,7 @@ import ast
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,9 +123,10 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int) -> dict[str, float]:
+def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int,
+             profile_to: Path | None = None) -> dict[str, float]:
     """Samples/s of one data worker, the batch's sequence length, and the frozen encoders' (with the
-    connectors') forward ms per batch."""
+    connectors') forward ms per batch; with ``profile_to``, their operator table is written there."""
     tokenizer = load_tokenizer(model_dir)
     samples = checked_samples([str(data)], tokenizer, model.config, str(data.parent), 2048,
                               show_progress=False).samples
@@ -137,12 +139,20 @@ def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int) 
     media = {k: inputs[k].to(model.dtype) for k in ("pixel_values", "input_features") if k in inputs}
     with torch.no_grad():
         ms = timed(lambda: model.model.embed_multimodal(inputs["input_ids"], **media), device, 3)
+        if profile_to is not None:
+            with torch.profiler.profile(record_shapes=True) as prof:
+                model.model.embed_multimodal(inputs["input_ids"], **media)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=30))
     return {"per_worker": per_worker, "encoders_ms": ms, "seq": int(inputs["input_ids"].shape[1])}
 
 
 def launcher_tokens_per_second(model_dir: Path, data: Path, out: Path, batch: int, steps: int, workers: int,
-                               smoke: bool) -> tuple[float, list[float], str]:
-    """Run finetune_speech.sh; the median per-step tokens/s after the first third of the steps."""
+                               smoke: bool, profile: bool) -> tuple[float, list[float], str]:
+    """Run finetune_speech.sh; the median per-step tokens/s after the first third of the steps (with
+    ``profile``, its last two steps are profiled into ``out/profile`` and left out of the median)."""
     env = {**os.environ, "MODEL": str(model_dir), "DATA": str(data), "DATA_ROOT": str(data.parent),
            "OUTPUT": str(out), "NUM_GPUS": "1", "MASTER_PORT": "29533"}
     if smoke:  # one CPU process, started as the deepspeed launcher would
@@ -153,6 +163,8 @@ def launcher_tokens_per_second(model_dir: Path, data: Path, out: Path, batch: in
              "--dataloader_num_workers", str(workers), "--disable_tqdm", "True"]
     if smoke:
         extra += ["--bf16", "False", "--tf32", "False"]
+    if profile:
+        extra += ["--profile_steps", f"{steps - 1}-{steps}"]
     done = subprocess.run(["bash", str(ROOT / "Uni_MoE" / "finetune_speech.sh"), *extra], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     log = done.stdout + done.stderr
@@ -165,7 +177,7 @@ def launcher_tokens_per_second(model_dir: Path, data: Path, out: Path, batch: in
             rates.append(float(ast.literal_eval(line)["tokens_per_second_per_device"]))
     if not rates:
         raise RuntimeError(f"no tokens_per_second_per_device in the launcher's log:\n{log[-4000:]}")
-    kept = rates[len(rates) // 3:] or rates
+    kept = rates[len(rates) // 3:len(rates) - 2 * profile] or rates
     return statistics.median(kept), rates, log
 
 
@@ -177,6 +189,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3, help="the launcher's --dataloader_num_workers")
     parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU")
     parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--profile", action="store_true",
+                        help="operator tables of the encoders and of two launcher steps, beside --out")
     parser.add_argument("--work_dir", help="where the model and data go (default: a temporary folder)")
     args = parser.parse_args()
     if args.smoke:
@@ -189,12 +203,18 @@ def main() -> None:
     layers = model.config.text_config.num_hidden_layers
     seconds = 2.0 if args.smoke else 30.0
     data = make_data(work / "data", args.batch * (args.steps + 2), image_size, seconds, 20 if args.smoke else 170)
-    pipe = pipeline(model.to(device), work / "model", data, args.batch)
+    tables = Path(args.out or work / "table.md").parent if args.profile else None
+    if tables:
+        tables.mkdir(parents=True, exist_ok=True)
+    pipe = pipeline(model.to(device), work / "model", data, args.batch,
+                    tables / "encoders_ops.txt" if tables else None)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     launcher, rates, _ = launcher_tokens_per_second(work / "model", data, work / "out", args.batch, args.steps,
-                                                    args.workers, args.smoke)
+                                                    args.workers, args.smoke, args.profile)
+    if tables:
+        shutil.copy(work / "out" / "profile" / "ops_rank0.txt", tables / "launcher_ops.txt")
     shapes = train_step.SMOKE if args.smoke else train_step.FULL
     image_tokens = shapes.image_tokens if args.smoke else 576
     train_step.SPEECH_CHUNKS = 1  # 30 s of speech: one Whisper window of QUERIES tokens
@@ -225,7 +245,7 @@ def report(args: argparse.Namespace, s: train_step.StepShapes, pipe: dict, launc
         f"- samples: one 336 px image (576 tokens) + 30 s of speech (50 tokens) + text; {s.seq} tokens a "
         f"sequence; train_step.py on the same layers, batch, length and checkpointing, encoders stubbed",
         f"- launcher tokens/s per step: {', '.join(f'{r:,.0f}' for r in rates)} (median of the last "
-        f"{len(rates) - len(rates) // 3})",
+        f"{len(rates) - len(rates) // 3 - 2 * args.profile}{'; the last two were profiled' if args.profile else ''})",
         "",
         "| measure | value |",
         "|---|---|",

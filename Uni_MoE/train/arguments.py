@@ -13,6 +13,8 @@ from typing import Any
 
 import transformers
 
+from .profiling import parse_steps
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +98,9 @@ class TrainingArguments(transformers.TrainingArguments):
     report_to: None | str | list[str] = "tensorboard"
     remove_unused_columns: bool = False
     activation_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
+    profile_steps: str = field(
+        default="", metadata={"help": "A-B: profile optimizer steps A..B into output_dir/profile (tables, trace)"}
+    )
     resume_from_checkpoint: str | None = field(
         default="auto", metadata={"help": "checkpoint folder, 'auto' (latest in output_dir if any) or 'none'"}
     )
@@ -107,6 +112,8 @@ class TrainingArguments(transformers.TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.lora_enable is not None and self.llm_lora_enable is None:
             self.llm_lora_enable = self.lora_enable
+        if self.profile_steps:
+            parse_steps(self.profile_steps)  # a bad range stops the run before the model loads
         super().__post_init__()
 
 

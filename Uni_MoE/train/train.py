@@ -24,6 +24,7 @@ from ..processing_uni_moe import visual_token_count
 from . import stages
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from .callbacks import ExpertLoadCallback
+from .profiling import ProfileCallback
 from .data import checked_samples, estimated_length, training_dataset
 from .trainer import UniMoETrainer, last_complete_checkpoint
 
@@ -99,6 +100,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         lengths=[estimated_length(s, model.config, per_visual) for s in samples],
     )
     trainer.add_callback(ExpertLoadCallback(trainer.tracker))
+    if train_args.profile_steps:
+        trainer.add_callback(ProfileCallback(train_args.profile_steps, train_args.output_dir,
+                                             train_args.process_index))
     trainer.train(resume_from_checkpoint=resolve_resume(train_args))
     if report.issues:
         logger.warning("training data: %s%s", report.summary(), "; the bad ones were skipped" if report.errors else "")

@@ -1,0 +1,58 @@
+"""``--profile_steps A-B``: torch.profiler over optimizer steps A..B of a training run, written to
+``<output_dir>/profile/`` as the operator table (``ops_rank<R>.txt``, by device time, then by host time) and a
+Chrome / Perfetto trace (``trace_rank<R>.json``), so that a slow run can be taken apart where it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+def parse_steps(spec: str) -> tuple[int, int]:
+    """"A-B" (or "A") -> (A, B), first and last profiled step, 1-based; raises ValueError naming the flag."""
+    first, _, last = spec.partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"--profile_steps {spec!r}: expected A-B, e.g. 5-7") from None
+    if not 1 <= a <= b:
+        raise ValueError(f"--profile_steps {spec!r}: need 1 <= A <= B")
+    return a, b
+
+
+class ProfileCallback(TrainerCallback):
+    """Starts the profiler before step A and writes its tables after step B (steps counted from 1)."""
+
+    def __init__(self, spec: str, output_dir: str | Path, rank: int = 0, rows: int = 40) -> None:
+        self.first, self.last = parse_steps(spec)
+        self.folder = Path(output_dir) / "profile"
+        self.rank = rank
+        self.rows = rows
+        self.prof: profile | None = None
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self.prof is None and state.global_step + 1 == self.first:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities, record_shapes=True)
+            self.prof.__enter__()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self.prof is not None and state.global_step >= self.last:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            self.write(state.global_step - self.first + 1)
+            self.prof = None
+
+    def write(self, steps: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        table = self.prof.key_averages()
+        device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        text = [f"{steps} profiled steps; totals over all of them", "",
+                table.table(sort_by=device_key, row_limit=self.rows), "",
+                table.table(sort_by="self_cpu_time_total", row_limit=self.rows)]
+        (self.folder / f"ops_rank{self.rank}.txt").write_text("\n".join(text))
+        self.prof.export_chrome_trace(str(self.folder / f"trace_rank{self.rank}.json"))
