@@ -19,7 +19,9 @@ Per configuration: 1. greedy generation of the same prompts on every rank (fixed
 ranks stay in step); 2. ``--train_steps`` AdamW steps on routers and expert LoRA, a different batch on every
 rank, gradients reduced as data parallelism does (experts: summed over the ranks that fed them, / world
 size), then the logits of a held-out batch; 3. (speed pass) ms per training step and tokens/s (all ranks),
-decode tokens/s, and the peak memory of every device from after the model is built (generation and training).
+decode tokens/s, and the peak memory of every device from after the model is built (generation and training);
+with ``--memory`` (GPUs), one more step split into resident, saved-for-backward (attention, MoE, rest) and
+peak memory, with its host synchronisations (``step_memory.py``).
 
 Writes DIR/expert_parallel.md and DIR/expert_parallel.json (after every configuration, so a failure
 keeps what was measured). Exits 1 when a check fails.
@@ -41,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_memory import StepMemory, measure_step  # noqa: E402
 
 TRAINABLE = re.compile(r"(router\.weight|gate\.wg\.weight|_lora_[AB])$")
 DS_EXPERT = re.compile(r"(.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
@@ -94,6 +99,7 @@ class Result:
     peak_gb: list[float] = field(default_factory=list)
     build_peak_gb: list[float] = field(default_factory=list)
     expert_rows: list[int] = field(default_factory=list)
+    memory: list[StepMemory] = field(default_factory=list)  # one per rank, with --memory
     passed: bool = True
 
 
@@ -125,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exact pass: the same, in float32")
     p.add_argument("--profile", action="store_true",
                    help="also profile one timed step per configuration: DIR/profile_<config>_rank<r>.txt")
+    p.add_argument("--memory", action="store_true",
+                   help="speed pass on GPUs: one more step's memory breakdown and host synchronisations")
     p.add_argument("--skip_exact", action="store_true", help="run only the timed bf16 pass")
     p.add_argument("--skip_speed", action="store_true", help="run only the float32 comparison")
     p.add_argument("--seed", type=int, default=0)
@@ -379,6 +387,8 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
     if mode == "speed":
         time_training(model, optimizer, shape, args, res, device, rank, world)
     res.peak_gb = all_ranks(memory_gb(device, True))
+    if mode == "speed" and args.memory and device.type == "cuda":  # after the peak: it resets the peak stats
+        res.memory = memory_step(model, optimizer, tokens(shape, shape.batch, shape.seq, args.seed + 3 + rank, device))
     log(f"[{mode}] {name}: {res.step_ms:.1f} ms/step, {res.train_tokens_per_s:.0f} tokens/s, passed={res.passed}")
     del model, optimizer, trainable
     gc.collect()
@@ -404,6 +414,17 @@ def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res:
         name = res.name.replace(" ", "_")
         profile_step(model, optimizer, batch, world, Path(args.out) / f"profile_{name}_rank{rank}.txt")
     res.expert_rows = all_ranks(sum(getattr(layer, "expert_rows", 0) for layer in model.moe_mlps()))
+
+
+def memory_step(model, optimizer, batch: torch.Tensor) -> list[StepMemory]:
+    """Every rank's :func:`measure_step` of one training step on ``batch``, split into attention and MoE."""
+    kinds = {"attention": [m for n, m in model.named_modules() if n.endswith("self_attn")],
+             "moe": list(model.moe_mlps())}
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    memory = measure_step(lambda: model(input_ids=batch, labels=batch).loss, kinds, batch.device)
+    optimizer.zero_grad(set_to_none=True)
+    return all_ranks(memory)
 
 
 def profile_step(model, optimizer, batch: torch.Tensor, world: int, path: Path) -> None:
@@ -436,8 +457,8 @@ def num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def gb(xs: list[float]) -> str:
-    return " / ".join(f"{x:.1f}" for x in xs)
+def gb(xs: list[float], digits: int = 1) -> str:
+    return " / ".join(f"{x:.{digits}f}" for x in xs)
 
 
 def markdown(env: dict[str, Any], results: list[Result]) -> str:
@@ -494,9 +515,31 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
                 f"{num(r.loss_max_rel_diff, '.2e')} | {num(r.grad_rel_err, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
                 f"{num(r.routing_agreement, '.4f')} | {'-' if r.greedy_equal is None else r.greedy_note} | "
                 f"{'yes' if r.passed else 'NO'} |")
-        lines += [""] + speedups(speed)
+        lines += [""] + speedups(speed) + memory_table(speed)
     lines += ["", "Per-rank memory columns list ranks in order."]
     return "\n".join(lines) + "\n"
+
+
+def memory_table(results: list[Result]) -> list[str]:
+    """The ``--memory`` step of each configuration, GiB per rank (ranks in order)."""
+    rows = [r for r in results if r.memory]
+    if not rows:
+        return []
+    lines = ["", "Memory of one training step (`--memory`), GiB per rank: resident before the forward; saved = "
+             "allocated after the forward above resident (what the backward keeps), and the part of it left "
+             "behind by the attention and MoE modules' forwards; forward / backward peak above resident; host "
+             "syncs = synchronising CUDA calls in forward and backward.", "",
+             "| config | resident | saved | saved: attention | saved: MoE | saved: rest | forward peak | "
+             "backward peak | host syncs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def col(get) -> str:
+            return gb([get(m) for m in r.memory], 2)
+        rest = col(lambda m: m.saved_gb - sum(m.saved_by_kind_gb.values()))
+        lines.append(f"| {r.name} | {col(lambda m: m.resident_gb)} | {col(lambda m: m.saved_gb)} | "
+                     f"{col(lambda m: m.saved_by_kind_gb['attention'])} | {col(lambda m: m.saved_by_kind_gb['moe'])} | "
+                     f"{rest} | {col(lambda m: m.forward_peak_gb)} | {col(lambda m: m.backward_peak_gb)} | "
+                     f"{' / '.join(str(m.host_syncs) for m in r.memory)} |")
+    return lines
 
 
 def speedups(results: list[Result]) -> list[str]:

@@ -308,6 +308,7 @@ def _ep2_worker() -> None:
     out_d, gx_d = _run(ds, x)
     torch.testing.assert_close(out_d, out_l)
     torch.testing.assert_close(gx_d, gx_l)
+    torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)  # through the routing weights
     for name in LORA_NAMES:  # an expert's gradient sums both ranks' tokens
         summed = getattr(local.experts, name).grad.clone()
         dist.all_reduce(summed)
@@ -340,6 +341,8 @@ def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:
     if out_l.requires_grad:  # the local layer on no token computes nothing
         out_l.square().sum().backward()
     out_d.square().sum().backward()  # every rank: the backward exchanges rows too
+    if rank == 0:
+        torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)
     routes = [None, None]
     dist.all_gather_object(routes, ds.routing)
     assert ds.expert_rows == sum(int((r // 2 == rank).sum()) for r in routes) > 0  # the slots sent to this rank

@@ -18,23 +18,40 @@ from torch.distributed.nn.functional import all_to_all_single
 
 from .experts import MoEExperts
 from .implementations import ExpertFn
+from .segments import SlotGrouping, group_slots
+from .slot_kernels import combine, slot_grads, token_sum
 
 
-class _GatherRows(torch.autograd.Function):
-    """out = x[index], every row of x copied ``per_row`` times; ``inverse[r * per_row + c]`` is the row of out
-    holding copy c of row r. The backward gathers and sums the copies: no atomic scatter, deterministic."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, per_row: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.shape = (x.shape[0], per_row, x.shape[1])
-        return x[index]
+class _SlotRows(torch.autograd.Function):
+    """x [T, H] -> the rows of the sorted slots [S, H] (x[g.token]); the backward sums each token's k slot
+    gradients straight into its row (``token_sum``): no atomic scatter, deterministic."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (inverse,) = ctx.saved_tensors
-        grouped = grad[inverse].view(ctx.shape)
-        return (grouped.sum(1) if ctx.shape[1] > 1 else grouped[:, 0]), None, None, None
+    def forward(ctx, x: torch.Tensor, g: SlotGrouping, top_k: int) -> torch.Tensor:
+        ctx.grouping, ctx.top_k = g, top_k
+        return x[g.token]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return token_sum(grad.contiguous(), None, ctx.grouping, ctx.top_k), None, None
+
+
+class _MixSlots(torch.autograd.Function):
+    """Expert outputs of the sorted slots ys [S, H] and routing weights [T, k] -> sum_j w[t, j] * ys[(t, j)],
+    the local layer's own ``combine`` (fp32 accumulation). Keeps ys, the one [S, H] tensor the weights'
+    gradient needs, and no per-slot product."""
+
+    @staticmethod
+    def forward(ctx, ys: torch.Tensor, weights: torch.Tensor, g: SlotGrouping) -> torch.Tensor:
+        ctx.save_for_backward(ys if ctx.needs_input_grad[1] else None, weights)
+        ctx.grouping = g
+        return combine(ys, g, weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        ys, weights = ctx.saved_tensors
+        dys, grad_w = slot_grads(grad, ys, ctx.grouping, weights)
+        return dys, grad_w, None
 
 
 def _zero_link(inbox: torch.Tensor, experts: MoEExperts) -> torch.Tensor:
@@ -68,22 +85,19 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     """
     if ep_size == 1:
         return implementation(x, weights, indices, experts), indices.numel()
-    num_tokens, top_k = indices.shape
+    top_k = indices.shape[1]
     num_local = experts.num_experts
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)  # slots by expert, hence by destination rank
-    counts = torch.bincount(flat, minlength=ep_size * num_local)
-    received, sent_per_rank, received_per_rank = _exchange_counts(counts, ep_size, group)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    rows = _GatherRows.apply(x, order // top_k, inverse, top_k)  # [S, H] sorted by expert
+    g = group_slots(indices, ep_size * num_local)  # slots by global expert, hence by destination rank
+    received, sent_per_rank, received_per_rank = _exchange_counts(g.counts, ep_size, group)  # the host sync
+    rows = _SlotRows.apply(x, g, top_k)  # [S, H], freed once sent
     total = sum(received_per_rank)
     inbox = all_to_all_single(rows.new_empty(total, rows.shape[1]), rows, received_per_rank, sent_per_rank, group)
+    del rows
     local_expert = torch.arange(num_local, device=x.device).repeat(ep_size)
     local_expert = local_expert.repeat_interleave(received, output_size=total)
-    ones = inbox.new_ones(total, 1)
-    outputs = implementation(inbox, ones, local_expert[:, None], experts)
+    outputs = implementation(inbox, inbox.new_ones(total, 1), local_expert[:, None], experts)
     if total == 0 and torch.is_grad_enabled():
         outputs = outputs + _zero_link(inbox, experts)
-    back = all_to_all_single(rows.new_empty(rows.shape), outputs, sent_per_rank, received_per_rank, group)
-    per_slot = _GatherRows.apply(back, inverse, order, 1).view(num_tokens, top_k, x.shape[1])
-    return (per_slot * weights.unsqueeze(-1)).sum(1), total
+    back = all_to_all_single(outputs.new_empty(g.order.numel(), outputs.shape[1]), outputs, sent_per_rank,
+                             received_per_rank, group)
+    return _MixSlots.apply(back, weights, g), total
