@@ -216,18 +216,25 @@ def tokens(shape: Shape, rows: int, length: int, seed: int, device: torch.device
 
 def reduce_gradients(model: torch.nn.Module, world: int) -> None:
     """Data-parallel mean of every gradient. An expert's gradient already holds every token its EP group
-    sent it, so it is summed only over its expert-data-parallel group; all are then divided by ``world``."""
+    sent it, so it is summed only over its expert-data-parallel group; all are then divided by ``world``.
+    One flat all-reduce per group and dtype, as DeepSpeed's bucketed reduction does (one call per
+    parameter would make the per-expert parameters of ep_size 1 launch-bound)."""
     import torch.distributed as dist
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import groups
 
+    buckets: dict[tuple[Any, torch.dtype], list[torch.Tensor]] = {}
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        group = groups._get_expert_data_parallel_group(p.group_name) if is_moe_param(p) else None
+        if p.grad is not None:
+            group = groups._get_expert_data_parallel_group(p.group_name) if is_moe_param(p) else None
+            buckets.setdefault((group, p.grad.dtype), []).append(p.grad)
+    for (group, _), grads in buckets.items():
         if dist.get_world_size(group) > 1:
-            dist.all_reduce(p.grad, group=group)
-        p.grad.div_(world)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=group)
+            parts = flat.split([g.numel() for g in grads])
+            torch._foreach_copy_(grads, [part.view_as(g) for g, part in zip(grads, parts)])
+        torch._foreach_div_(grads, world)
 
 
 def sync(device: torch.device) -> None:
