@@ -94,14 +94,16 @@ def test_chosen_shapes_depend_only_on_the_token_count() -> None:
         assert experts_chosen(x, weights, indices, layer.experts).shape == (2, H)
 
 
-def test_auto_takes_the_chosen_path_while_pairs_fit_the_experts() -> None:
-    """Without gradient: chosen experts while tokens x k <= the distinct expert MLPs (it then reads at most
-    what the all-expert path reads), all experts beyond that and for experts sharing one base MLP."""
+def test_auto_takes_the_chosen_path_while_pairs_are_few() -> None:
+    """Without gradient: chosen experts while tokens x k <= 3/4 of the distinct expert MLPs, all experts
+    beyond that and for experts sharing one base MLP."""
     mlp, shared = make_layer(4, 2, "mlp", 4).experts, make_layer(4, 2, "shared", 4).experts
+    eight = make_layer(8, 2, "mlp", 0).experts
     with torch.no_grad():
         assert resolve_expert_implementation("auto", 1, mlp, 2) is experts_chosen
-        assert resolve_expert_implementation("auto", 2, mlp, 2) is experts_chosen
-        assert resolve_expert_implementation("auto", 3, mlp, 2) is experts_all_dense
+        assert resolve_expert_implementation("auto", 2, mlp, 2) is experts_all_dense
+        assert resolve_expert_implementation("auto", 3, eight, 2) is experts_chosen
+        assert resolve_expert_implementation("auto", 4, eight, 2) is experts_all_dense
         assert resolve_expert_implementation("auto", 1, shared, 2) is experts_all_dense
     assert resolve_expert_implementation("auto", 1, mlp, 2) is experts_grouped  # training keeps grouped
 

@@ -8,10 +8,18 @@ between versions and their mask builders synchronise with the host. Attention is
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+# Prompts come in every length, and cuDNN's attention builds a new execution graph for each new sequence
+# length (tens to hundreds of ms on the host); flash attention (causal, no padding) or the memory-efficient
+# kernel (padded batches) need no per-shape setup. A decoding step has one shape per cache length.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class StaticKVCache:
@@ -41,8 +49,9 @@ def _attention(layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torc
     cache.keys[index].index_copy_(2, slots, k)
     cache.values[index].index_copy_(2, slots, v)
     keys, values = cache.keys[index, :, :, :kv_len], cache.values[index, :, :, :kv_len]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                         is_causal=mask is None, enable_gqa=keys.shape[1] != q.shape[1])
+    with sdpa_kernel(PREFILL_BACKENDS) if x.shape[1] > 1 else nullcontext():
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                             is_causal=mask is None, enable_gqa=keys.shape[1] != q.shape[1])
     return attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 

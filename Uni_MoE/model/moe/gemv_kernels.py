@@ -3,7 +3,7 @@ device memory: no host synchronisation and no data-dependent shape, so a CUDA gr
 
 Row p of the input multiplies the stacked weight slice ``weight[base[p]]`` ([out, in], nn.Linear layout,
 ``in`` contiguous). Programs are ordered row-fastest, so rows that share an expert read the same weight
-tile at about the same time and the second read mostly hits L2. The gated kernel reads the gate and up
+tile at about the same time (the second read may hit L2). The gated kernel reads the gate and up
 weights in one pass and returns ``silu(gate + gate_delta) * (up + up_delta)`` (the deltas are the LoRA
 terms, computed outside: they are r-wide and cheap). Accumulation is fp32; outputs take ``out``'s dtype.
 """
@@ -44,7 +44,9 @@ if triton is not None:
             out = out * tl.sigmoid(out) * up
         tl.store(out_ptr + p * R + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
-BLOCKS = {"rows": 8, "cols": 512, "warps": 4}  # rows x columns of weight per step of one program
+# rows x columns of weight per step of one program: the fastest of six tried on an H200 for one token
+# through a LLaMA-7B-width layer of 4 experts, top-2 (benchmarks/results/decode_profile_h200.md)
+BLOCKS = {"rows": 4, "cols": 512, "warps": 4}
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -31,12 +31,15 @@ def resolve_expert_implementation(name: str, num_tokens: int | None = None, expe
     """The named implementation. ``auto``: the grouped one, except without gradient for up to
     ``DECODE_TOKENS`` tokens (decoding steps), where a path with no host synchronisation runs, so a
     decoding step can be captured in a CUDA graph (benchmarks/generation.py): the chosen-expert one while
-    the token-expert pairs are at most the distinct expert MLPs (it then reads no more weights than the
-    all-expert one; given ``experts`` and ``top_k``), else the all-expert one."""
+    the token-expert pairs are at most 3/4 of the distinct expert MLPs (given ``experts`` and ``top_k``),
+    else the all-expert one. On an H200 its kernels stream weights at ~3.3 TB/s and the all-expert
+    batched GEMMs at ~3.9, so reading fewer experts pays only below about 0.85 E pairs: one token of
+    top-2 over 4 experts took 0.17 ms against 0.28, two tokens 0.31 against 0.28
+    (benchmarks/results/decode_profile_h200.md)."""
     if name == "auto":
         decoding = num_tokens is not None and num_tokens <= DECODE_TOKENS and not torch.is_grad_enabled()
         few = experts is not None and top_k is not None and num_tokens is not None and experts.num_bases > 1 \
-            and num_tokens * top_k <= experts.num_bases
+            and 4 * num_tokens * top_k <= 3 * experts.num_bases
         name = ("chosen" if few else "all_dense") if decoding else "grouped"
     if name not in EXPERT_IMPLEMENTATIONS:
         raise ValueError(f"unknown moe_implementation {name!r}; available: {sorted(EXPERT_IMPLEMENTATIONS)}")
