@@ -1,7 +1,8 @@
 """Where a generated token's time goes, on the model of benchmarks/generation.py: per MoE decoding path
-(all experts, chosen experts), media encoding, prefill, one decoding step replayed from its CUDA graph and
-run eagerly, and whole generation at batch 1; a torch.profiler table of one eager step; and one MoE
-layer's two decoding paths side by side over token counts (and the chosen path's kernel block sizes).
+(all experts, chosen experts; the named path runs in every MoE call, prefill included), media encoding,
+prefill, one decoding step replayed from its CUDA graph and run eagerly, and whole generation at batch 1;
+a torch.profiler table of one eager step; and one MoE layer's two decoding paths side by side over token
+counts (and the chosen path's kernel block sizes).
 
     python benchmarks/decode_profile.py --out decode_profile.md     # CUDA
     python benchmarks/decode_profile.py --smoke                     # tiny shapes on the CPU
