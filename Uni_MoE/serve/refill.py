@@ -29,16 +29,15 @@ Item = tuple[Any, dict[str, Any]]  # (the caller's key, one dataset item)
 class _Round:
     """One static cache of ``rows`` rows and the samples decoding in it."""
 
-    def __init__(self, engine: GenerationEngine, settings: GenerationSettings, collate: Callable,
-                 first: list[Item]) -> None:
-        self.engine, self.settings, self.collate = engine, settings, collate
-        batch = collate([item for _, item in first])
+    def __init__(self, engine: GenerationEngine, settings: GenerationSettings, batch: dict[str, Any],
+                 keys: list[Any]) -> None:
+        self.engine, self.settings = engine, settings
         prompt = batch["input_ids"].shape[1]
         # room for the first samples' answers and as many steps again for samples that join later
-        self.step = engine.decode_step(len(first), prompt + 2 * settings.max_new_tokens)
+        rows = len(keys)
+        self.step = engine.decode_step(rows, prompt + 2 * settings.max_new_tokens)
         self.step.valid.zero_()
         device = self.step.valid.device
-        rows = len(first)
         self.slot = prompt
         self.logits = torch.zeros(rows, engine.model.config.text_config.vocab_size, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
@@ -46,8 +45,8 @@ class _Round:
         self.finished = torch.ones(rows, dtype=torch.bool, device=device)
         self.keys: list[Any] = [None] * rows
         self.starts = [0] * rows
-        self.tokens: list[torch.Tensor] = []
-        self.join(list(range(rows)), [key for key, _ in first], batch)
+        self.tokens: list[torch.Tensor] = []  # each step's new tokens [rows]
+        self.join(list(range(rows)), keys, batch)
 
     def fits(self, prompt: int) -> bool:
         """Whether a prompt of this length can join now: it fits before the slot, its answer after it."""
@@ -81,8 +80,8 @@ class _Round:
         for row, key in zip(rows, keys):
             self.keys[row], self.starts[row] = key, len(self.tokens)
 
-    def choose(self) -> None:
-        """Every row's next token from its logits (pad for rows with nothing to decode)."""
+    def choose(self) -> torch.Tensor:
+        """Every row's next token [rows] from its logits (pad for rows with nothing to decode)."""
         settings, tokenizer = self.settings, self.engine.tokenizer
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         logits = self.logits
@@ -98,11 +97,11 @@ class _Round:
         if eos is not None:
             ended |= new == eos
         self.finished |= ended
-        self.new = new
+        return new
 
-    def advance(self) -> None:
-        """One decoding step of every row; the logits of the next tokens."""
-        self.logits = self.step(self.new, self.positions, self.slot)
+    def advance(self, new: torch.Tensor) -> None:
+        """One decoding step of every row on its ``new`` token; keeps the logits of the next ones."""
+        self.logits = self.step(new, self.positions, self.slot)
         self.positions += 1
         self.slot += 1
 
@@ -163,11 +162,10 @@ def generate_refilling(engine: GenerationEngine, items: Iterable[Item], settings
         first = take(rows)
         if not first:
             return
-        round_ = _Round(engine, settings, collate, first)
+        round_ = _Round(engine, settings, collate([item for _, item in first]), [key for key, _ in first])
         steps = 0
         while True:
-            round_.choose()
-            round_.advance()
+            round_.advance(round_.choose())
             steps += 1
             if not _check_due(round_, steps, settings.max_new_tokens):
                 continue
