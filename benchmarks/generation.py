@@ -21,6 +21,7 @@ import argparse
 import datetime
 import inspect
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from Uni_MoE.checkpoint.tiny import tokenizer_corpus
 from Uni_MoE.data.collate import collate
 from Uni_MoE.data.conversation import tokenize_conversation
 from Uni_MoE.data.tokenizer import train_tokenizer
+from Uni_MoE.modalities import MEDIA_INPUT_KEYS
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
 from Uni_MoE.serve.engine import GenerationEngine, GenerationSettings
 
@@ -143,9 +145,11 @@ def cache_keyword() -> str:
     return "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters else "past_key_values"
 
 
-def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: bool) -> list[list[int]]:
+def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: bool,
+               top2: list[list[torch.Tensor]] | None = None) -> list[list[int]]:
     """One sample at a time, greedy argmax (placeholders suppressed, as everywhere), no batching: with the
-    KV cache, or re-running everything."""
+    KV cache, or re-running everything. ``top2`` collects each step's two best logits (left on the device:
+    a launch per step, no extra host sync) to tell near-ties from real differences afterwards."""
     device, dtype, cache_kw = model.device, model.dtype, cache_keyword()
     placeholders = torch.tensor(sorted(model.config.placeholder_token_ids().values()), device=device)
     out = []
@@ -153,11 +157,14 @@ def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: 
     for item in tqdm(items, desc=desc, leave=False):
         ids = item["input_ids"][None].to(device)
         pixels = item["pixel_values"].to(device, dtype)
-        step_ids, cache, tokens = ids, None, []
+        step_ids, cache, tokens, best = ids, None, [], []
         for _ in range(new_tokens):
             kwargs = {cache_kw: cache} if cache is not None else {"pixel_values": pixels}
             result = model(input_ids=step_ids, use_cache=use_cache, logits_to_keep=1, **kwargs)
-            nxt = result.logits[:, -1].index_fill(-1, placeholders, float("-inf")).argmax(-1, keepdim=True)
+            logits = result.logits[:, -1].index_fill(-1, placeholders, float("-inf"))
+            nxt = logits.argmax(-1, keepdim=True)
+            if top2 is not None:
+                best.append(logits[0].topk(2).values)
             tokens.append(int(nxt))
             if use_cache:
                 cache = getattr(result, cache_kw)
@@ -166,7 +173,46 @@ def plain_loop(model, tokenizer, items: list[dict], new_tokens: int, use_cache: 
                 ids = torch.cat([ids, nxt], dim=1)
                 step_ids = ids
         out.append(tokens)
+        if top2 is not None:
+            top2.append(best)
     return out
+
+
+def tie_gap(got: list[list[int]], reference: list[list[int]], top2: list[list[torch.Tensor]]) -> float | None:
+    """The largest gap between the loop's two best logits at the first step where a sample's tokens differ
+    from the loop's (None if none differ): small gaps are bf16 near-ties, not different decoding."""
+    gaps = []
+    for a, b, best in zip(got, reference, top2):
+        first = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is not None:
+            gaps.append(float(best[first][0] - best[first][1]))
+    return max(gaps) if gaps else None
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall milliseconds of ``fn`` (synchronised around each call)."""
+    times = []
+    for _ in range(repeats):
+        times.append(timed(lambda: (fn(), [])[1], device)[1] * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def time_split(engine: GenerationEngine, batch: dict, new_tokens: int, device: torch.device) -> dict:
+    """Milliseconds of one batch's parts, each alone: media encoding with the embedding splice, the
+    language-model prefill into the static cache, and one decoding step (a graph replay when captured)."""
+    inputs = engine.inputs(batch)
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    media = {key: inputs[key] for key in MEDIA_INPUT_KEYS if key in inputs}
+    encode = median_ms(lambda: engine.model.model.embed_multimodal(ids, **media), device, 5)
+    embeds = engine.model.model.embed_multimodal(ids, **media)
+    prefill = median_ms(lambda: engine.prefill(embeds, mask, new_tokens), device, 5)
+    step, logits, position = engine.prefill(embeds, mask, new_tokens)
+    tokens, slot = logits.argmax(-1), mask.shape[1]
+    step(tokens, position, slot)  # captures the graph if this step has none yet
+    decode = median_ms(lambda: step(tokens, position, slot), device, 50)
+    return dict(batch=mask.shape[0], prompt=mask.shape[1], encode=encode, prefill=prefill, step=decode,
+                graph=step.use_graph)
 
 
 def dense_anchor(shapes: Shapes, device: torch.device, prompt_len: int, samples: int, static: bool,
@@ -220,8 +266,10 @@ class Rows(list):
               f"({row['seconds']:.2f} s)", flush=True)
 
 
-def run(shapes: Shapes, device: torch.device, anchors: bool) -> tuple[list[dict], UniMoEForCausalLM, list[int]]:
-    """Table rows (the cached loop first, as the baseline), the model, and the prompt lengths."""
+def run(shapes: Shapes, device: torch.device,
+        anchors: bool) -> tuple[list[dict], list[dict], UniMoEForCausalLM, list[int]]:
+    """Table rows (the cached loop first, as the baseline), our engine's time split per batch size, the
+    model, and the prompt lengths."""
     model, tokenizer = build(shapes, device)
     engine = GenerationEngine(model, tokenizer)
     items = prompts(model, tokenizer, shapes.samples)
@@ -229,7 +277,9 @@ def run(shapes: Shapes, device: torch.device, anchors: bool) -> tuple[list[dict]
     n_tok = len(items) * shapes.new_tokens
     with torch.inference_mode():
         plain_loop(model, tokenizer, items[:1], 2, True)  # warm-up
-        reference, loop_s = timed(lambda: plain_loop(model, tokenizer, items, shapes.new_tokens, True), device)
+        top2: list[list[torch.Tensor]] = []
+        reference, loop_s = timed(lambda: plain_loop(model, tokenizer, items, shapes.new_tokens, True, top2),
+                                  device)
         rows = Rows()
         rows.append(dict(path="one-by-one loop, KV cache (baseline)", batch=1, samples=len(items), seconds=loop_s,
                          tokens=n_tok, same=None))
@@ -237,19 +287,27 @@ def run(shapes: Shapes, device: torch.device, anchors: bool) -> tuple[list[dict]
         if k:
             slow, slow_s = timed(lambda: plain_loop(model, tokenizer, items[:k], shapes.new_tokens, False), device)
             rows.append(dict(path="one-by-one loop, no cache (original v1)", batch=1, samples=k, seconds=slow_s,
-                             tokens=k * shapes.new_tokens, same=sum(a == b for a, b in zip(slow, reference))))
+                             tokens=k * shapes.new_tokens, same=sum(a == b for a, b in zip(slow, reference)),
+                             gap=tie_gap(slow, reference, top2)))
         for bs in shapes.batch_sizes:
             hf_generate(model, tokenizer, items[:bs], bs, 2)  # warm-up
             got, s = timed(lambda: hf_generate(model, tokenizer, items, bs, shapes.new_tokens), device)
             rows.append(dict(path="transformers generate on our model (previous path)", batch=bs, samples=len(items),
-                             seconds=s, tokens=sum(map(len, got)), same=sum(a == b for a, b in zip(got, reference))))
+                             seconds=s, tokens=sum(map(len, got)), same=sum(a == b for a, b in zip(got, reference)),
+                             gap=tie_gap(got, reference, top2)))
+        splits = []
         for bs in shapes.batch_sizes:
-            ours(engine, items[:bs], bs, 2)  # warm-up: allocates the cache and captures the step's graph
+            longest = batches(items, bs, tokenizer.pad_token_id)
+            longest = max(longest, key=lambda b: b["input_ids"].shape[1])
+            engine.generate(longest, GenerationSettings(max_new_tokens=shapes.new_tokens))  # warm-up: cache, graph
+            made = engine.steps_made
             got, s = timed(lambda: ours(engine, items, bs, shapes.new_tokens), device)
             mode = "CUDA-graph step" if engine._step.use_graph else "eager step"
             rows.append(dict(path=f"**ours: engine** (static cache, {mode})", batch=bs,
                              samples=len(items), seconds=s, tokens=sum(map(len, got)),
-                             same=sum(a == b for a, b in zip(got, reference))))
+                             same=sum(a == b for a, b in zip(got, reference)), gap=tie_gap(got, reference, top2),
+                             rebuilt=engine.steps_made - made))
+            splits.append(time_split(engine, longest, shapes.new_tokens, device))
     if anchors:
         mean_len = round(sum(lengths) / len(lengths))
         for static in (False, True):
@@ -266,14 +324,29 @@ def run(shapes: Shapes, device: torch.device, anchors: bool) -> tuple[list[dict]
     for r in rows:
         r["tok_s"] = r["tokens"] / r["seconds"]
         r["speedup"] = r["tok_s"] / base
-    return rows, model, lengths
+    return rows, splits, model, lengths
 
 
 def same_tokens(row: dict) -> str:
     return "-" if row["same"] is None else f"{row['same']}/{row['samples']}"
 
 
-def report(rows: list[dict], shapes: Shapes, model: UniMoEForCausalLM, device: torch.device,
+def gap_text(row: dict) -> str:
+    return "-" if row.get("gap") is None else f"{row['gap']:.3f}"
+
+
+def split_table(splits: list[dict]) -> list[str]:
+    """Our engine's time per batch, part by part (each measured alone on the batch with the longest prompt)."""
+    lines = ["| batch | prompt tokens | media encoding ms | prefill ms | decoding step ms | step tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for sp in splits:
+        kind = "graph replay" if sp["graph"] else "eager"
+        lines.append(f"| {sp['batch']} | {sp['prompt']} | {sp['encode']:.2f} | {sp['prefill']:.2f} | "
+                     f"{sp['step']:.3f} ({kind}) | {sp['batch'] / sp['step'] * 1e3:.0f} |")
+    return lines
+
+
+def report(rows: list[dict], splits: list[dict], shapes: Shapes, model: UniMoEForCausalLM, device: torch.device,
            lengths: list[int], command: str) -> str:
     tc, vc = model.config.text_config, model.config.vision_config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -291,13 +364,21 @@ def report(rows: list[dict], shapes: Shapes, model: UniMoEForCausalLM, device: t
         f"{str(shapes.dtype).removeprefix('torch.')}",
         f"- prompts: {prompt_lens}; greedy, exactly {shapes.new_tokens} new tokens per sample; times include "
         "prefill and image encoding (the dense anchor has no image)",
-        "- same tokens: samples whose greedy tokens equal the cached one-by-one loop's "
-        "(bf16 batches may differ at near-ties)",
+        "- same tokens: samples whose greedy tokens equal the cached one-by-one loop's; tie gap: the largest "
+        "difference between the loop's two best logits at the first step where a sample's tokens differ from "
+        "the loop's (bf16 rounding moves near-ties)",
+        "- our engine is warmed up on its longest batch with the timed number of new tokens first; static "
+        "caches (and graphs) built during the timed runs: "
+        + ", ".join(f"batch {r['batch']}: {r['rebuilt']}" for r in rows if "rebuilt" in r),
         "",
-        "| path | batch | samples | new tokens | seconds | tokens/s | × baseline | same tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | batch | samples | new tokens | seconds | tokens/s | × baseline | same tokens | tie gap |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(f"| {r['path']} | {r['batch']} | {r['samples']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} "
-          f"| **{r['speedup']:.2f}** | {same_tokens(r)} |" for r in rows),
+          f"| **{r['speedup']:.2f}** | {same_tokens(r)} | {gap_text(r)} |" for r in rows),
+        "",
+        "Our engine's time split (each part alone, median; the batch with the longest prompt):",
+        "",
+        *split_table(splits),
         "",
     ]
     return "\n".join(lines)
@@ -318,10 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     shapes = Shapes(**{**shapes.__dict__, **overrides})
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     print(f"generation benchmark on {device}: {shapes.samples} samples x {shapes.new_tokens} tokens", flush=True)
-    rows, model, lengths = run(shapes, device, not args.no_anchors)
+    rows, splits, model, lengths = run(shapes, device, not args.no_anchors)
     command = "python benchmarks/generation.py " + shlex.join(a for a in (argv if argv is not None else sys.argv[1:])
                                                               if a != args.out and a != "--out")
-    text = report(rows, shapes, model, device, lengths, command.strip())
+    text = report(rows, splits, shapes, model, device, lengths, command.strip())
     print(text, flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -13,6 +13,7 @@ from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data.collate import collate
 from Uni_MoE.data.dataset import UniMoEDataset
 from Uni_MoE.data.synthetic import make_dataset
+from Uni_MoE.model.moe import EXPERT_IMPLEMENTATIONS
 from Uni_MoE.serve.engine import GenerationEngine, GenerationSettings
 from Uni_MoE.serve.generate import length_ordered_batches, to_samples
 
@@ -29,7 +30,7 @@ def tiny(tmp_path_factory):
         rec["conversations"][0]["value"] += " Please answer." * (2 * i)
     dataset = UniMoEDataset(to_samples(records, "speech"), tokenizer, model.config, root / "data", for_generation=True)
     items = [dataset[i] for i in range(len(dataset))]
-    return model, tokenizer, collate(items, tokenizer.pad_token_id, "left")
+    return model, tokenizer, collate(items, tokenizer.pad_token_id, "left"), items
 
 
 def model_inputs(batch: dict) -> dict:
@@ -37,7 +38,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 def test_greedy_equals_transformers_generate(tiny):
-    model, tokenizer, batch = tiny
+    model, tokenizer, batch, _ = tiny
     engine = GenerationEngine(model, tokenizer)
     ours = engine.generate(batch, GenerationSettings(max_new_tokens=8, min_new_tokens=8))
     with torch.inference_mode():
@@ -45,6 +46,26 @@ def test_greedy_equals_transformers_generate(tiny):
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     assert ours.tolist() == theirs[:, batch["input_ids"].shape[1]:].tolist()
     assert len({tuple(row) for row in ours.tolist()}) > 1
+
+
+def test_batch_of_one_takes_the_chosen_expert_path_and_equals_generate(tiny, monkeypatch):
+    """One sequence at a time (the decoding steps run only the chosen experts): the same greedy tokens as
+    transformers' generate on each sample alone."""
+    model, tokenizer, _, items = tiny
+    calls = []
+    chosen = EXPERT_IMPLEMENTATIONS["chosen"]
+    monkeypatch.setitem(EXPERT_IMPLEMENTATIONS, "chosen", lambda *args: calls.append(1) or chosen(*args))
+    engine = GenerationEngine(model, tokenizer)
+    for item in items:
+        one = collate([item], tokenizer.pad_token_id, "left")
+        ours = engine.generate(one, GenerationSettings(max_new_tokens=6, min_new_tokens=6))
+        assert len(calls) == 5 * len(model.moe_mlps())  # the 5 steps after the prefill, in every MoE layer
+        calls.clear()
+        with torch.inference_mode():
+            theirs = model.generate(**model_inputs(one), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        calls.clear()
+        assert ours.tolist() == theirs[:, one["input_ids"].shape[1]:].tolist()
 
 
 def text_batch(tokenizer, texts: list[str]) -> dict:
@@ -56,7 +77,7 @@ def text_batch(tokenizer, texts: list[str]) -> dict:
 def test_a_reused_static_cache_gives_the_same_tokens(tiny):
     """A second batch in the same cache bucket reuses the step (stale keys of the first, longer batch sit
     beyond its prompt) and decodes exactly as a fresh engine does."""
-    model, tokenizer, _ = tiny
+    model, tokenizer, _, _ = tiny
     settings = GenerationSettings(max_new_tokens=6, min_new_tokens=6)
     engine = GenerationEngine(model, tokenizer)
     engine.generate(text_batch(tokenizer, ["red green blue " * 6, "a circle", "what colour is it?"]), settings)
@@ -75,7 +96,7 @@ def test_a_reused_static_cache_gives_the_same_tokens(tiny):
 def test_placeholders_are_never_generated(tiny, settings):
     """A head biased so hard toward the placeholders that plain argmax always picks one: every decoding
     mode still answers (no 'placeholder tokens but no image inputs' error) and emits none of them."""
-    model, tokenizer, _ = tiny
+    model, tokenizer, _, _ = tiny
     batch = text_batch(tokenizer, ["Describe it.", "What colour is the square on the left?"])
     placeholders = sorted(model.config.placeholder_token_ids().values())
     bias = torch.zeros(model.config.text_config.vocab_size)
@@ -94,7 +115,7 @@ def test_placeholders_are_never_generated(tiny, settings):
 
 
 def test_streaming_and_cancelling(tiny):
-    model, tokenizer, batch = tiny
+    model, tokenizer, batch, _ = tiny
     one = text_batch(tokenizer, ["Tell me a long story."])
     seen: list[int] = []
 

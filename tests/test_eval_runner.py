@@ -61,6 +61,14 @@ def test_pope_metrics_match_the_written_predictions(workspace):
     assert result["metrics"]["accuracy"] == pytest.approx(sum(hits) / 2)
 
 
+def test_refilled_rows_write_the_same_predictions(workspace):
+    """--refill_rows (finished rows take waiting questions) changes when answers come, not what they are."""
+    rows, _ = _run(workspace, "pope")
+    refilled, result = _run(workspace, "pope", "--refill_rows", "--overwrite")
+    assert [r["prediction"] for r in refilled] == [r["prediction"] for r in rows]
+    assert result["throughput"]["refill_rows"] is True
+
+
 def test_mmbench_original_file_gets_circular_copies(workspace):
     rows, result = _run(workspace, "mmbench")
     assert len(rows) == 8  # 2 questions x 4 options, each rotated

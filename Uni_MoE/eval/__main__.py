@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference answers kept apart from the questions (VQA / TextVQA annotation JSON)")
     p.add_argument("--batch_size", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU")
     p.add_argument("--num_workers", type=int, default=0, help="processes loading media")
+    p.add_argument("--refill_rows", action="store_true",
+                   help="a batch row whose answer has ended takes the next waiting question at once instead of "
+                        "waiting for its batch (greedy or sampled decoding, one process)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--skip_bad_samples", "--skip_missing_media", dest="skip_bad_samples", action="store_true",
                    help="evaluate the rest when records or media fail the check before generation (each is "
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, device=args.device, dtype=args.dtype, overrides=overrides,
         enable_deepspeed_moe=args.enable_deepspeed_moe, eval_ep_size=args.eval_ep_size,
         skip_bad_samples=args.skip_bad_samples, overwrite=args.overwrite, release=release_parts(args),
+        refill_rows=args.refill_rows,
     ))
 
 

@@ -58,6 +58,7 @@ class EvalConfig:
     eval_ep_size: int = 1
     skip_bad_samples: bool = False  # skip (and report) generations whose record or media fail the check
     overwrite: bool = False  # start over instead of continuing the output's partial file
+    refill_rows: bool = False  # a finished row takes the next waiting sample (serve/refill.py)
     release: dict[str, Any] = field(default_factory=dict)  # an original release's other folders
 
 
@@ -181,7 +182,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     def generate(batch: list[Sample]) -> Iterator[tuple[int, str]]:
         dataset = UniMoEDataset(batch, tokenizer, model.config, data_root, for_generation=True)
         return iter_replies(model, tokenizer, dataset, settings, batch_size, cfg.num_workers,
-                            progress=ranks.is_main and task.name, synced_gpus=ranks.world_size > 1)
+                            progress=ranks.is_main and task.name, synced_gpus=ranks.world_size > 1,
+                            refill_rows=cfg.refill_rows)
 
     torch.manual_seed(cfg.seed)
     resumed = len(done)
@@ -200,7 +202,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "task": task.name, "description": task.description, "data_path": str(cfg.data_path),
         "model_path": str(cfg.model_path), "num_records": len(records), "num_generations": len(kept),
         "generation": settings.as_dict(), "metrics": metrics,
-        "throughput": {"batch_size": batch_size, "generation_seconds": round(seconds, 3),
+        "throughput": {"batch_size": batch_size, "refill_rows": cfg.refill_rows,
+                       "generation_seconds": round(seconds, 3),
                        "samples_per_second": round(generated / seconds, 3) if seconds > 0 else None},
     }
     skipped.sort(key=lambda s: s.n)

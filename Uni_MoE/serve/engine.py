@@ -145,6 +145,7 @@ class GenerationEngine:
         ids = sorted(model.config.placeholder_token_ids().values())
         self.suppress = torch.tensor(ids, dtype=torch.long, device=model.device)
         self._step: DecodeStep | None = None
+        self.steps_made = 0  # static caches allocated (and, with graphs, steps captured) so far
 
     def _graphs_on(self, batch: int) -> bool:
         """CUDA graphs: on a GPU, local experts (DeepSpeed-MoE all-to-alls synchronise), a batch the MoE
@@ -155,7 +156,7 @@ class GenerationEngine:
         if self.model.config.moe_backend == "deepspeed":
             return False
         layers = self.model.moe_mlps()
-        if any(layer.implementation not in ("auto", "all_dense") for layer in layers):
+        if any(layer.implementation not in ("auto", "all_dense", "chosen") for layer in layers):
             return False  # a configured grouped or reference path sizes its work on the host
         return not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
 
@@ -167,6 +168,7 @@ class GenerationEngine:
         if step is None or step.cache.batch != batch or step.length != length or step.use_graph != graph:
             self._step = None  # free the old cache before allocating the new one
             step = self._step = DecodeStep(self.model, batch, length, graph)
+            self.steps_made += 1
         return step
 
     def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -218,12 +220,12 @@ class GenerationEngine:
                                   synced_gpus=synced_gpus, **kwargs)
         return out[:, input_ids.shape[1]:]
 
-    def _decode(self, embeds: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings, streamer: Any,
-                should_stop: Callable[[], bool] | None, synced_gpus: bool) -> torch.Tensor:
-        """Prefill, then the token loop; host checks (finished rows, stop strings) every few steps."""
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[DecodeStep, torch.Tensor,
+                                                                                  torch.Tensor]:
+        """Run the prompt embeddings [B, S, H] (left-padded under ``mask`` [B, S]) into the static cache of a
+        step sized for ``steps`` more tokens. Returns the step, the last position's logits [B, V] (float)
+        and the rotary position [B] of the first new token."""
         batch, prompt = mask.shape
-        steps = settings.max_new_tokens
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         step = self.decode_step(batch, prompt + steps)
         step.valid.zero_()
         step.valid[:, :prompt] = mask.bool()
@@ -231,9 +233,17 @@ class GenerationEngine:
         lm = self.model.model.language_model
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         slots = torch.arange(prompt, device=mask.device)
-        hidden = forward_cached(lm, embeds, positions, step.cache, slots, prefill_mask(mask), prompt)
-        logits = self.model.lm_head(hidden[:, -1]).float()
-        next_position = positions[:, -1] + 1
+        causal = None if bool(mask.all()) else prefill_mask(mask)  # no padding: SDPA's causal (flash) kernel
+        hidden = forward_cached(lm, embeds, positions, step.cache, slots, causal, prompt)
+        return step, self.model.lm_head(hidden[:, -1]).float(), positions[:, -1] + 1
+
+    def _decode(self, embeds: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings, streamer: Any,
+                should_stop: Callable[[], bool] | None, synced_gpus: bool) -> torch.Tensor:
+        """Prefill, then the token loop; host checks (finished rows, stop strings) every few steps."""
+        batch, prompt = mask.shape
+        steps = settings.max_new_tokens
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        step, logits, next_position = self.prefill(embeds, mask, steps)
         finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
         temperature = settings.temperature if settings.sampled else 0.0
         tokens: list[torch.Tensor] = []

@@ -23,6 +23,7 @@ from ..data.schema import Sample, parse_sample
 from ..model.uni_moe import UniMoEForCausalLM
 from .chat import Conversation
 from .engine import GenerationSettings, cut_at_stop, engine_for
+from .refill import generate_refilling
 
 if TYPE_CHECKING:
     from ..data.dataset import UniMoEDataset
@@ -73,6 +74,11 @@ def length_ordered_batches(lengths: Sequence[int], batch_size: int) -> list[list
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A DataLoader collate_fn that leaves the items as they are (picklable for workers)."""
+    return items
+
+
 def iter_replies(
     model: UniMoEForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -82,16 +88,28 @@ def iter_replies(
     num_workers: int = 0,
     progress: bool | str = False,
     synced_gpus: bool = False,
+    refill_rows: bool = False,
 ) -> Iterator[tuple[int, str]]:
     """(dataset index, reply) for every sample, batch by batch in order of prompt length (not dataset
-    order); media load in ``num_workers``. ``batch_size`` None picks the device's default."""
+    order); media load in ``num_workers``. ``batch_size`` None picks the device's default. With
+    ``refill_rows`` (greedy or sampled decoding on one process) a finished row takes the next waiting
+    sample instead of waiting for its batch (``refill.py``); replies then come as rows finish."""
     batch_size = batch_size or default_batch_size(model.device)
     batches = length_ordered_batches([estimated_length(s, model.config) for s in dataset.samples], batch_size)
+    collator = Collator(tokenizer.pad_token_id, padding_side="left")
+    refill = refill_rows and settings.num_beams == 1 and not synced_gpus
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=Collator(tokenizer.pad_token_id, padding_side="left"))
+                        collate_fn=as_list if refill else collator)
     bar = tqdm(total=len(dataset), desc=progress if isinstance(progress, str) else "generating",
                disable=not progress, unit="sample")
     engine = engine_for(model, tokenizer)
+    if refill:
+        items = ((i, item) for positions, got in zip(batches, loader) for i, item in zip(positions, got))
+        for i, new in generate_refilling(engine, items, settings, batch_size, collator):
+            yield i, cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), settings.stop)
+            bar.update(1)
+        bar.close()
+        return
     for positions, batch in zip(batches, loader):
         new = engine.generate(batch, settings, synced_gpus=synced_gpus)
         for i, text in zip(positions, tokenizer.batch_decode(new, skip_special_tokens=True)):

@@ -8,10 +8,18 @@ between versions and their mask builders synchronise with the host. Attention is
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+# Prompts come in every length, and cuDNN's attention builds a new execution graph for each new sequence
+# length (tens to hundreds of ms on the host); flash attention (causal, no padding) or the memory-efficient
+# kernel (padded batches) need no per-shape setup. A decoding step has one shape per cache length.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class StaticKVCache:
@@ -28,9 +36,10 @@ class StaticKVCache:
 
 
 def _attention(layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
-               index: int, slots: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+               index: int, slots: torch.Tensor, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
     """Self-attention of x [B, S, H] whose keys/values go to cache positions ``slots`` [S]; it reads the
-    first ``kv_len`` cache positions under ``mask`` [B, 1, S, kv_len] (True = attend)."""
+    first ``kv_len`` cache positions under ``mask`` [B, 1, S, kv_len] (True = attend), or causally when
+    ``mask`` is None (a prompt without padding: S = kv_len)."""
     attn = layer.self_attn
     shape = (*x.shape[:-1], -1, attn.head_dim)
     q = attn.q_proj(x).view(shape).transpose(1, 2)
@@ -40,15 +49,17 @@ def _attention(layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torc
     cache.keys[index].index_copy_(2, slots, k)
     cache.values[index].index_copy_(2, slots, v)
     keys, values = cache.keys[index, :, :, :kv_len], cache.values[index, :, :, :kv_len]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                         enable_gqa=keys.shape[1] != q.shape[1])
+    with sdpa_kernel(PREFILL_BACKENDS) if x.shape[1] > 1 else nullcontext():
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                             is_causal=mask is None, enable_gqa=keys.shape[1] != q.shape[1])
     return attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 
 def forward_cached(language_model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
-                   slots: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+                   slots: torch.Tensor, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
     """Final hidden states [B, S, H] of embeds [B, S, H] at rotary ``positions`` [B, S]; keys and values
-    are written at cache ``slots`` [S] (the same for every row: the batch is left-padded)."""
+    are written at cache ``slots`` [S] (the same for every row: the batch is left-padded); ``mask`` as in
+    ``_attention``."""
     rope = language_model.rotary_emb(embeds, positions)
     x = embeds
     for index, layer in enumerate(language_model.layers):

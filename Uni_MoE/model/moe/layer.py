@@ -63,6 +63,6 @@ class MoELayer(nn.Module):
         )
         self.aux_loss = balance_loss(logits, indices, self.num_experts)
         self.routing = indices.detach().view(*shape[:-1], self.top_k)
-        implementation = resolve_expert_implementation(self.implementation, x.shape[0])
+        implementation = resolve_expert_implementation(self.implementation, x.shape[0], self.experts, self.top_k)
         out = implementation(x, weights.to(x.dtype), indices, self.experts)
         return out.view(shape)
