@@ -392,10 +392,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--uncached_samples", type=int, default=None, help="also time the no-cache loop on N")
     parser.add_argument("--no_anchors", action="store_true", help="skip the dense transformers anchor")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="float32 (TF32 off): an exactness pass, where every path must give the loop's tokens")
     args = parser.parse_args(argv)
     shapes = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("new_tokens", args.new_tokens), ("samples", args.samples),
                                    ("uncached_samples", args.uncached_samples)) if v is not None}
+    if args.dtype:
+        overrides["dtype"] = getattr(torch, args.dtype)
+        if args.dtype == "float32":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     shapes = Shapes(**{**shapes.__dict__, **overrides})
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     print(f"generation benchmark on {device}: {shapes.samples} samples x {shapes.new_tokens} tokens", flush=True)
