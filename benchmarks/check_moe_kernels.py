@@ -5,7 +5,7 @@ one overloaded), float32 and bfloat16: outputs and the gradients of x, router an
 the grouped path vs the loop. float32 must agree to ``--tol32``; in bfloat16 both are compared with a
 float64 loop on the same weights and the grouped path's error may be at most ``--slack`` x the loop's
 own bf16 error (plus 1e-3). With LoRA dropout, the Triton path and the PyTorch path (UNI_MOE_TRITON=0)
-must agree under the same seed (float32). Exit status 1 on any failure.
+must agree under the same seed (float32), for both kinds. Exit status 1 on any failure.
 
     python benchmarks/check_moe_kernels.py              # CUDA
     python benchmarks/check_moe_kernels.py --small --device cpu
@@ -79,16 +79,19 @@ def check(args: argparse.Namespace) -> list[str]:
                       f"{max(rel(loop16[k], ref64[k]) for k in ref64):.1e}  {'ok' if ok else 'FAIL'}", flush=True)
                 if not ok:
                     failures.append(f"{expert_type} E={experts} r={rank}")
-    layer = make_layer(args.hidden, args.inter, 8, 8, "mlp", 0.1).to(device).train()
-    x = torch.rand(args.tokens, args.hidden, device=device)
-    fused = run(layer, x, "grouped", seed=1)
-    os.environ["UNI_MOE_TRITON"] = "0"
-    plain = run(layer, x, "grouped", seed=1)
-    del os.environ["UNI_MOE_TRITON"]
-    err = max(rel(fused[k], plain[k]) for k in plain)
-    print(f"dropout 0.1, mlp E=8 r=8: Triton vs PyTorch path rel err {err:.1e}  {'ok' if err < args.tol32 else 'FAIL'}")
-    if err >= args.tol32:
-        failures.append("dropout")
+    for expert_type in ("mlp", "shared"):
+        layer = make_layer(args.hidden, args.inter, 8, 8, expert_type, 0.1).to(device).train()
+        x = torch.rand(args.tokens, args.hidden, device=device)
+        fused = run(layer, x, "grouped", seed=1)
+        os.environ["UNI_MOE_TRITON"] = "0"
+        plain = run(layer, x, "grouped", seed=1)
+        del os.environ["UNI_MOE_TRITON"]
+        err = max(rel(fused[k], plain[k]) for k in plain)
+        ok = err < args.tol32
+        print(f"dropout 0.1, {expert_type} E=8 r=8: Triton vs PyTorch path rel err {err:.1e}  {'ok' if ok else 'FAIL'}",
+              flush=True)
+        if not ok:
+            failures.append(f"{expert_type} dropout")
     return failures
 
 

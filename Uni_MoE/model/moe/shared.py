@@ -2,9 +2,11 @@
 
 With a shared base, gate and up base projections are computed once per token, and since the down
 projection is linear, sum_j w_j h_j W_down = (sum_j w_j h_j) W_down: the frozen work is exactly one
-dense MLP. Per slot remain the r-wide LoRA terms and one SwiGLU pass with the slot's LoRA deltas added
-inside the fused kernel. Backward recomputes the per-slot activations from the saved base gate/up, so
-saved memory is that of a dense MLP plus r-wide terms.
+dense MLP. Per slot remain the r-wide LoRA terms and one SwiGLU pass with the slot's LoRA deltas added.
+On CUDA (top-1/top-2) the Triton kernels of shared_kernels.py do all slots in one pass over [T, I] per
+direction, with the LoRA-B products on registers, plus one pass for the LoRA weight gradients; elsewhere
+PyTorch does one fused SwiGLU pass per slot with block-masked LoRA products. Backward recomputes the
+per-slot activations from the saved base gate/up, so saved memory is that of a dense MLP plus r-wide terms.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from .distinct import LoRASettings
-from .lora_blocks import keep_block, stack_b, unstack_b
+from . import shared_kernels as kernels
+from .lora_blocks import keep_block, spread, stack_b, unstack_b
+from .segments import group_slots
 from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
 
 
@@ -25,6 +29,35 @@ def _slot_deltas(
     num_experts = gate_b.shape[0]
     z = [keep_block(part, slot_experts, num_experts) * scale for part in za.chunk(2, dim=1)]  # [T, E*r] each
     return z[0] @ stack_b(gate_b), z[1] @ stack_b(up_b), z
+
+
+def _slot_outputs(zd: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-slot down LoRA-A outputs zd [T, k, r] -> sum_j w_j zd_j in the slot's expert block, [T, E*r]."""
+    mix = spread(zd[:, 0] * weights[:, :1], indices[:, 0], num_experts)
+    for j in range(1, weights.shape[1]):
+        mix += spread(zd[:, j] * weights[:, j : j + 1], indices[:, j], num_experts)
+    return mix
+
+
+def _own_blocks(z_all: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, E*r] r-wide terms of every expert -> [T, k, r], each slot's own expert block."""
+    (t, k), r = indices.shape, z_all.shape[1] // num_experts
+    return z_all.view(t, num_experts, r).gather(1, indices[:, :, None].expand(t, k, r))
+
+
+def _to_blocks(dz: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-slot gate/up LoRA input gradients dz [T, k, 2, r] -> [T, 2*E*r] in the layout of za."""
+    t, k, _, r = dz.shape
+    out = dz.new_zeros(t, 2, num_experts, r)
+    out.scatter_add_(2, indices[:, None, :, None].expand(t, 2, k, r), dz.permute(0, 2, 1, 3))
+    return out.view(t, -1)
+
+
+def _slot_dropout(gate: torch.Tensor, top_k: int, has_lora: bool, lora: LoRASettings) -> tuple[torch.Tensor | None, float]:
+    """The down LoRA's dropout masks of all k slots [k, T, I] (bool, drawn in one call) and their scale."""
+    if not has_lora:
+        return None, 1.0
+    return dropout_mask(gate.expand(top_k, *gate.shape), lora.down_dropout)
 
 
 class SharedBaseExperts(torch.autograd.Function):
@@ -47,81 +80,28 @@ class SharedBaseExperts(torch.autograd.Function):
         lora: LoRASettings,
     ) -> torch.Tensor:
         gate, up = x @ gate_w.t(), x @ up_w.t()  # [T, I], once per token
-        mixed = zd_mix = None
-        zd_slots, keeps = [], []
-        for j in range(weights.shape[1]):  # over a token's k slots, not over experts
-            d_gate, d_up, _ = _slot_deltas(za, indices[:, j], gate_b, up_b, lora.scale)
-            keep, keep_scale = dropout_mask(gate, lora.down_dropout) if za is not None else (None, 1.0)
-            w = weights[:, j]
-            h, h_dropped, mixed = swiglu_forward(gate, up, d_gate, d_up, keep, keep_scale, w, mixed)  # [T, I]
-            del d_gate, d_up
-            if za is not None:
-                zd = keep_block((h if keep is None else h_dropped) @ down_a.reshape(-1, down_a.shape[-1]).t(),
-                                indices[:, j], down_a.shape[0])  # [T, E*r], the slot's expert block only
-                zd_mix = zd * w[:, None] if zd_mix is None else zd_mix.addcmul_(zd, w[:, None])
-                zd_slots.append(zd)
-                keeps.append((keep, keep_scale))
-            del h, h_dropped
-        y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
-        if za is not None:
-            y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
-        mixed = mixed if ctx.needs_input_grad[6] else None
+        num_experts = gate_b.shape[0] if za is not None else 1
+        ctx.fused = kernels.supported(x, weights.shape[1], num_experts)
+        ctx.lora = lora
+        if ctx.fused:
+            y, kept = _fused_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora)
+        else:
+            y, kept = _torch_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora)
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
         ctx.save_for_backward(x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
-                              gate, up, zd_mix, mixed, *zd_slots, *(keep for keep, _ in keeps))
-        ctx.lora, ctx.keep_scales = lora, [scale for _, scale in keeps]
+                              gate, up, *kept)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, *kept = ctx.saved_tensors
-        gate, up, zd_mix, mixed, *per_slot = kept
-        zd_slots, keeps = per_slot[: len(ctx.keep_scales)], per_slot[len(ctx.keep_scales):]
-        need, s, has_lora = ctx.needs_input_grad, ctx.lora.scale, za is not None
+        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, *kept = ctx.saved_tensors
+        need = ctx.needs_input_grad
         dy = grad_out.contiguous()
-        d_mixed = dy @ down_w  # [T, I]
-        grads_lora: list[torch.Tensor | None] = [None] * 4
-        dz_mix = a_stack = None
-        dz = [None, None]
-        d_stacks = [None, None, None]  # gate B, up B, down A, stacked [E*r, out]
-        if has_lora:
-            num_experts = down_a.shape[0]
-            dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
-            grads_lora[3] = unstack_b((zd_mix.t() @ dy) * s, num_experts)
-            a_stack = down_a.reshape(-1, down_a.shape[-1])  # [E*r, I]
-        grad_w = torch.zeros_like(weights, dtype=torch.float32) if need[1] else None
-        sum_gate = sum_up = None
-        for j in range(weights.shape[1]):
-            w = weights[:, j]
-            d_gate, d_up, z = _slot_deltas(za, indices[:, j], gate_b, up_b, s)
-            extra = keep = None
-            keep_scale = 1.0
-            if has_lora:
-                dz_own = keep_block(dz_mix, indices[:, j], num_experts)  # [T, E*r]
-                extra = dz_own @ a_stack
-                keep, keep_scale = keeps[j], ctx.keep_scales[j]
-            probe = d_mixed if need[1] else None
-            g_j, u_j, h_dropped, dot, sum_gate, sum_up = swiglu_backward(
-                d_mixed, gate, up, d_gate, d_up, extra, keep, keep_scale, w, probe, sum_gate, sum_up
-            )
-            if j == 0:
-                sum_gate, sum_up = g_j, u_j
-            del d_gate, d_up, extra
-            if need[1]:
-                grad_w[:, j] = dot if not has_lora else dot + row_dot(zd_slots[j], dz_mix)
-            if has_lora:
-                updates = (z[0].t() @ g_j, z[1].t() @ u_j, (dz_own * w[:, None]).t() @ h_dropped)  # [E*r, *]
-                d_stacks = [u if d is None else d.add_(u) for d, u in zip(d_stacks, updates)]
-                for i, (grad_part, b) in enumerate(((g_j, gate_b), (u_j, up_b))):
-                    part = keep_block(grad_part @ stack_b(b).t(), indices[:, j], num_experts) * s
-                    dz[i] = part if dz[i] is None else dz[i].add_(part)
-            del h_dropped
-        grad_za = None
-        if has_lora:
-            grads_lora[0] = unstack_b(d_stacks[0], num_experts)
-            grads_lora[1] = unstack_b(d_stacks[1], num_experts)
-            grads_lora[2] = d_stacks[2].view_as(down_a)
-            grad_za = torch.cat(dz, dim=1)
+        args = (dy, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, gate, up, need)
+        if ctx.fused:
+            sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora = _fused_backward(ctx, *args, *kept)
+        else:
+            sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora = _torch_backward(ctx, *args, *kept)
         grad_x = None
         if need[0]:
             grad_x = sum_gate @ gate_w
@@ -133,3 +113,118 @@ class SharedBaseExperts(torch.autograd.Function):
         ]
         grad_w = grad_w.to(weights.dtype) if grad_w is not None else None
         return grad_x, grad_w, None, grad_za, *grads_base, *grads_lora, None
+
+
+def _fused_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora):
+    """The Triton path: every slot in one kernel pass; returns y and the tensors backward needs."""
+    has_lora = za is not None
+    num_experts = gate_b.shape[0] if has_lora else 1
+    ctx.combos = kernels.combo_grouping(indices if has_lora else torch.zeros_like(indices), num_experts)
+    keep, keep_scale = _slot_dropout(gate, weights.shape[1], has_lora, lora)
+    ctx.keep_scale = keep_scale
+    factors = (gate_b, up_b, down_a) if has_lora else None
+    mixed, zd = kernels.mix_forward(gate, up, za, weights, factors, keep, keep_scale, lora.scale, ctx.combos)
+    y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
+    zd_mix = None
+    if has_lora:
+        zd_mix = _slot_outputs(zd, weights, indices, num_experts)
+        y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
+    return y, (zd, zd_mix, mixed if ctx.needs_input_grad[6] else None, keep)
+
+
+def _fused_backward(ctx, dy, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, gate, up, need,
+                    zd, zd_mix, mixed, keep):
+    """Gradients through the Triton path: (sum of gate grads, of up grads, mixed, grad_w, grad_za, LoRA grads)."""
+    s, has_lora = ctx.lora.scale, za is not None
+    d_mixed = dy @ down_w  # [T, I]
+    grads_lora: list[torch.Tensor | None] = [None] * 4
+    dz_mix = factors = None
+    if has_lora:
+        num_experts = down_a.shape[0]
+        factors = (gate_b, up_b, down_a)
+        dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
+        grads_lora[3] = unstack_b((zd_mix.t() @ dy) * s, num_experts)
+    sum_gate, sum_up, dz, grad_w = kernels.mix_backward(
+        d_mixed, gate, up, za, dz_mix, weights, factors, keep, ctx.keep_scale, s, ctx.combos, need[1])
+    grad_za = None
+    if has_lora:
+        grads_lora[:3] = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
+                                                   ctx.keep_scale, s, group_slots(indices, num_experts))
+        grad_za = _to_blocks(dz, indices, num_experts)
+        if need[1]:
+            grad_w = grad_w + (zd.float() * _own_blocks(dz_mix, indices, num_experts).float()).sum(-1)
+    return sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora
+
+
+def _torch_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora):
+    """The PyTorch path: one fused SwiGLU pass per slot; returns y and the tensors backward needs."""
+    mixed = zd_mix = None
+    zd_slots = []
+    keeps, keep_scale = _slot_dropout(gate, weights.shape[1], za is not None, lora)
+    for j in range(weights.shape[1]):  # over a token's k slots, not over experts
+        d_gate, d_up, _ = _slot_deltas(za, indices[:, j], gate_b, up_b, lora.scale)
+        keep = None if keeps is None else keeps[j]
+        w = weights[:, j]
+        h, h_dropped, mixed = swiglu_forward(gate, up, d_gate, d_up, keep, keep_scale, w, mixed)  # [T, I]
+        del d_gate, d_up
+        if za is not None:
+            zd = keep_block((h if keep is None else h_dropped) @ down_a.reshape(-1, down_a.shape[-1]).t(),
+                            indices[:, j], down_a.shape[0])  # [T, E*r], the slot's expert block only
+            zd_mix = zd * w[:, None] if zd_mix is None else zd_mix.addcmul_(zd, w[:, None])
+            zd_slots.append(zd)
+        del h, h_dropped
+    y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
+    if za is not None:
+        y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
+    ctx.keep_scale = keep_scale
+    mixed = mixed if ctx.needs_input_grad[6] else None
+    return y, (zd_mix, mixed, keeps, *zd_slots)
+
+
+def _torch_backward(ctx, dy, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, gate, up, need,
+                    zd_mix, mixed, keeps, *zd_slots):
+    """Gradients through the PyTorch path: (sum of gate grads, of up grads, mixed, grad_w, grad_za, LoRA grads)."""
+    s, has_lora = ctx.lora.scale, za is not None
+    d_mixed = dy @ down_w  # [T, I]
+    grads_lora: list[torch.Tensor | None] = [None] * 4
+    dz_mix = a_stack = None
+    dz = [None, None]
+    d_stacks = [None, None, None]  # gate B, up B, down A, stacked [E*r, out]
+    if has_lora:
+        num_experts = down_a.shape[0]
+        dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
+        grads_lora[3] = unstack_b((zd_mix.t() @ dy) * s, num_experts)
+        a_stack = down_a.reshape(-1, down_a.shape[-1])  # [E*r, I]
+    grad_w = torch.zeros_like(weights, dtype=torch.float32) if need[1] else None
+    sum_gate = sum_up = None
+    for j in range(weights.shape[1]):
+        w = weights[:, j]
+        d_gate, d_up, z = _slot_deltas(za, indices[:, j], gate_b, up_b, s)
+        extra = None
+        keep = None if keeps is None else keeps[j]
+        if has_lora:
+            dz_own = keep_block(dz_mix, indices[:, j], num_experts)  # [T, E*r]
+            extra = dz_own @ a_stack
+        probe = d_mixed if need[1] else None
+        g_j, u_j, h_dropped, dot, sum_gate, sum_up = swiglu_backward(
+            d_mixed, gate, up, d_gate, d_up, extra, keep, ctx.keep_scale, w, probe, sum_gate, sum_up
+        )
+        if j == 0:
+            sum_gate, sum_up = g_j, u_j
+        del d_gate, d_up, extra
+        if need[1]:
+            grad_w[:, j] = dot if not has_lora else dot + row_dot(zd_slots[j], dz_mix)
+        if has_lora:
+            updates = (z[0].t() @ g_j, z[1].t() @ u_j, (dz_own * w[:, None]).t() @ h_dropped)  # [E*r, *]
+            d_stacks = [u if d is None else d.add_(u) for d, u in zip(d_stacks, updates)]
+            for i, (grad_part, b) in enumerate(((g_j, gate_b), (u_j, up_b))):
+                part = keep_block(grad_part @ stack_b(b).t(), indices[:, j], num_experts) * s
+                dz[i] = part if dz[i] is None else dz[i].add_(part)
+        del h_dropped
+    grad_za = None
+    if has_lora:
+        grads_lora[0] = unstack_b(d_stacks[0], num_experts)
+        grads_lora[1] = unstack_b(d_stacks[1], num_experts)
+        grads_lora[2] = d_stacks[2].view_as(down_a)
+        grad_za = torch.cat(dz, dim=1)
+    return sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora

@@ -1,0 +1,401 @@
+"""Triton kernels for the shared-base block: every slot's SwiGLU with its r-wide LoRA terms, mixed in registers.
+
+Tokens are sorted by the experts of all their slots together (``combo_grouping``), so each program owns up
+to BLOCK_M tokens that chose the same expert in every slot, and each slot's LoRA factors are one matrix
+per tile: the r-wide products are ``tl.dot``s on registers, as in swiglu_lora_kernels.py. Rows stay in
+token order in memory (the kernels load them through the sort permutation), so the dense base GEMMs
+need no gathered copy.
+
+- ``mix_forward``: h_j = silu(gate + s zg_j Bg^T) * (up + s zu_j Bu^T) for each slot j, ``mixed`` =
+  sum_j w_j h_j (one [T, I] write, for the single down GEMM) and zd_j = dropout(h_j) Ad^T;
+- ``mix_backward``: sum_j d gate_j and sum_j d up_j (for the base input gradient), the gate/up LoRA
+  input gradients s dg_j Bg and s du_j Bu, and <h_j, d mixed> for the routing-weight gradient;
+- ``lora_weight_grads``: per expert and block of I columns, over that expert's slots (sorted by expert),
+  the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory.
+
+Top-1 and top-2 only (``supported``); the PyTorch path in shared.py covers the rest and the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .segments import SlotGrouping, group_slots
+from .swiglu_lora_kernels import _INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule, triton
+
+MAX_COMBOS = 1024  # E**k tile groups; beyond that the schedule's spare tiles outweigh the work
+
+
+def supported(x: torch.Tensor, top_k: int, num_experts: int) -> bool:
+    """Whether the kernels run this block: CUDA (or the interpreter), top-1/top-2, a bounded E**k, tokens."""
+    return available(x) and top_k in (1, 2) and num_experts**top_k <= MAX_COMBOS and x.shape[0] > 0
+
+
+def combo_grouping(indices: torch.Tensor, num_experts: int) -> tuple[SlotGrouping, torch.Tensor]:
+    """Tokens sorted by their experts' combination c = sum_j e_j E**j, and the tile schedule over combinations."""
+    powers = num_experts ** torch.arange(indices.shape[1], device=indices.device)
+    combos = (indices * powers).sum(1, keepdim=True)
+    g = group_slots(combos, num_experts ** indices.shape[1])
+    return g, tile_schedule(g.counts, g.offs, indices.shape[0])
+
+
+if triton is not None:
+    import triton.language as tl
+
+    from .swiglu_lora_kernels import _CONFIGS, _PRUNE
+
+    @triton.jit
+    def _b_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
+        """B[e]^T tile [R, N] of a LoRA-B factor [E, I, r]."""
+        return tl.load(ptr + e * n_cols * rank + cols[None, :] * rank + rk[:, None],
+                       mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _a_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
+        """A[e] tile [R, N] of a LoRA-A factor [E, r, I]."""
+        return tl.load(ptr + e * rank * n_cols + rk[:, None] * n_cols + cols[None, :],
+                       mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _z_tile(ptr, tok, block, width, rk, z_mask):
+        """[M, R] r-wide activations of rows ``tok`` at column block ``block`` of a [T, width] tensor."""
+        return tl.load(ptr + tok[:, None] * width + block + rk[None, :], mask=z_mask, other=0.0)
+
+    @triton.jit
+    def _slot_pre(g, u, zg, zu, e, bg_ptr, bu_ptr, cols, col_ok, rk, r_ok, rank, scale,
+                  n_cols: tl.constexpr, HAS_LORA: tl.constexpr, PREC: tl.constexpr):
+        """The slot's gate and up (fp32) with its LoRA deltas added."""
+        if HAS_LORA:
+            g += scale * tl.dot(zg, _b_tile(bg_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
+            u += scale * tl.dot(zu, _b_tile(bu_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
+        return g, u
+
+    @triton.jit
+    def _dropped(h, keep_ptr, off, mask, keep_scale, HAS_KEEP: tl.constexpr):
+        """h in the factors' dtype, times the dropout mask and its scale when there is one."""
+        if HAS_KEEP:
+            kp = tl.load(keep_ptr + off, mask=mask, other=0)
+            h = tl.where(kp != 0, h * keep_scale, 0.0)
+        return h
+
+    @triton.jit
+    def _forward_slot(g, u, zg, zu, e, w, zd, keep_ptr, off, mask, bg_ptr, bu_ptr, da_ptr, cols, col_ok, rk, r_ok,
+                      rank, scale, keep_scale, n_cols: tl.constexpr, HAS_LORA: tl.constexpr,
+                      HAS_KEEP: tl.constexpr, PREC: tl.constexpr):
+        """(w h of the slot, its zd accumulator updated with dropout(h) Ad^T)."""
+        g, u = _slot_pre(g, u, zg, zu, e, bg_ptr, bu_ptr, cols, col_ok, rk, r_ok, rank, scale, n_cols, HAS_LORA, PREC)
+        h = g * tl.sigmoid(g) * u
+        if HAS_LORA:
+            hd = _dropped(h.to(da_ptr.dtype.element_ty).to(tl.float32), keep_ptr, off, mask, keep_scale, HAS_KEEP)
+            da = tl.trans(_a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols))  # [N, R]
+            zd += tl.dot(hd.to(da_ptr.dtype.element_ty), da, input_precision=PREC)
+        return w[:, None] * h, zd
+
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP"],
+                     prune_configs_by=_PRUNE)
+    @triton.jit
+    def _forward_kernel(
+        gate_ptr, up_ptr, mixed_ptr, za_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, zd_ptr, keep_ptr, perm_ptr, sched_ptr,
+        n_tiles, n_rows, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        combo = tl.load(sched_ptr + pid).to(tl.int64)
+        start = tl.load(sched_ptr + n_tiles + pid)
+        end = tl.load(sched_ptr + 2 * n_tiles + pid)
+        if start >= end:
+            return
+        pos = start + tl.arange(0, BLOCK_M)
+        row_ok = pos < end
+        tok = tl.load(perm_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+        e0 = combo % n_experts
+        e1 = (combo // n_experts) % n_experts
+        w0 = tl.load(w_ptr + tok * K, mask=row_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + tok * K + (K - 1), mask=row_ok, other=0.0).to(tl.float32)
+        rk = tl.arange(0, BLOCK_R)
+        r_ok = rk < rank
+        z_mask = row_ok[:, None] & r_ok[None, :]
+        width = 2 * n_experts * rank
+        zg0 = _z_tile(za_ptr, tok, e0 * rank, width, rk, z_mask)
+        zu0 = _z_tile(za_ptr, tok, (n_experts + e0) * rank, width, rk, z_mask)
+        zg1 = _z_tile(za_ptr, tok, e1 * rank, width, rk, z_mask)
+        zu1 = _z_tile(za_ptr, tok, (n_experts + e1) * rank, width, rk, z_mask)
+        zd0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        zd1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
+        part = tl.program_id(1)
+        plane = n_rows.to(tl.int64) * n_cols  # one slot's dropout mask [T, I]
+        for c in range(0, chunk, BLOCK_N):
+            cols = part * chunk + c + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            mask = row_ok[:, None] & col_ok[None, :]
+            off = tok[:, None] * n_cols + cols[None, :]
+            g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            mix, zd0 = _forward_slot(g, u, zg0, zu0, e0, w0, zd0, keep_ptr, off, mask, bg_ptr, bu_ptr, da_ptr, cols,
+                                     col_ok, rk, r_ok, rank, scale, keep_scale, n_cols, HAS_LORA, HAS_KEEP, PREC)
+            if K == 2:
+                mix1, zd1 = _forward_slot(g, u, zg1, zu1, e1, w1, zd1, keep_ptr + plane, off, mask, bg_ptr, bu_ptr,
+                                          da_ptr, cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols, HAS_LORA,
+                                          HAS_KEEP, PREC)
+                mix += mix1
+            tl.store(mixed_ptr + off, mix.to(mixed_ptr.dtype.element_ty), mask=mask)
+        if HAS_LORA:  # this chunk's partial sums, fp32 [SPLIT, T, K, r]
+            z_off = part * n_rows * K * rank + tok[:, None] * (K * rank) + rk[None, :]
+            tl.store(zd_ptr + z_off, zd0, mask=z_mask)
+            if K == 2:
+                tl.store(zd_ptr + z_off + rank, zd1, mask=z_mask)
+
+    @triton.jit
+    def _backward_slot(dm, g, u, zg, zu, dzo, e, w, keep_ptr, off, mask, bg_ptr, bu_ptr, da_ptr, cols, col_ok, rk,
+                       r_ok, rank, scale, keep_scale, n_cols: tl.constexpr, HAS_LORA: tl.constexpr,
+                       HAS_KEEP: tl.constexpr, PREC: tl.constexpr):
+        """(d gate, d up of the slot in the factors' dtype as fp32 values, h of the slot): the gradient
+        reaching h is w (d mixed + dropout(dzo Ad))."""
+        g, u = _slot_pre(g, u, zg, zu, e, bg_ptr, bu_ptr, cols, col_ok, rk, r_ok, rank, scale, n_cols, HAS_LORA, PREC)
+        dh = dm
+        if HAS_LORA:
+            extra = tl.dot(dzo, _a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
+            dh += _dropped(extra, keep_ptr, off, mask, keep_scale, HAS_KEEP)
+        dh = dh * w[:, None]
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        low = da_ptr.dtype.element_ty  # the block's compute dtype
+        dg = (dh * u * (sig * (1.0 + g * (1.0 - sig)))).to(low).to(tl.float32)
+        du = (dh * silu).to(low).to(tl.float32)
+        return dg, du, silu * u
+
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP", "NEED_W"],
+                     prune_configs_by=_PRUNE)
+    @triton.jit
+    def _backward_kernel(
+        dm_ptr, gate_ptr, up_ptr, sg_ptr, su_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dz_ptr, gw_ptr,
+        keep_ptr, perm_ptr, sched_ptr,
+        n_tiles, n_rows, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, NEED_W: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        combo = tl.load(sched_ptr + pid).to(tl.int64)
+        start = tl.load(sched_ptr + n_tiles + pid)
+        end = tl.load(sched_ptr + 2 * n_tiles + pid)
+        if start >= end:
+            return
+        pos = start + tl.arange(0, BLOCK_M)
+        row_ok = pos < end
+        tok = tl.load(perm_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+        e0 = combo % n_experts
+        e1 = (combo // n_experts) % n_experts
+        w0 = tl.load(w_ptr + tok * K, mask=row_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + tok * K + (K - 1), mask=row_ok, other=0.0).to(tl.float32)
+        rk = tl.arange(0, BLOCK_R)
+        r_ok = rk < rank
+        z_mask = row_ok[:, None] & r_ok[None, :]
+        width = 2 * n_experts * rank
+        zg0 = _z_tile(za_ptr, tok, e0 * rank, width, rk, z_mask)
+        zu0 = _z_tile(za_ptr, tok, (n_experts + e0) * rank, width, rk, z_mask)
+        zg1 = _z_tile(za_ptr, tok, e1 * rank, width, rk, z_mask)
+        zu1 = _z_tile(za_ptr, tok, (n_experts + e1) * rank, width, rk, z_mask)
+        dzo0 = _z_tile(dzo_ptr, tok, e0 * rank, n_experts * rank, rk, z_mask)
+        dzo1 = _z_tile(dzo_ptr, tok, e1 * rank, n_experts * rank, rk, z_mask)
+        dzg0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dzu0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dzg1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dzu1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        gw0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        gw1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
+        part = tl.program_id(1)
+        plane = n_rows.to(tl.int64) * n_cols
+        low = da_ptr.dtype.element_ty
+        for c in range(0, chunk, BLOCK_N):
+            cols = part * chunk + c + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            mask = row_ok[:, None] & col_ok[None, :]
+            off = tok[:, None] * n_cols + cols[None, :]
+            dm = tl.load(dm_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            sg, su, h = _backward_slot(dm, g, u, zg0, zu0, dzo0, e0, w0, keep_ptr, off, mask, bg_ptr, bu_ptr, da_ptr,
+                                       cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols, HAS_LORA, HAS_KEEP,
+                                       PREC)
+            if HAS_LORA:
+                dzg0 += tl.dot(sg.to(low), tl.trans(_b_tile(bg_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
+                               input_precision=PREC)
+                dzu0 += tl.dot(su.to(low), tl.trans(_b_tile(bu_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
+                               input_precision=PREC)
+            if NEED_W:
+                gw0 += tl.sum(h * dm, 1)
+            if K == 2:
+                dg, du, h = _backward_slot(dm, g, u, zg1, zu1, dzo1, e1, w1, keep_ptr + plane, off, mask, bg_ptr,
+                                           bu_ptr, da_ptr, cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols,
+                                           HAS_LORA, HAS_KEEP, PREC)
+                if HAS_LORA:
+                    dzg1 += tl.dot(dg.to(low), tl.trans(_b_tile(bg_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
+                                   input_precision=PREC)
+                    dzu1 += tl.dot(du.to(low), tl.trans(_b_tile(bu_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
+                                   input_precision=PREC)
+                if NEED_W:
+                    gw1 += tl.sum(h * dm, 1)
+                sg += dg
+                su += du
+            tl.store(sg_ptr + off, sg.to(sg_ptr.dtype.element_ty), mask=mask)
+            tl.store(su_ptr + off, su.to(su_ptr.dtype.element_ty), mask=mask)
+        if HAS_LORA:  # this chunk's partial sums, fp32 [SPLIT, T, K, 2, r] (gate, up), scaled
+            z_off = part * n_rows * K * 2 * rank + tok[:, None] * (K * 2 * rank) + rk[None, :]
+            tl.store(dz_ptr + z_off, dzg0 * scale, mask=z_mask)
+            tl.store(dz_ptr + z_off + rank, dzu0 * scale, mask=z_mask)
+            if K == 2:
+                tl.store(dz_ptr + z_off + 2 * rank, dzg1 * scale, mask=z_mask)
+                tl.store(dz_ptr + z_off + 3 * rank, dzu1 * scale, mask=z_mask)
+        if NEED_W:  # fp32 [SPLIT, T, K]
+            tl.store(gw_ptr + part * n_rows * K + tok * K, gw0, mask=row_ok)
+            if K == 2:
+                tl.store(gw_ptr + part * n_rows * K + tok * K + 1, gw1, mask=row_ok)
+
+    _GRAD_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+                     for n, w, st in ((64, 4, 3), (64, 8, 3), (32, 4, 3), (64, 4, 1), (32, 4, 1))]
+
+    @triton.autotune(configs=_GRAD_CONFIGS[:1] if _INTERPRET else _GRAD_CONFIGS,
+                     key=["n_cols", "rank", "K", "HAS_KEEP"], prune_configs_by=_PRUNE)
+    @triton.jit
+    def _weight_grads_kernel(
+        dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dbg_ptr, dbu_ptr, dda_ptr,
+        keep_ptr, order_ptr, offs_ptr, counts_ptr,
+        n_rows, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
+        HAS_KEEP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        e = tl.program_id(0).to(tl.int64)
+        end = tl.load(offs_ptr + e)
+        start = end - tl.load(counts_ptr + e).to(tl.int32)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        rk = tl.arange(0, BLOCK_R)
+        r_ok = rk < rank
+        low = da_ptr.dtype.element_ty
+        bg = _b_tile(bg_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
+        bu = _b_tile(bu_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
+        da = _a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        acc_a = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        width = 2 * n_experts * rank
+        plane = n_rows.to(tl.int64) * n_cols
+        s0 = start
+        while s0 < end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
+            pos = s0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < end
+            flat = tl.load(order_ptr + pos, mask=row_ok, other=0)  # slot t * K + j
+            tok = flat // K
+            z_mask = row_ok[:, None] & r_ok[None, :]
+            zg = _z_tile(za_ptr, tok, e * rank, width, rk, z_mask)
+            zu = _z_tile(za_ptr, tok, (n_experts + e) * rank, width, rk, z_mask)
+            dzo = _z_tile(dzo_ptr, tok, e * rank, n_experts * rank, rk, z_mask)
+            w = tl.load(w_ptr + flat, mask=row_ok, other=0.0).to(tl.float32)
+            mask = row_ok[:, None] & col_ok[None, :]
+            off = tok[:, None] * n_cols + cols[None, :]
+            keep_off = (flat % K)[:, None] * plane + off
+            g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dm = tl.load(dm_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            g += scale * tl.dot(zg, bg, input_precision=PREC)
+            u += scale * tl.dot(zu, bu, input_precision=PREC)
+            dh = dm + _dropped(tl.dot(dzo, da, input_precision=PREC), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP)
+            dh = dh * w[:, None]
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            dg = (dh * u * (sig * (1.0 + g * (1.0 - sig)))).to(low)
+            du = (dh * silu).to(low)
+            hd = _dropped((silu * u).to(low).to(tl.float32), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP).to(low)
+            acc_g += tl.dot(tl.trans(dg), zg, input_precision=PREC)
+            acc_u += tl.dot(tl.trans(du), zu, input_precision=PREC)
+            acc_a += tl.dot(tl.trans((dzo.to(tl.float32) * w[:, None]).to(low)), hd, input_precision=PREC)
+            s0 += BLOCK_M
+        b_off = e * n_cols * rank + cols[:, None] * rank + rk[None, :]  # [N, R] of [E, I, r]
+        b_mask = col_ok[:, None] & r_ok[None, :]
+        tl.store(dbg_ptr + b_off, (acc_g * scale).to(dbg_ptr.dtype.element_ty), mask=b_mask)
+        tl.store(dbu_ptr + b_off, (acc_u * scale).to(dbu_ptr.dtype.element_ty), mask=b_mask)
+        a_off = e * rank * n_cols + rk[:, None] * n_cols + cols[None, :]  # [R, N] of [E, r, I]
+        tl.store(dda_ptr + a_off, acc_a.to(dda_ptr.dtype.element_ty), mask=r_ok[:, None] & col_ok[None, :])
+
+
+def _factors(like: torch.Tensor, lora: tuple | None) -> tuple:
+    """(Bg, Bu, Ad, rank) made contiguous, or dummies without LoRA."""
+    if lora is None:
+        return like, like, like, 0
+    gate_b, up_b, down_a = (t.contiguous() for t in lora)
+    return gate_b, up_b, down_a, gate_b.shape[-1]
+
+
+def mix_forward(
+    gate: torch.Tensor, up: torch.Tensor, za: torch.Tensor | None, weights: torch.Tensor, lora: tuple | None,
+    keep: torch.Tensor | None, keep_scale: float, scale: float, combos: tuple[SlotGrouping, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mixed [T, I], zd [T, k, r] or None). ``lora`` = (Bg, Bu [E, I, r], Ad [E, r, I]); keep [k, T, I] bool."""
+    rows, n_cols = gate.shape
+    k = weights.shape[1]
+    bg, bu, da, rank = _factors(gate, lora)
+    grouping, sched = combos
+    n_tiles = sched.shape[1]
+    split = _split(n_tiles, n_cols)
+    mixed = torch.empty_like(gate)
+    zd = gate.new_empty(split, rows, k, rank, dtype=torch.float32) if lora is not None else None
+    _forward_kernel[(n_tiles, split)](
+        gate, up, mixed, za if za is not None else gate, weights.contiguous(), bg, bu, da,
+        zd if zd is not None else gate, keep if keep is not None else gate, grouping.order, sched,
+        n_tiles, rows, max(rank, 1), bg.shape[0] if lora is not None else 1, scale, keep_scale,
+        n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
+        PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+    )
+    return mixed, None if zd is None else zd.sum(0).to(gate.dtype)
+
+
+def mix_backward(
+    d_mixed: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, za: torch.Tensor | None, dz_mix: torch.Tensor | None,
+    weights: torch.Tensor, lora: tuple | None, keep: torch.Tensor | None, keep_scale: float, scale: float,
+    combos: tuple[SlotGrouping, torch.Tensor], need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(sum_j d gate_j, sum_j d up_j [T, I], the gate/up LoRA input gradients [T, k, 2, r] or None,
+    sum over I of h_j * d_mixed [T, k] fp32 or None). dz_mix [T, E*r] is s dy Bd of every expert."""
+    rows, n_cols = gate.shape
+    k = weights.shape[1]
+    bg, bu, da, rank = _factors(gate, lora)
+    grouping, sched = combos
+    n_tiles = sched.shape[1]
+    split = _split(n_tiles, n_cols)
+    sum_gate, sum_up = torch.empty_like(gate), torch.empty_like(gate)
+    dz = gate.new_empty(split, rows, k, 2, rank, dtype=torch.float32) if lora is not None else None
+    gw = gate.new_empty(split, rows, k, dtype=torch.float32) if need_w else None
+    _backward_kernel[(n_tiles, split)](
+        d_mixed.contiguous(), gate, up, sum_gate, sum_up, za if za is not None else gate,
+        dz_mix.contiguous() if dz_mix is not None else gate, weights.contiguous(), bg, bu, da,
+        dz if dz is not None else gate, gw if gw is not None else gate, keep if keep is not None else gate,
+        grouping.order, sched, n_tiles, rows, max(rank, 1), bg.shape[0] if lora is not None else 1, scale,
+        keep_scale, n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
+        NEED_W=need_w, PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+    )
+    return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
+            None if gw is None else gw.sum(0))
+
+
+def lora_weight_grads(
+    d_mixed: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, za: torch.Tensor, dz_mix: torch.Tensor,
+    weights: torch.Tensor, lora: tuple, keep: torch.Tensor | None, keep_scale: float, scale: float,
+    slots: SlotGrouping,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of Bg, Bu [E, I, r] and Ad [E, r, I], each expert's sum over its slots (``slots``: the
+    [T, k] choices sorted by expert)."""
+    rows, n_cols = gate.shape
+    bg, bu, da, rank = _factors(gate, lora)
+    num_experts = bg.shape[0]
+    d_bg, d_bu, d_da = torch.empty_like(bg), torch.empty_like(bu), torch.empty_like(da)
+    grid = lambda meta: (num_experts, triton.cdiv(n_cols, meta["BLOCK_N"]))  # noqa: E731
+    _weight_grads_kernel[grid](
+        d_mixed.contiguous(), gate, up, za.contiguous(), dz_mix.contiguous(), weights.contiguous(), bg, bu, da,
+        d_bg, d_bu, d_da, keep if keep is not None else gate, slots.order, slots.offs, slots.counts,
+        rows, rank, num_experts, scale, keep_scale, n_cols=n_cols, K=weights.shape[1], HAS_KEEP=keep is not None,
+        PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+    )
+    return d_bg, d_bu, d_da
