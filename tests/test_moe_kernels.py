@@ -1,4 +1,4 @@
-"""The Triton expert kernels: their tile schedule, and (where Triton is installed) the kernels run by
+"""The Triton expert kernels: their tile schedules, and (where Triton is installed) the kernels run by
 Triton's CPU interpreter against the reference loop."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from Uni_MoE.model.moe.shared_kernels import combo_grouping
 from Uni_MoE.model.moe.swiglu_lora_kernels import tile_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +25,43 @@ def test_tile_schedule_never_straddles_experts_and_covers_every_row() -> None:
     assert sched.tolist() == [[0, 2, 2, 2, 2], [0, 3, 7, 0, 0], [3, 8, 8, 0, 0]]
 
 
+def test_combo_grouping_gives_each_tile_one_expert_per_slot() -> None:
+    """Tokens sorted by (expert of slot 0, expert of slot 1) together; tiles never mix combinations."""
+    indices = torch.tensor([[2, 0], [1, 2], [2, 0], [0, 1], [1, 2], [2, 0]])
+    grouping, sched = combo_grouping(indices, num_experts=3)
+    combos = indices[:, 0] + 3 * indices[:, 1]
+    assert combos[grouping.order].tolist() == sorted(combos.tolist())
+    assert grouping.order.tolist() == [0, 2, 5, 3, 1, 4]  # stable: equal combinations keep token order
+    tiles = [(c, a, b) for c, a, b in sched.t().tolist() if a < b]
+    assert [(c, b - a) for c, a, b in tiles] == [(2, 3), (3, 1), (7, 2)]  # c = e0 + 3 e1: (2,0), (0,1), (1,2)
+    for c, a, b in tiles:
+        assert set(combos[grouping.order[a:b]].tolist()) == {c}
+
+
+INTERPRETER = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def _interpreter_env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@INTERPRETER
+def test_shared_kernels_in_the_interpreter_pass_the_grouped_tests() -> None:
+    """The float32 CPU tests of the shared-base block (top-1/top-2, empty and uneven experts, trainable
+    bases, checkpointing, no tokens), with the Triton kernels run by the interpreter."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "shared",
+                             str(ROOT / "tests" / "test_moe_grouped.py")], capture_output=True, text=True,
+                            env=_interpreter_env(), timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout
+
+
+@pytest.mark.slow
+@INTERPRETER
 def test_kernels_in_the_triton_interpreter_match_the_loop() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    env = _interpreter_env()
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_moe_kernels.py"), "--small",
                              "--device", "cpu"], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr

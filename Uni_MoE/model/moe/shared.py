@@ -53,7 +53,9 @@ def _to_blocks(dz: torch.Tensor, indices: torch.Tensor, num_experts: int) -> tor
     return out.view(t, -1)
 
 
-def _slot_dropout(gate: torch.Tensor, top_k: int, has_lora: bool, lora: LoRASettings) -> tuple[torch.Tensor | None, float]:
+def _slot_dropout(
+    gate: torch.Tensor, top_k: int, has_lora: bool, lora: LoRASettings
+) -> tuple[torch.Tensor | None, float]:
     """The down LoRA's dropout masks of all k slots [k, T, I] (bool, drawn in one call) and their scale."""
     if not has_lora:
         return None, 1.0

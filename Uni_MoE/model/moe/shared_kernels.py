@@ -42,7 +42,11 @@ def combo_grouping(indices: torch.Tensor, num_experts: int) -> tuple[SlotGroupin
 if triton is not None:
     import triton.language as tl
 
-    from .swiglu_lora_kernels import _CONFIGS, _PRUNE
+    from .swiglu_lora_kernels import _PRUNE, configs
+
+    _FORWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 4, 3), (32, 8, 1)))
+    _BACKWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 8, 1)))
+    _GRAD_CONFIGS = configs(((64, 8, 3, 32), (32, 8, 3, 64), (32, 4, 3, 32), (64, 8, 1, 32)), single=(64, 4, 1, 32))
 
     @triton.jit
     def _b_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
@@ -91,12 +95,12 @@ if triton is not None:
             zd += tl.dot(hd.to(da_ptr.dtype.element_ty), da, input_precision=PREC)
         return w[:, None] * h, zd
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP"],
+    @triton.autotune(configs=_FORWARD_CONFIGS, key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP"],
                      prune_configs_by=_PRUNE)
     @triton.jit
     def _forward_kernel(
         gate_ptr, up_ptr, mixed_ptr, za_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, zd_ptr, keep_ptr, perm_ptr, sched_ptr,
-        n_tiles, n_rows, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
+        n_tiles, n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
         SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -125,7 +129,6 @@ if triton is not None:
         zd1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
         part = tl.program_id(1)
-        plane = n_rows.to(tl.int64) * n_cols  # one slot's dropout mask [T, I]
         for c in range(0, chunk, BLOCK_N):
             cols = part * chunk + c + tl.arange(0, BLOCK_N)
             col_ok = cols < n_cols
@@ -166,13 +169,14 @@ if triton is not None:
         du = (dh * silu).to(low).to(tl.float32)
         return dg, du, silu * u
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP", "NEED_W"],
+    @triton.autotune(configs=_BACKWARD_CONFIGS,
+                     key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP", "NEED_W"],
                      prune_configs_by=_PRUNE)
     @triton.jit
     def _backward_kernel(
         dm_ptr, gate_ptr, up_ptr, sg_ptr, su_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dz_ptr, gw_ptr,
         keep_ptr, perm_ptr, sched_ptr,
-        n_tiles, n_rows, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
+        n_tiles, n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
         SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, NEED_W: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -207,7 +211,6 @@ if triton is not None:
         gw1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
         part = tl.program_id(1)
-        plane = n_rows.to(tl.int64) * n_cols
         low = da_ptr.dtype.element_ty
         for c in range(0, chunk, BLOCK_N):
             cols = part * chunk + c + tl.arange(0, BLOCK_N)
@@ -254,18 +257,51 @@ if triton is not None:
             if K == 2:
                 tl.store(gw_ptr + part * n_rows * K + tok * K + 1, gw1, mask=row_ok)
 
-    _GRAD_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-                     for n, w, st in ((64, 4, 3), (64, 8, 3), (32, 4, 3), (64, 4, 1), (32, 4, 1))]
+    @triton.jit
+    def _grad_rows(s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr, order_ptr,
+                   bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
+                   n_cols: tl.constexpr, K: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+        """Add BLOCK_M sorted slot rows of expert e from s0 to the three weight-gradient accumulators."""
+        low = da.dtype
+        pos = s0 + tl.arange(0, BLOCK_M)
+        row_ok = pos < end
+        flat = tl.load(order_ptr + pos, mask=row_ok, other=0)  # slot t * K + j
+        tok = flat // K
+        z_mask = row_ok[:, None] & r_ok[None, :]
+        width = 2 * n_experts * rank
+        zg = _z_tile(za_ptr, tok, e * rank, width, rk, z_mask)
+        zu = _z_tile(za_ptr, tok, (n_experts + e) * rank, width, rk, z_mask)
+        dzo = _z_tile(dzo_ptr, tok, e * rank, n_experts * rank, rk, z_mask)
+        w = tl.load(w_ptr + flat, mask=row_ok, other=0.0).to(tl.float32)
+        mask = row_ok[:, None] & col_ok[None, :]
+        off = tok[:, None] * n_cols + cols[None, :]
+        keep_off = (flat % K)[:, None] * plane + off
+        g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dm = tl.load(dm_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        g += scale * tl.dot(zg, bg, input_precision=PREC)
+        u += scale * tl.dot(zu, bu, input_precision=PREC)
+        dh = dm + _dropped(tl.dot(dzo, da, input_precision=PREC), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP)
+        dh = dh * w[:, None]
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        dg = (dh * u * (sig * (1.0 + g * (1.0 - sig)))).to(low)
+        du = (dh * silu).to(low)
+        hd = _dropped((silu * u).to(low).to(tl.float32), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP).to(low)
+        acc_g += tl.dot(tl.trans(dg), zg, input_precision=PREC)
+        acc_u += tl.dot(tl.trans(du), zu, input_precision=PREC)
+        acc_a += tl.dot(tl.trans((dzo.to(tl.float32) * w[:, None]).to(low)), hd, input_precision=PREC)
+        return acc_g, acc_u, acc_a
 
-    @triton.autotune(configs=_GRAD_CONFIGS[:1] if _INTERPRET else _GRAD_CONFIGS,
-                     key=["n_cols", "rank", "K", "HAS_KEEP"], prune_configs_by=_PRUNE)
+    @triton.autotune(configs=_GRAD_CONFIGS, key=["n_cols", "rank", "K", "HAS_KEEP"], prune_configs_by=_PRUNE)
     @triton.jit
     def _weight_grads_kernel(
         dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dbg_ptr, dbu_ptr, dda_ptr,
         keep_ptr, order_ptr, offs_ptr, counts_ptr,
-        n_rows, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
-        HAS_KEEP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
+        n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
+        HAS_KEEP: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         e = tl.program_id(0).to(tl.int64)
         end = tl.load(offs_ptr + e)
@@ -274,45 +310,26 @@ if triton is not None:
         col_ok = cols < n_cols
         rk = tl.arange(0, BLOCK_R)
         r_ok = rk < rank
-        low = da_ptr.dtype.element_ty
         bg = _b_tile(bg_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
         bu = _b_tile(bu_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
         da = _a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
         acc_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         acc_a = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        width = 2 * n_experts * rank
-        plane = n_rows.to(tl.int64) * n_cols
-        s0 = start
-        while s0 < end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
-            pos = s0 + tl.arange(0, BLOCK_M)
-            row_ok = pos < end
-            flat = tl.load(order_ptr + pos, mask=row_ok, other=0)  # slot t * K + j
-            tok = flat // K
-            z_mask = row_ok[:, None] & r_ok[None, :]
-            zg = _z_tile(za_ptr, tok, e * rank, width, rk, z_mask)
-            zu = _z_tile(za_ptr, tok, (n_experts + e) * rank, width, rk, z_mask)
-            dzo = _z_tile(dzo_ptr, tok, e * rank, n_experts * rank, rk, z_mask)
-            w = tl.load(w_ptr + flat, mask=row_ok, other=0.0).to(tl.float32)
-            mask = row_ok[:, None] & col_ok[None, :]
-            off = tok[:, None] * n_cols + cols[None, :]
-            keep_off = (flat % K)[:, None] * plane + off
-            g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            dm = tl.load(dm_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            g += scale * tl.dot(zg, bg, input_precision=PREC)
-            u += scale * tl.dot(zu, bu, input_precision=PREC)
-            dh = dm + _dropped(tl.dot(dzo, da, input_precision=PREC), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP)
-            dh = dh * w[:, None]
-            sig = tl.sigmoid(g)
-            silu = g * sig
-            dg = (dh * u * (sig * (1.0 + g * (1.0 - sig)))).to(low)
-            du = (dh * silu).to(low)
-            hd = _dropped((silu * u).to(low).to(tl.float32), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP).to(low)
-            acc_g += tl.dot(tl.trans(dg), zg, input_precision=PREC)
-            acc_u += tl.dot(tl.trans(du), zu, input_precision=PREC)
-            acc_a += tl.dot(tl.trans((dzo.to(tl.float32) * w[:, None]).to(low)), hd, input_precision=PREC)
-            s0 += BLOCK_M
+        if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
+            s0 = start
+            while s0 < end:
+                acc_g, acc_u, acc_a = _grad_rows(
+                    s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
+                    order_ptr, bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
+                    n_cols, K, HAS_KEEP, PREC, BLOCK_M)
+                s0 += BLOCK_M
+        else:
+            for s0 in range(start, end, BLOCK_M):
+                acc_g, acc_u, acc_a = _grad_rows(
+                    s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
+                    order_ptr, bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
+                    n_cols, K, HAS_KEEP, PREC, BLOCK_M)
         b_off = e * n_cols * rank + cols[:, None] * rank + rk[None, :]  # [N, R] of [E, I, r]
         b_mask = col_ok[:, None] & r_ok[None, :]
         tl.store(dbg_ptr + b_off, (acc_g * scale).to(dbg_ptr.dtype.element_ty), mask=b_mask)
@@ -345,7 +362,7 @@ def mix_forward(
     _forward_kernel[(n_tiles, split)](
         gate, up, mixed, za if za is not None else gate, weights.contiguous(), bg, bu, da,
         zd if zd is not None else gate, keep if keep is not None else gate, grouping.order, sched,
-        n_tiles, rows, max(rank, 1), bg.shape[0] if lora is not None else 1, scale, keep_scale,
+        n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1, scale, keep_scale,
         n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
         PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
@@ -372,8 +389,8 @@ def mix_backward(
         d_mixed.contiguous(), gate, up, sum_gate, sum_up, za if za is not None else gate,
         dz_mix.contiguous() if dz_mix is not None else gate, weights.contiguous(), bg, bu, da,
         dz if dz is not None else gate, gw if gw is not None else gate, keep if keep is not None else gate,
-        grouping.order, sched, n_tiles, rows, max(rank, 1), bg.shape[0] if lora is not None else 1, scale,
-        keep_scale, n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
+        grouping.order, sched, n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1,
+        scale, keep_scale, n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
         NEED_W=need_w, PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
     return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
@@ -395,7 +412,7 @@ def lora_weight_grads(
     _weight_grads_kernel[grid](
         d_mixed.contiguous(), gate, up, za.contiguous(), dz_mix.contiguous(), weights.contiguous(), bg, bu, da,
         d_bg, d_bu, d_da, keep if keep is not None else gate, slots.order, slots.offs, slots.counts,
-        rows, rank, num_experts, scale, keep_scale, n_cols=n_cols, K=weights.shape[1], HAS_KEEP=keep is not None,
-        PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        rows, rows * n_cols, rank, num_experts, scale, keep_scale, n_cols=n_cols, K=weights.shape[1],
+        HAS_KEEP=keep is not None, PREC=_precision(gate.dtype), INTERPRET=_INTERPRET, BLOCK_R=_block_r(rank),
     )
     return d_bg, d_bu, d_da

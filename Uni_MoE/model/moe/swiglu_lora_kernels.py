@@ -71,10 +71,16 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 if triton is not None:
-    _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-                for n, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 1), (32, 4, 1))]
-    if _INTERPRET:
-        _CONFIGS = _CONFIGS[:1]
+    def configs(choices: tuple[tuple[int, ...], ...], single: tuple[int, ...] = (64, 4, 1)) -> list:
+        """Autotuning configs from (BLOCK_N, warps, stages[, BLOCK_M]); only ``single`` (a single-stage
+        config, which fits every dtype) under the interpreter or with UNI_MOE_AUTOTUNE=0 (correctness
+        checks: no tuning time). The choices are those that spill least in registers on SM90."""
+        if _INTERPRET or os.environ.get("UNI_MOE_AUTOTUNE", "1") == "0":
+            choices = (single,)
+        return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_M"), (c[0], *c[3:]))), num_warps=c[1], num_stages=c[2])
+                for c in choices]
+
+    _CONFIGS = configs(((32, 8, 3), (64, 8, 3), (64, 4, 3), (64, 4, 1), (32, 4, 1)))
 
     def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
         """float32 (checks only) tries the single-stage configs, whose tiles fit in shared memory."""
