@@ -2,7 +2,8 @@
 
 For distinct and shared experts, E in {4, 8}, LoRA r in {0, 8, 64}, a skewed router (one expert empty,
 one overloaded), float32 and bfloat16: outputs and the gradients of x, router and every LoRA factor of
-the grouped path vs the loop. float32 must agree to ``--tol32``; in bfloat16 both are compared with a
+the grouped path vs the loop. float32 must agree to ``--tol32`` (or, for a gradient that cancels, be as
+close to a float64 loop as the float32 loop is, within ``--slack``); in bfloat16 both are compared with a
 float64 loop on the same weights and the grouped path's error may be at most ``--slack`` x the loop's
 own bf16 error (plus 1e-3). With LoRA dropout, the Triton path and the PyTorch path (UNI_MOE_TRITON=0)
 must agree under the same seed (float32), for both kinds. Exit status 1 on any failure.
@@ -60,26 +61,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check(args: argparse.Namespace) -> list[str]:
     device = torch.device(args.device)
     failures = []
-    for expert_type in ("mlp", "shared"):
-        for experts in (4, 8):
-            for rank in (0, 8, 64):
+    for expert_type in args.expert_types:
+        for experts in args.experts:
+            for rank in args.ranks:
                 layer = make_layer(args.hidden, args.inter, experts, rank, expert_type, 0.0).to(device)
                 x = torch.rand(args.tokens, args.hidden, device=device)
                 ref64 = run(layer.double(), x.double(), "reference")
                 layer.float()
                 ours32, loop32 = run(layer, x, "grouped"), run(layer, x, "reference")
                 err32 = max(rel(ours32[k], loop32[k]) for k in loop32)
+                # a gradient that cancels (the router's, when every expert computes the same function) may
+                # differ from the loop's by more than tol32; it must then be as close to float64 as the loop
+                ok32 = all(rel(ours32[k], loop32[k]) < args.tol32
+                           or rel(ours32[k], ref64[k]) < args.slack * rel(loop32[k], ref64[k]) + args.tol32
+                           for k in loop32)
                 layer.to(torch.bfloat16)
                 xb = x.to(torch.bfloat16)
                 ours16, loop16 = run(layer, xb, "grouped"), run(layer, xb, "reference")
                 worst = max(rel(ours16[k], ref64[k]) - args.slack * rel(loop16[k], ref64[k]) for k in ref64)
-                ok = err32 < args.tol32 and worst < 1e-3 and set(ours16) == set(ref64)
+                ok = ok32 and worst < 1e-3 and set(ours16) == set(ref64)
                 print(f"{expert_type:6} E={experts} r={rank:2}: fp32 rel err vs loop {err32:.1e}; bf16 rel err vs fp64 "
                       f"ours {max(rel(ours16[k], ref64[k]) for k in ref64):.1e} / loop "
                       f"{max(rel(loop16[k], ref64[k]) for k in ref64):.1e}  {'ok' if ok else 'FAIL'}", flush=True)
                 if not ok:
                     failures.append(f"{expert_type} E={experts} r={rank}")
-    for expert_type in ("mlp", "shared"):
+    for expert_type in args.expert_types if args.dropout else ():
         layer = make_layer(args.hidden, args.inter, 8, 8, expert_type, 0.1).to(device).train()
         x = torch.rand(args.tokens, args.hidden, device=device)
         fused = run(layer, x, "grouped", seed=1)
@@ -101,6 +107,10 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny shapes (H=32, I=200, 40 tokens)")
     parser.add_argument("--tol32", type=float, default=1e-4)
     parser.add_argument("--slack", type=float, default=1.5)
+    parser.add_argument("--expert-types", nargs="+", default=["mlp", "shared"], choices=["mlp", "shared"])
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 64])
+    parser.add_argument("--no-dropout", dest="dropout", action="store_false", help="skip the dropout check")
     args = parser.parse_args()
     args.hidden, args.inter, args.tokens = (32, 200, 40) if args.small else (1024, 2816, 2048)
     failures = check(args)

@@ -1,0 +1,64 @@
+"""Time the shared-base MoE layer (forward+backward) under fixed Triton configs of its three kernels.
+
+Each candidate fixes (BLOCK_N, warps, stages[, BLOCK_M], max registers) of the forward, backward and
+LoRA weight-gradient kernels of shared_kernels.py, without autotuning, so one process compares tile
+shapes for the cost of a few compiles instead of a full autotuned benchmark. Same layer, step and
+dense baseline as moe_layer.py (shared base: ratio to 1 x the dense frozen MLP).
+
+    python benchmarks/kernel_configs.py --tokens 8192 --experts 8 --ranks 8 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import moe_layer as bench
+from Uni_MoE.model.moe import shared_kernels
+
+# (BLOCK_N, warps, stages, BLOCK_M or None, maxnreg or None) for forward, backward, weight gradients
+CANDIDATES = {
+    "64 cols, 4 warps": ((64, 4, 3, None, None), (64, 4, 3, None, None), (64, 4, 3, 64, None)),
+    "128 cols, 4 warps": ((128, 4, 3, None, None), (128, 4, 3, None, None), (128, 4, 3, 64, None)),
+    "64 cols, 4 warps, 128 registers": ((64, 4, 3, None, 128), (64, 4, 3, None, 128), (64, 4, 3, 64, 128)),
+}
+KERNELS = ("_forward_kernel", "_backward_kernel", "_weight_grads_kernel")
+
+
+def fix_configs(choice: tuple) -> None:
+    """Give each shared kernel exactly one config (the autotuner then runs it without tuning)."""
+    import triton
+
+    for name, (n, warps, stages, block_m, maxnreg) in zip(KERNELS, choice):
+        meta = {"BLOCK_N": n, **({"BLOCK_M": block_m} if block_m else {})}
+        kernel = getattr(shared_kernels, name)
+        kernel.configs = [triton.Config(meta, num_warps=warps, num_stages=stages, maxnreg=maxnreg)]
+        kernel.cache = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    shapes = bench.FULL
+    torch.manual_seed(0)
+    x = torch.randn(args.tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
+    dense_ms, _ = bench.time_ms(bench.dense_step(x, shapes), device, 3, args.reps)
+    print(f"{torch.cuda.get_device_name(device)}; T={args.tokens}, E={args.experts}; dense {dense_ms:.2f} ms", flush=True)
+    print("| r | candidate | shared ms | / dense |\n|---|---|---|---|")
+    for rank in args.ranks:
+        layer = bench.make_layer(shapes, args.experts, rank, "shared", device)
+        for label, choice in CANDIDATES.items():
+            fix_configs(choice)
+            ms, _ = bench.time_ms(bench.layer_step(layer, x, "grouped"), device, 3, args.reps)
+            print(f"| {rank} | {label} | {ms:.2f} | {ms / dense_ms:.3f} |", flush=True)
+        del layer
+
+
+if __name__ == "__main__":
+    main()
