@@ -49,7 +49,8 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
     dense_ms, _ = bench.time_ms(bench.dense_step(x, shapes), device, 3, args.reps)
-    print(f"{torch.cuda.get_device_name(device)}; T={args.tokens}, E={args.experts}; dense {dense_ms:.2f} ms", flush=True)
+    name = torch.cuda.get_device_name(device)
+    print(f"{name}; T={args.tokens}, E={args.experts}; dense {dense_ms:.2f} ms", flush=True)
     print("| r | candidate | shared ms | / dense |\n|---|---|---|---|")
     for rank in args.ranks:
         layer = bench.make_layer(shapes, args.experts, rank, "shared", device)
