@@ -8,8 +8,9 @@ float64 loop on the same weights and the grouped path's error may be at most ``-
 own bf16 error (plus 1e-3). With LoRA dropout, the Triton path and the PyTorch path (UNI_MOE_TRITON=0)
 must agree under the same seed (float32), for both kinds. Exit status 1 on any failure.
 
-    python benchmarks/check_moe_kernels.py              # CUDA
-    python benchmarks/check_moe_kernels.py --small --device cpu
+    UNI_MOE_AUTOTUNE=0 python benchmarks/check_moe_kernels.py       # CUDA, one kernel config: no tuning time
+    python benchmarks/check_moe_kernels.py --expert-types shared --experts 8 --ranks 8 64
+    TRITON_INTERPRET=1 python benchmarks/check_moe_kernels.py --small --device cpu
 """
 
 from __future__ import annotations
