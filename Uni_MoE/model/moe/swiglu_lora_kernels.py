@@ -74,7 +74,7 @@ if triton is not None:
     def configs(choices: tuple[tuple[int, ...], ...], single: tuple[int, ...] = (64, 4, 1)) -> list:
         """Autotuning configs from (BLOCK_N, warps, stages[, BLOCK_M]); only ``single`` (a single-stage
         config, which fits every dtype) under the interpreter or with UNI_MOE_AUTOTUNE=0 (correctness
-        checks: no tuning time). The choices are those that spill least in registers on SM90."""
+        checks: no tuning time). The choices favour configs that spilled least in an offline SM90 compile."""
         if _INTERPRET or os.environ.get("UNI_MOE_AUTOTUNE", "1") == "0":
             choices = (single,)
         return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_M"), (c[0], *c[3:]))), num_warps=c[1], num_stages=c[2])
