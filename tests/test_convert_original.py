@@ -10,14 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    WhisperConfig,
-    WhisperForConditionalGeneration,
-)
+from transformers import CLIPModel, LlamaConfig, LlamaForCausalLM, WhisperForConditionalGeneration
 
 from helpers import (
     ALPHA, H, HEADS, I, LAYERS, LM, Q, R, V, aligner_state, base_state, llava_config, make_encoders, merged, rand,

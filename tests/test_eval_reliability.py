@@ -18,7 +18,6 @@ from PIL import Image
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data import synthetic as syn
-from Uni_MoE.data.schema import SampleError
 from Uni_MoE.eval import runner
 from Uni_MoE.eval.__main__ import cli, main
 from Uni_MoE.eval.journal import Journal, JournalError, journal_path
