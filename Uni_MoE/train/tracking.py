@@ -16,92 +16,105 @@ from ..modalities import MODALITY_NAMES
 TOKEN_MODALITIES = ("text", *MODALITY_NAMES)
 
 
-def token_modality_masks(
+def token_modality_ids(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, placeholder_ids: dict[str, int]
-) -> dict[str, torch.Tensor]:
-    """[B, S] bool mask per token modality: each placeholder id, and text = real tokens that are none."""
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    masks = {m: input_ids == placeholder_ids[m] for m in TOKEN_MODALITIES[1:]}
-    media = torch.stack(list(masks.values())).any(dim=0)
-    return {"text": real & ~media, **masks}
+) -> torch.Tensor:
+    """[B, S] index into TOKEN_MODALITIES of every token (text = a real token that is no placeholder), -1 for
+    padding."""
+    ids = torch.zeros_like(input_ids)
+    for i, m in enumerate(TOKEN_MODALITIES[1:], start=1):
+        ids = torch.where(input_ids == placeholder_ids[m], i, ids)
+    if attention_mask is not None:
+        ids = ids.masked_fill(~attention_mask.bool(), -1)
+    return ids
 
 
-def expert_load(
-    routing: list[torch.Tensor], masks: dict[str, torch.Tensor], num_experts: int
-) -> dict[str, torch.Tensor]:
-    """Per token modality, [L, E] counts of (token, chosen expert) pairs in each MoE layer."""
-    return {
-        m: torch.stack([torch.bincount(r[mask].flatten(), minlength=num_experts) for r in routing]).cpu()
-        for m, mask in masks.items()
-    }
+def expert_load(routing: list[torch.Tensor], token_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[L, M, E] counts of (token, chosen expert) pairs per MoE layer and token modality (TOKEN_MODALITIES
+    order), padding left out; one scatter on the routing's device, no host synchronisation."""
+    layers, modalities = len(routing), len(TOKEN_MODALITIES)
+    bins = modalities * num_experts + 1  # the last bin takes padding
+    chosen = torch.stack([r.reshape(*token_ids.shape, -1) for r in routing])  # [L, B, S, k]
+    tm = token_ids.unsqueeze(-1).expand_as(chosen[0])
+    idx = torch.where(tm >= 0, tm * num_experts + chosen, bins - 1)
+    idx = idx + torch.arange(layers, device=idx.device).view(-1, 1, 1, 1) * bins
+    counts = torch.zeros(layers * bins, dtype=torch.long, device=idx.device)
+    counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx).flatten())
+    return counts.view(layers, bins)[:, :-1].view(layers, modalities, num_experts)
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of each row [B] (NaN where a row has no target)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
-    count = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    return ce.sum(dim=1) / count
+    """Mean next-token loss of each row [B] (NaN where a row has no target), in float32 one row at a time
+    (no float32 copy of the whole batch's logits)."""
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):
+        rows.append(F.cross_entropy(row_logits[:-1].float(), row_labels[1:], ignore_index=IGNORE_INDEX,
+                                    reduction="sum"))
+    count = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    return torch.stack(rows) / count
 
 
 class RoutingTracker:
-    """Accumulates statistics between log steps (``pop_logs``) and expert load between saves (``pop_load``)."""
+    """Accumulates statistics between log steps (``pop_logs``) and expert load between saves (``pop_load``).
+
+    ``update`` runs once per micro-batch between the forward and the backward, so it keeps everything on the
+    model's device and never waits for it: the values reach the host once per log step (and save)."""
 
     def __init__(self, placeholder_ids: dict[str, int], num_experts: int, num_layers: int) -> None:
         self.placeholder_ids = placeholder_ids
         self.num_experts = num_experts
         self.num_layers = num_layers
         self._reset_logs()
-        self.load = self._zero_load()
-
-    def _zero_load(self) -> dict[str, torch.Tensor]:
-        return {m: torch.zeros(self.num_layers, self.num_experts, dtype=torch.long) for m in TOKEN_MODALITIES}
+        self.load: torch.Tensor | None = None  # [L, M, E] since the last save, on the device
 
     def _reset_logs(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.window_load = self._zero_load()
+        self.scalars: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.sample_losses: list[tuple[list[str], torch.Tensor]] = []
+        self.window_load: torch.Tensor | None = None
         self.window_tokens = 0
         self.window_start = time.perf_counter()
-
-    def _add(self, key: str, value: float) -> None:
-        self.sums[key] += value
-        self.counts[key] += 1
 
     @torch.no_grad()
     def update(self, inputs: dict, outputs, modalities: list[str] | None, routing: list[torch.Tensor]) -> None:
         """Record one micro-batch: inputs as given to the model, its outputs, sample modality labels."""
         self.window_tokens += outputs.logits.shape[0] * outputs.logits.shape[1]
-        if outputs.lm_loss is not None:
-            self._add("lm_loss", float(outputs.lm_loss))
-        if outputs.aux_loss is not None:
-            self._add("aux_loss", float(outputs.aux_loss))
+        for key in ("lm_loss", "aux_loss"):
+            value = getattr(outputs, key)
+            if value is not None:
+                self.scalars[key].append(value.detach().float())
         if modalities is not None and inputs.get("labels") is not None:
-            for modality, loss in zip(modalities, per_sample_loss(outputs.logits, inputs["labels"]).tolist()):
-                if loss == loss:
-                    self._add(f"loss/{modality}", loss)
+            self.sample_losses.append((list(modalities), per_sample_loss(outputs.logits, inputs["labels"])))
         if routing and self.num_layers:
-            masks = token_modality_masks(inputs["input_ids"], inputs.get("attention_mask"), self.placeholder_ids)
-            for m, counts in expert_load(routing, masks, self.num_experts).items():
-                self.window_load[m] += counts
-                self.load[m] += counts
+            ids = token_modality_ids(inputs["input_ids"], inputs.get("attention_mask"), self.placeholder_ids)
+            counts = expert_load(routing, ids, self.num_experts)
+            self.window_load = counts if self.window_load is None else self.window_load + counts
+            self.load = counts if self.load is None else self.load + counts
 
     def pop_logs(self) -> dict[str, float]:
         """Means since the last call, each token modality's share of tokens per expert, and the LLM tokens
         (spliced sequence incl. padding) this process handled per second of wall time since the last call."""
-        logs = {k: self.sums[k] / self.counts[k] for k in sorted(self.sums)}
+        logs = {key: float(torch.stack(values).mean()) for key, values in self.scalars.items()}
+        if self.sample_losses:
+            names = [name for batch, _ in self.sample_losses for name in batch]
+            losses = torch.cat([loss for _, loss in self.sample_losses]).tolist()
+            per_modality: dict[str, list[float]] = defaultdict(list)
+            for name, loss in zip(names, losses):
+                if loss == loss:
+                    per_modality[name].append(loss)
+            logs.update({f"loss/{m}": sum(v) / len(v) for m, v in per_modality.items()})
         if self.window_tokens:
             logs["tokens_per_second_per_device"] = self.window_tokens / (time.perf_counter() - self.window_start)
-        for m, counts in self.window_load.items():
-            per_expert = counts.sum(dim=0)
-            total = int(per_expert.sum())
-            if total:
-                logs.update({f"expert_load/{m}/e{e}": float(c) / total for e, c in enumerate(per_expert.tolist())})
+        if self.window_load is not None:
+            for m, counts in zip(TOKEN_MODALITIES, self.window_load.sum(dim=0).tolist()):
+                total = sum(counts)
+                if total:
+                    logs.update({f"expert_load/{m}/e{e}": c / total for e, c in enumerate(counts)})
         self._reset_logs()
-        return logs
+        return dict(sorted(logs.items()))
 
     def pop_load(self) -> dict[str, torch.Tensor]:
-        """[L, E] counts per token modality since the last call."""
-        load, self.load = self.load, self._zero_load()
-        return load
+        """[L, E] counts per token modality since the last call (on the CPU)."""
+        load = self.load.cpu() if self.load is not None else torch.zeros(
+            self.num_layers, len(TOKEN_MODALITIES), self.num_experts, dtype=torch.long)
+        self.load = None
+        return {m: load[:, i] for i, m in enumerate(TOKEN_MODALITIES)}
