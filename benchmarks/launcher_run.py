@@ -31,33 +31,30 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import train_step  # noqa: E402
+from generation import median_ms  # noqa: E402
 
 from Uni_MoE import presets  # noqa: E402
 from Uni_MoE.checkpoint.tiny import WORDS, build_tiny, tokenizer_corpus  # noqa: E402
 from Uni_MoE.data.collate import Collator  # noqa: E402
 from Uni_MoE.data.dataset import UniMoEDataset  # noqa: E402
+from Uni_MoE.data.synthetic import random_shape_image, sound_wave, write_wav  # noqa: E402
+from Uni_MoE.data.synthetic_tasks import COLOURS, SHAPES, SOUNDS  # noqa: E402
 from Uni_MoE.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM  # noqa: E402
 from Uni_MoE.modalities import MODALITIES  # noqa: E402
 from Uni_MoE.processing_uni_moe import UniMoEProcessor  # noqa: E402
 from Uni_MoE.train.data import checked_samples  # noqa: E402
-
-SAMPLE_RATE = 16000
-
 
 def build_model(out: Path, layers: int, smoke: bool) -> UniMoEForCausalLM:
     """The speech model at real geometry with ``layers`` decoder layers (the tiny MoE preset with --smoke),
@@ -78,28 +75,16 @@ def build_model(out: Path, layers: int, smoke: bool) -> UniMoEForCausalLM:
     return model.eval()
 
 
-def write_wav(path: Path, seconds: float, seed: int) -> None:
-    """A rising tone with noise, 16 kHz mono 16-bit."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    x = 0.3 * np.sin(2 * np.pi * (200 + 7 * seed) * t * (1 + t / seconds)) + 0.05 * rng.standard_normal(t.size)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(SAMPLE_RATE)
-        f.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-
-
 def make_data(root: Path, n: int, image_size: int, seconds: float, answer_words: int) -> Path:
-    """``n`` image + speech questions with answers of ``answer_words`` words, in the original's JSON."""
+    """``n`` image + speech questions with answers of ``answer_words`` words, in the original's JSON (media
+    drawn and synthesised as the quickstart's data is)."""
     words = WORDS.split()
     rng = np.random.default_rng(0)
     records = []
     for i in range(n):
-        image = Image.new("RGB", (image_size, image_size), tuple(int(c) for c in rng.integers(0, 255, 3)))
-        ImageDraw.Draw(image).ellipse((20, 30, image_size - 40, image_size - 20), fill=(255, 255, 255))
-        image.save(root / f"{i:05d}.png")
-        write_wav(root / f"{i:05d}.wav", seconds, i)
+        colour, shape, sound = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)], SOUNDS[i % len(SOUNDS)]
+        random_shape_image(rng, image_size, colour, shape).save(root / f"{i:05d}.png")
+        write_wav(root / f"{i:05d}.wav", sound_wave(rng, sound, seconds))
         records.append({"id": f"real_{i:05d}", "image": f"{i:05d}.png", "speech": [f"{i:05d}.wav"],
                         "conversations": [
                             {"from": "human", "value": "<image>\n<speech>\nAnswer the spoken question."},
@@ -107,20 +92,6 @@ def make_data(root: Path, n: int, image_size: int, seconds: float, answer_words:
     path = root / "train.json"
     path.write_text(json.dumps(records))
     return path
-
-
-def timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` calls after one warm-up call."""
-    times = []
-    for _ in range(reps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[1:])
 
 
 def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int,
@@ -138,7 +109,8 @@ def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int,
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in Collator(tokenizer.pad_token_id)(items[:batch]).items()}
     media = {k: inputs[k].to(model.dtype) for k in ("pixel_values", "input_features") if k in inputs}
     with torch.no_grad():
-        ms = timed(lambda: model.model.embed_multimodal(inputs["input_ids"], **media), device, 3)
+        model.model.embed_multimodal(inputs["input_ids"], **media)  # warm-up
+        ms = median_ms(lambda: model.model.embed_multimodal(inputs["input_ids"], **media), device, 3)
         if profile_to is not None:
             with torch.profiler.profile(record_shapes=True) as prof:
                 model.model.embed_multimodal(inputs["input_ids"], **media)
@@ -150,7 +122,7 @@ def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int,
 
 
 def launcher_tokens_per_second(model_dir: Path, data: Path, out: Path, batch: int, steps: int, workers: int,
-                               smoke: bool, profile: bool) -> tuple[float, list[float], str]:
+                               smoke: bool, profile: bool) -> tuple[float, list[float]]:
     """Run finetune_speech.sh; the median per-step tokens/s after the first third of the steps (with
     ``profile``, its last two steps are profiled into ``out/profile`` and left out of the median)."""
     env = {**os.environ, "MODEL": str(model_dir), "DATA": str(data), "DATA_ROOT": str(data.parent),
@@ -178,7 +150,7 @@ def launcher_tokens_per_second(model_dir: Path, data: Path, out: Path, batch: in
     if not rates:
         raise RuntimeError(f"no tokens_per_second_per_device in the launcher's log:\n{log[-4000:]}")
     kept = rates[len(rates) // 3:len(rates) - 2 * profile] or rates
-    return statistics.median(kept), rates, log
+    return statistics.median(kept), rates
 
 
 def main() -> None:
@@ -211,7 +183,7 @@ def main() -> None:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    launcher, rates, _ = launcher_tokens_per_second(work / "model", data, work / "out", args.batch, args.steps,
+    launcher, rates = launcher_tokens_per_second(work / "model", data, work / "out", args.batch, args.steps,
                                                     args.workers, args.smoke, args.profile)
     if tables:
         shutil.copy(work / "out" / "profile" / "ops_rank0.txt", tables / "launcher_ops.txt")

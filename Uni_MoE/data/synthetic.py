@@ -21,11 +21,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import av
 import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
-from scipy.signal import resample_poly
 
 from .synthetic_tasks import COLOURS, SHAPES, TASK_CHOICES
 
@@ -145,6 +143,8 @@ def espeak(text: str, speed: int = 160, pitch: int = 50) -> np.ndarray:
         raise RuntimeError("speech samples need espeak-ng (e.g. `apt-get install espeak-ng`)")
     run = subprocess.run([exe, "--stdout", "-s", str(speed), "-p", str(pitch), text], capture_output=True, check=True)
     wave, rate = sf.read(io.BytesIO(run.stdout), dtype="float32")
+    from scipy.signal import resample_poly  # here, as in data.media: pictures and tones do not need SciPy
+
     wave = resample_poly(wave, SAMPLE_RATE, rate).astype(np.float32)  # 22050 Hz -> 16 kHz
     wave.flags.writeable = False
     return wave
@@ -176,6 +176,8 @@ def write_wav(path: Path, wave: np.ndarray) -> None:
 
 def write_mp4(path: Path, frames: list[Image.Image], soundtrack: np.ndarray | None, fps: int = VIDEO_FPS) -> None:
     """An H.264 (or MPEG-4) mp4 of `frames`, with an AAC mono 16 kHz soundtrack when given."""
+    import av  # only videos need PyAV (FFmpeg)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(str(path), "w") as container:
