@@ -85,25 +85,31 @@ class SharedBaseExperts(torch.autograd.Function):
         num_experts = gate_b.shape[0] if za is not None else 1
         ctx.fused = kernels.supported(x, weights.shape[1], num_experts)
         ctx.lora = lora
-        if ctx.fused:
-            y, kept = _fused_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora)
-        else:
-            y, kept = _torch_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora)
+        path = _fused_forward if ctx.fused else _torch_forward
+        mixed, zd_mix, kept = path(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora)
+        y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
+        if za is not None:
+            y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
         ctx.save_for_backward(x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
-                              gate, up, *kept)
+                              gate, up, zd_mix, mixed if ctx.needs_input_grad[6] else None, *kept)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, *kept = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        (x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, zd_mix, mixed,
+         *kept) = ctx.saved_tensors
+        need, s = ctx.needs_input_grad, ctx.lora.scale
         dy = grad_out.contiguous()
-        args = (dy, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, gate, up, need)
-        if ctx.fused:
-            sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora = _fused_backward(ctx, *args, *kept)
-        else:
-            sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora = _torch_backward(ctx, *args, *kept)
+        d_mixed = dy @ down_w  # [T, I]
+        grads_lora: list[torch.Tensor | None] = [None] * 4
+        dz_mix = None
+        if za is not None:
+            dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
+            grads_lora[3] = unstack_b((zd_mix.t() @ dy) * s, down_a.shape[0])
+        path = _fused_backward if ctx.fused else _torch_backward
+        sum_gate, sum_up, grad_w, grad_za, grads_lora[:3] = path(
+            ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, down_a, gate, up, need, *kept)
         grad_x = None
         if need[0]:
             grad_x = sum_gate @ gate_w
@@ -117,8 +123,9 @@ class SharedBaseExperts(torch.autograd.Function):
         return grad_x, grad_w, None, grad_za, *grads_base, *grads_lora, None
 
 
-def _fused_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora):
-    """The Triton path: every slot in one kernel pass; returns y and the tensors backward needs."""
+def _fused_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora):
+    """The Triton path, every slot in one kernel pass: (mixed [T, I], the down LoRA-A outputs mixed over the
+    slots [T, E*r] or None, what its backward needs)."""
     has_lora = za is not None
     num_experts = gate_b.shape[0] if has_lora else 1
     ctx.combos = kernels.combo_grouping(indices if has_lora else torch.zeros_like(indices), num_experts)
@@ -126,40 +133,31 @@ def _fused_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, do
     ctx.keep_scale = keep_scale
     factors = (gate_b, up_b, down_a) if has_lora else None
     mixed, zd = kernels.mix_forward(gate, up, za, weights, factors, keep, keep_scale, lora.scale, ctx.combos)
-    y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
-    zd_mix = None
-    if has_lora:
-        zd_mix = _slot_outputs(zd, weights, indices, num_experts)
-        y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
-    return y, (zd, zd_mix, mixed if ctx.needs_input_grad[6] else None, keep)
+    zd_mix = _slot_outputs(zd, weights, indices, num_experts) if has_lora else None
+    return mixed, zd_mix, (zd, keep)
 
 
-def _fused_backward(ctx, dy, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, gate, up, need,
-                    zd, zd_mix, mixed, keep):
-    """Gradients through the Triton path: (sum of gate grads, of up grads, mixed, grad_w, grad_za, LoRA grads)."""
+def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, down_a, gate, up, need, zd, keep):
+    """Gradients through the Triton path: (sum of gate grads, of up grads, grad_w, grad_za, the gate-B, up-B
+    and down-A LoRA grads)."""
     s, has_lora = ctx.lora.scale, za is not None
-    d_mixed = dy @ down_w  # [T, I]
-    grads_lora: list[torch.Tensor | None] = [None] * 4
-    dz_mix = factors = None
-    if has_lora:
-        num_experts = down_a.shape[0]
-        factors = (gate_b, up_b, down_a)
-        dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
-        grads_lora[3] = unstack_b((zd_mix.t() @ dy) * s, num_experts)
+    factors = (gate_b, up_b, down_a) if has_lora else None
     sum_gate, sum_up, dz, grad_w = kernels.mix_backward(
         d_mixed, gate, up, za, dz_mix, weights, factors, keep, ctx.keep_scale, s, ctx.combos, need[1])
-    grad_za = None
+    grad_za, grads_lora = None, [None] * 3
     if has_lora:
-        grads_lora[:3] = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
-                                                   ctx.keep_scale, s, group_slots(indices, num_experts))
+        num_experts = down_a.shape[0]
+        grads_lora = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
+                                               ctx.keep_scale, s, group_slots(indices, num_experts))
         grad_za = _to_blocks(dz, indices, num_experts)
         if need[1]:
             grad_w = grad_w + (zd.float() * _own_blocks(dz_mix, indices, num_experts).float()).sum(-1)
-    return sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora
+    return sum_gate, sum_up, grad_w, grad_za, list(grads_lora)
 
 
-def _torch_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, lora):
-    """The PyTorch path: one fused SwiGLU pass per slot; returns y and the tensors backward needs."""
+def _torch_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora):
+    """The PyTorch path, one fused SwiGLU pass per slot: (mixed [T, I], the down LoRA-A outputs mixed over the
+    slots [T, E*r] or None, what its backward needs)."""
     mixed = zd_mix = None
     zd_slots = []
     keeps, keep_scale = _slot_dropout(gate, weights.shape[1], za is not None, lora)
@@ -175,27 +173,20 @@ def _torch_forward(ctx, gate, up, weights, indices, za, down_w, gate_b, up_b, do
             zd_mix = zd * w[:, None] if zd_mix is None else zd_mix.addcmul_(zd, w[:, None])
             zd_slots.append(zd)
         del h, h_dropped
-    y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
-    if za is not None:
-        y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
     ctx.keep_scale = keep_scale
-    mixed = mixed if ctx.needs_input_grad[6] else None
-    return y, (zd_mix, mixed, keeps, *zd_slots)
+    return mixed, zd_mix, (keeps, *zd_slots)
 
 
-def _torch_backward(ctx, dy, weights, indices, za, down_w, gate_b, up_b, down_a, down_b, gate, up, need,
-                    zd_mix, mixed, keeps, *zd_slots):
-    """Gradients through the PyTorch path: (sum of gate grads, of up grads, mixed, grad_w, grad_za, LoRA grads)."""
+def _torch_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, down_a, gate, up, need, keeps,
+                    *zd_slots):
+    """Gradients through the PyTorch path: (sum of gate grads, of up grads, grad_w, grad_za, the gate-B, up-B
+    and down-A LoRA grads)."""
     s, has_lora = ctx.lora.scale, za is not None
-    d_mixed = dy @ down_w  # [T, I]
-    grads_lora: list[torch.Tensor | None] = [None] * 4
-    dz_mix = a_stack = None
+    a_stack = None
     dz = [None, None]
     d_stacks = [None, None, None]  # gate B, up B, down A, stacked [E*r, out]
     if has_lora:
         num_experts = down_a.shape[0]
-        dz_mix = (dy @ stack_b(down_b).t()) * s  # [T, E*r]
-        grads_lora[3] = unstack_b((zd_mix.t() @ dy) * s, num_experts)
         a_stack = down_a.reshape(-1, down_a.shape[-1])  # [E*r, I]
     grad_w = torch.zeros_like(weights, dtype=torch.float32) if need[1] else None
     sum_gate = sum_up = None
@@ -223,10 +214,9 @@ def _torch_backward(ctx, dy, weights, indices, za, down_w, gate_b, up_b, down_a,
                 part = keep_block(grad_part @ stack_b(b).t(), indices[:, j], num_experts) * s
                 dz[i] = part if dz[i] is None else dz[i].add_(part)
         del h_dropped
-    grad_za = None
+    grad_za, grads_lora = None, [None] * 3
     if has_lora:
-        grads_lora[0] = unstack_b(d_stacks[0], num_experts)
-        grads_lora[1] = unstack_b(d_stacks[1], num_experts)
-        grads_lora[2] = d_stacks[2].view_as(down_a)
+        grads_lora = [unstack_b(d_stacks[0], num_experts), unstack_b(d_stacks[1], num_experts),
+                      d_stacks[2].view_as(down_a)]
         grad_za = torch.cat(dz, dim=1)
-    return sum_gate, sum_up, mixed, grad_w, grad_za, grads_lora
+    return sum_gate, sum_up, grad_w, grad_za, grads_lora
