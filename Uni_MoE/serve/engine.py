@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from ..model.moe.implementations import DECODE_TOKENS
+from ..model.moe.implementations import DECODE_TOKENS, SYNC_FREE
 from ..modalities import MEDIA_INPUT_KEYS
 from ..model.uni_moe import UniMoEForCausalLM
 from .sampling import choose_tokens
@@ -156,7 +156,7 @@ class GenerationEngine:
         if self.model.config.moe_backend == "deepspeed":
             return False
         layers = self.model.moe_mlps()
-        if any(layer.implementation not in ("auto", "all_dense", "chosen") for layer in layers):
+        if any(layer.implementation not in {"auto", *SYNC_FREE} for layer in layers):
             return False  # a configured grouped or reference path sizes its work on the host
         return not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
 

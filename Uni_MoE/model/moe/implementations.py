@@ -23,6 +23,7 @@ EXPERT_IMPLEMENTATIONS: dict[str, ExpertFn] = {
     "all_dense": experts_all_dense,  # every expert on every token, no host synchronisation: decoding steps
     "chosen": experts_chosen,  # only the chosen experts, no host synchronisation: the smallest decoding steps
 }
+SYNC_FREE = frozenset({"all_dense", "chosen"})  # no host synchronisation: a CUDA graph can capture them
 DECODE_TOKENS = 64  # up to this many tokens without gradient, "auto" takes a sync-free decoding path
 
 
@@ -40,7 +41,7 @@ def resolve_expert_implementation(name: str, num_tokens: int | None = None, expe
         decoding = num_tokens is not None and num_tokens <= DECODE_TOKENS and not torch.is_grad_enabled()
         few = experts is not None and top_k is not None and num_tokens is not None and experts.num_bases > 1 \
             and 4 * num_tokens * top_k <= 3 * experts.num_bases
-        name = ("chosen" if few else "all_dense") if decoding else "grouped"
+        name = ("chosen" if few else "all_dense") if decoding else "grouped"  # decoding: one of SYNC_FREE
     if name not in EXPERT_IMPLEMENTATIONS:
         raise ValueError(f"unknown moe_implementation {name!r}; available: {sorted(EXPERT_IMPLEMENTATIONS)}")
     return EXPERT_IMPLEMENTATIONS[name]
