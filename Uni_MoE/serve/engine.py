@@ -182,6 +182,15 @@ class GenerationEngine:
             out[key] = value.to(self.model.device)
         return out
 
+    def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A collated batch's input ids [B, S], prompt embeddings with the media spliced in [B, S, H] (media
+        encoded once, here) and attention mask [B, S]."""
+        inputs = self.inputs(batch)
+        input_ids = inputs.pop("input_ids")
+        mask = inputs.pop("attention_mask", torch.ones_like(input_ids))
+        media = {key: inputs.pop(key) for key in MEDIA_INPUT_KEYS if key in inputs}
+        return input_ids, self.model.model.embed_multimodal(input_ids, **media), mask
+
     @torch.inference_mode()
     def generate(
         self,
@@ -199,11 +208,7 @@ class GenerationEngine:
         the next token); ``synced_gpus`` keeps every rank stepping until all are done, as expert
         parallelism needs.
         """
-        inputs = self.inputs(batch)
-        input_ids = inputs.pop("input_ids")
-        mask = inputs.pop("attention_mask", torch.ones_like(input_ids))
-        media = {key: inputs.pop(key) for key in MEDIA_INPUT_KEYS if key in inputs}
-        embeds = self.model.model.embed_multimodal(input_ids, **media)
+        input_ids, embeds, mask = self.embed(batch)
         if settings.num_beams > 1:
             return self._beam_search(input_ids, embeds, mask, settings, synced_gpus)
         return self._decode(embeds, mask, settings, streamer, should_stop, synced_gpus)
@@ -230,12 +235,19 @@ class GenerationEngine:
         step.valid.zero_()
         step.valid[:, :prompt] = mask.bool()
         step.valid[:, prompt:] = True
-        lm = self.model.model.language_model
+        return step, *self.prefill_cache(embeds, mask, step.cache)
+
+    def prefill_cache(self, embeds: torch.Tensor, mask: torch.Tensor,
+                      cache: StaticKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prompt embeddings [B, S, H] (left-padded under ``mask`` [B, S]) into the first S positions
+        of ``cache``. Returns the last position's logits [B, V] (float) and the rotary position [B] of the
+        first new token."""
+        prompt = mask.shape[1]
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         slots = torch.arange(prompt, device=mask.device)
         causal = None if bool(mask.all()) else prefill_mask(mask)  # no padding: SDPA's causal (flash) kernel
-        hidden = forward_cached(lm, embeds, positions, step.cache, slots, causal, prompt)
-        return step, self.model.lm_head(hidden[:, -1]).float(), positions[:, -1] + 1
+        hidden = forward_cached(self.model.model.language_model, embeds, positions, cache, slots, causal, prompt)
+        return self.model.lm_head(hidden[:, -1]).float(), positions[:, -1] + 1
 
     def _decode(self, embeds: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings, streamer: Any,
                 should_stop: Callable[[], bool] | None, synced_gpus: bool) -> torch.Tensor:

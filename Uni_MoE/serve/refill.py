@@ -18,10 +18,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..modalities import MEDIA_INPUT_KEYS
 from .engine import CHECK_EVERY, GenerationEngine, GenerationSettings
 from .sampling import choose_tokens
-from .static_cache import StaticKVCache, forward_cached, prefill_mask
+from .static_cache import StaticKVCache
 
 Item = tuple[Any, dict[str, Any]]  # (the caller's key, one dataset item)
 
@@ -54,17 +53,11 @@ class _Round:
 
     def join(self, rows: list[int], keys: list[Any], batch: dict[str, Any]) -> None:
         """Prefill the collated ``batch`` into cache ``rows`` just before the slot."""
-        engine, lm = self.engine, self.engine.model.model.language_model
-        inputs = engine.inputs(batch)
-        ids = inputs.pop("input_ids")
-        mask = inputs.pop("attention_mask", torch.ones_like(ids))
-        embeds = engine.model.model.embed_multimodal(ids, **{k: inputs[k] for k in MEDIA_INPUT_KEYS if k in inputs})
+        engine = self.engine
+        _, embeds, mask = engine.embed(batch)
         n, prompt = mask.shape
-        scratch = StaticKVCache(lm, n, prompt)
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        causal = None if bool(mask.all()) else prefill_mask(mask)
-        hidden = forward_cached(lm, embeds, positions, scratch, torch.arange(prompt, device=mask.device), causal,
-                                prompt)
+        scratch = StaticKVCache(engine.model.model.language_model, n, prompt)
+        logits, next_position = engine.prefill_cache(embeds, mask, scratch)
         index = torch.tensor(rows, device=mask.device)
         begin, cache = self.slot - prompt, self.step.cache
         cache.keys[:, index, :, begin:self.slot] = scratch.keys
@@ -73,8 +66,8 @@ class _Round:
         valid[:, :begin] = False
         valid[:, begin:self.slot] = mask.bool()
         self.step.valid[index] = valid
-        self.logits[index] = engine.model.lm_head(hidden[:, -1]).float()
-        self.positions[index] = positions[:, -1] + 1
+        self.logits[index] = logits
+        self.positions[index] = next_position
         self.counts[index] = 0
         self.finished[index] = False
         for row, key in zip(rows, keys):
