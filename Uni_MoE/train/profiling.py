@@ -37,13 +37,13 @@ class ProfileCallback(TrainerCallback):
         if self.prof is None and state.global_step + 1 == self.first:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof = profile(activities=activities, record_shapes=True)
-            self.prof.__enter__()
+            self.prof.start()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if self.prof is not None and state.global_step >= self.last:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             self.write(state.global_step - self.first + 1)
             self.prof = None
 
