@@ -46,3 +46,10 @@ def test_moe_decode_smoke(tmp_path: Path) -> None:
     _, table = run_smoke("moe_decode.py", tmp_path)
     rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
     assert [(k.strip(), t.strip()) for k, t in rows] == [("mlp", "1"), ("mlp", "4"), ("shared", "1"), ("shared", "4")]
+
+
+def test_lm_loss_smoke(tmp_path: Path) -> None:
+    _, table = run_smoke("lm_loss.py", tmp_path)
+    assert "| chunked (ours) |" in table and "| transformers, full logits |" in table
+    error = float(table.rsplit("relative error ", 1)[1].split()[0])
+    assert error < 1e-5  # float32 on the CPU: the same loss gradient

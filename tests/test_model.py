@@ -131,3 +131,32 @@ def test_every_modality_trains_and_generates(make_config):
         )
     assert cached.shape == (2, ids.shape[1] + 6)
     assert torch.equal(cached, uncached)
+
+
+def test_training_loss_skips_the_logits_and_equals_the_full_logits_loss(make_config):
+    """In training the LM loss comes from the chunked head (no logits returned); value, gradients and the
+    per-sample losses equal transformers' loss over full logits (same seed, hence the same dropout)."""
+    from Uni_MoE.train.tracking import per_sample_loss
+
+    torch.manual_seed(0)
+    model = UniMoEForCausalLM(make_config(expert_lora_r=4)).train()
+    ids, media = _inputs()
+    labels = ids.clone()
+    labels[0, :20] = -100
+    weight = next(model.model.mm_projector.parameters())
+
+    def run(chunked: bool, **kwargs):
+        model._chunked_loss = lambda: chunked
+        torch.manual_seed(1)
+        out = model(input_ids=ids, labels=labels, **media, **kwargs)
+        return out, torch.autograd.grad(out.lm_loss, [weight])[0]
+
+    (ours, ours_grad), (full, full_grad) = run(True), run(False)
+    assert ours.logits is None and full.logits is not None
+    torch.testing.assert_close(ours.lm_loss, full.lm_loss)
+    torch.testing.assert_close(ours_grad, full_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours.sample_loss, per_sample_loss(full.logits.detach(), labels))
+    summed, _ = run(True, num_items_in_batch=17)
+    torch.testing.assert_close(summed.lm_loss, full.lm_loss * (labels[:, 1:] != -100).sum() / 17)
+    del model._chunked_loss
+    assert model._chunked_loss() and not model.eval()._chunked_loss()

@@ -24,16 +24,19 @@ from ..compat import CACHE_ARG
 from ..config import ORIGINAL_MODEL_TYPES, UniMoEConfig, saved_config, saved_with_experts
 from ..modalities import MEDIA_INPUT_KEYS, MODALITIES
 from .connectors import AudioAligner, SpeechAligner, build_projector
+from .lm_loss import causal_lm_loss
 from .moe import MoEExperts, MoELayer
 from .moe.deepspeed_backend import DeepSpeedMoELayer
 
 
 @dataclass
 class UniMoECausalLMOutput(CausalLMOutputWithPast):
-    """Causal-LM output plus the MoE balance loss (summed over layers) and the LM loss alone."""
+    """Causal-LM output plus the MoE balance loss (summed over layers), the LM loss alone and, in training, each
+    sample's mean LM loss [B] (detached; training returns no logits, see ``UniMoEForCausalLM.forward``)."""
 
     aux_loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
+    sample_loss: torch.Tensor | None = None
 
 
 class UniMoEPreTrainedModel(PreTrainedModel):
@@ -272,6 +275,12 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         """Experts chosen in the last forward, one [B, S, k] tensor per MoE layer (each layer's ``routing``)."""
         return [layer.routing for layer in self.moe_mlps()]
 
+    def _chunked_loss(self) -> bool:
+        """Whether the LM loss skips the logits: in training, when the head is a plain linear layer whose
+        whole weight is on this rank (not a ZeRO-3 partition, not wrapped by an adapter)."""
+        head = self.lm_head
+        return self.training and type(head) is nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -293,6 +302,7 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
 
         pixel_values [N_img, 3, S, S]; pixel_values_videos [N_vid, F, 3, S, S]; input_features
         [N_speech_windows, mel, frames]; input_values / padding_mask [N_audio_windows, samples].
+        With labels in training, the loss comes from ``lm_loss.causal_lm_loss`` and no logits are returned.
         """
         cache = kwargs.pop("past_key_values", cache)
         if inputs_embeds is None:
@@ -308,22 +318,26 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
-
         moe = self.moe_mlps()
         aux_loss = torch.stack([m.aux_loss for m in moe]).sum() if moe else None
-        loss = lm_loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-            loss = lm_loss
-            if aux_loss is not None and self.config.aux_balance_loss_coef > 0:
-                loss = loss + self.config.aux_balance_loss_coef * aux_loss
+        logits = lm_loss = sample_loss = None
+        if labels is not None and self._chunked_loss():
+            lm_loss, sample_loss = causal_lm_loss(
+                hidden, self.lm_head.weight, labels, num_items_in_batch=kwargs.get("num_items_in_batch"),
+                shift_labels=kwargs.get("shift_labels"))
+        else:
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep]
+            logits = self.lm_head(hidden)
+            if labels is not None:
+                lm_loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                )
+        loss = lm_loss
+        if lm_loss is not None and aux_loss is not None and self.config.aux_balance_loss_coef > 0:
+            loss = lm_loss + self.config.aux_balance_loss_coef * aux_loss
         return UniMoECausalLMOutput(
             loss=loss,
             logits=logits,
@@ -332,4 +346,5 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
             attentions=out.attentions,
             aux_loss=aux_loss,
             lm_loss=lm_loss,
+            sample_loss=sample_loss,
         )

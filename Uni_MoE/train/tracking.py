@@ -77,13 +77,16 @@ class RoutingTracker:
     @torch.no_grad()
     def update(self, inputs: dict, outputs, modalities: list[str] | None, routing: list[torch.Tensor]) -> None:
         """Record one micro-batch: inputs as given to the model, its outputs, sample modality labels."""
-        self.window_tokens += outputs.logits.shape[0] * outputs.logits.shape[1]
+        self.window_tokens += inputs["input_ids"].numel()
         for key in ("lm_loss", "aux_loss"):
             value = getattr(outputs, key)
             if value is not None:
                 self.scalars[key].append(value.detach().float())
         if modalities is not None and inputs.get("labels") is not None:
-            self.sample_losses.append((list(modalities), per_sample_loss(outputs.logits, inputs["labels"])))
+            losses = getattr(outputs, "sample_loss", None)
+            if losses is None:
+                losses = per_sample_loss(outputs.logits, inputs["labels"])
+            self.sample_losses.append((list(modalities), losses.float()))
         if routing and self.num_layers:
             ids = token_modality_ids(inputs["input_ids"], inputs.get("attention_mask"), self.placeholder_ids)
             counts = expert_load(routing, ids, self.num_experts)
