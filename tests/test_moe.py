@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from Uni_MoE.model.moe import MoELayer, balance_loss, experts_reference, route_tokens
+from Uni_MoE.model.moe.router_logits import HalfInputLogits
 
 
 def test_route_tokens_on_a_hand_made_example():
@@ -93,3 +94,21 @@ def test_router_logits_stay_float32_under_autocast():
     torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(layer.routing.reshape(-1, 2), route_tokens(expected.float(), 2)[1])
+
+
+def test_half_input_router_logits_match_float64_with_gradients():
+    """The bf16-input router GEMM with float32 output (its CUDA path, here with float32 products): logits
+    and both gradients as accurate as float32 copies of the inputs give, against float64."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 64).bfloat16().requires_grad_()
+    weight = (torch.randn(6, 64) * 0.1).bfloat16().requires_grad_()
+    grad = torch.randn(37, 6)
+    logits = HalfInputLogits.apply(x, weight)
+    logits.backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    (x64 @ w64.t()).backward(grad.double())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), x64.detach() @ w64.detach().t(), rtol=1e-6, atol=1e-6)
+    assert x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    for ours, exact in ((x.grad, x64.grad), (weight.grad, w64.grad)):  # within one bf16 rounding step
+        torch.testing.assert_close(ours.double(), exact, rtol=2**-8, atol=1e-6)

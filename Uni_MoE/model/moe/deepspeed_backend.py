@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .ep_dispatch import expert_parallel_mix
 from .experts import PROJECTIONS, MoEExperts
 from .implementations import resolve_expert_implementation
 from .router import balance_loss, route_tokens
+from .router_logits import float32_logits
 from .stacked_experts import StackedExperts
 
 BASE_NAMES = tuple(f"{p}_proj" for p in PROJECTIONS)
@@ -192,7 +192,7 @@ class DeepSpeedMoELayer(nn.Module):
         """fp32 logits [T, E] of DeepSpeed's gate weight; in training, its multiplicative input jitter."""
         if self.training and self.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
-        return F.linear(x.float(), self.router.weight.float())
+        return float32_logits(x, self.router.weight)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

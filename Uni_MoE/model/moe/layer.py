@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .experts import MoEExperts
 from .implementations import resolve_expert_implementation
 from .router import balance_loss, route_tokens
+from .router_logits import float32_logits
 
 
 class MoELayer(nn.Module):
@@ -51,8 +51,7 @@ class MoELayer(nn.Module):
         choices); multiplicative input jitter in training when configured."""
         if self.training and self.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.router.weight.float())
+        return float32_logits(x, self.router.weight)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -61,8 +60,9 @@ class MoELayer(nn.Module):
         weights, indices = route_tokens(
             logits, self.top_k, second_expert_sampling=self.second_expert_sampling and self.training
         )
-        self.aux_loss = balance_loss(logits, indices, self.num_experts)
-        self.routing = indices.detach().view(*shape[:-1], self.top_k)
         implementation = resolve_expert_implementation(self.implementation, x.shape[0], self.experts, self.top_k)
         out = implementation(x, weights.to(x.dtype), indices, self.experts)
+        # after the experts: its small kernels are launched while the expert GEMMs run, not before them
+        self.aux_loss = balance_loss(logits, indices, self.num_experts)
+        self.routing = indices.detach().view(*shape[:-1], self.top_k)
         return out.view(shape)

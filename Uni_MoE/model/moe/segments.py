@@ -31,8 +31,7 @@ class SlotGrouping:
 def group_slots(indices: torch.Tensor, num_experts: int) -> SlotGrouping:
     """Sort the [T, k] expert choices by expert (stable), with per-expert counts and end offsets."""
     flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    expert = flat[order]
+    expert, order = flat.sort(stable=True)
     ends = torch.searchsorted(expert, torch.arange(num_experts, device=flat.device), right=True)  # no host sync
     counts = ends.diff(prepend=ends.new_zeros(1))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
