@@ -5,7 +5,7 @@ terms of gate, up and the down LoRA's input fused in (``SwiGLULoRA``: Triton ker
 elsewhere), the down projection and its LoRA, and a weighted sum over each token's k slots (slot_kernels.py). Only gate/up
 ([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
 recomputed in backward, frozen bases get no weight gradient, and LoRA weight gradients are exact
-per-expert grouped products.
+per-expert grouped products (at small ranks on CUDA: per-tile sums from the SwiGLU backward kernel).
 """
 
 from __future__ import annotations
@@ -94,15 +94,18 @@ class DistinctExperts(torch.autograd.Function):
         if has_lora:
             dzd = segment_mm(dys, down_b, g) * s  # [S, r]
             grads_lora[3] = segment_mm_tn(dys, zd, g) * s  # [E, H, r]
-        d_gate, d_up, h_dropped, dzg, dzu = act.backward(
+        d_gate, d_up, h_dropped, dzg, dzu, wgrads = act.backward(
             dh, dzd, gate, up, factors, keep, ctx.keep_scale, need[5] and keep is None
         )
         del dh
         grad_za = None
         if has_lora:
-            grads_lora[2] = segment_mm_tn(dzd, h_dropped, g)  # [E, r, I]
-            grads_lora[0] = segment_mm_tn(d_gate, zg, g) * s  # [E, I, r]
-            grads_lora[1] = segment_mm_tn(d_up, zu, g) * s
+            if wgrads is not None:  # the kernel summed them per expert
+                grads_lora[:3] = wgrads
+            else:
+                grads_lora[2] = segment_mm_tn(dzd, h_dropped, g)  # [E, r, I]
+                grads_lora[0] = segment_mm_tn(d_gate, zg, g) * s  # [E, I, r]
+                grads_lora[1] = segment_mm_tn(d_up, zu, g) * s
             dz = torch.cat([spread(d, g.expert, num_experts) for d in (dzg, dzu)], dim=1)  # [S, 2*E*r]
             grad_za = token_sum(dz, None, g, k)
         grad_x = None

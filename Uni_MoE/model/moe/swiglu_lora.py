@@ -28,6 +28,7 @@ class SwiGLULoRA:
         self.g, self.scale = g, scale
         self.fused = kernels.available(gate)
         self.sched = kernels.tile_schedule(g.counts, g.offs, gate.shape[0]) if self.fused else None
+        self.ranges = kernels.expert_tile_ranges(g.counts) if self.fused else None
 
     def forward(
         self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, keep: Maybe, keep_scale: float
@@ -56,11 +57,14 @@ class SwiGLULoRA:
     def backward(
         self, dh: torch.Tensor, dzd: Maybe, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None,
         keep: Maybe, keep_scale: float, need_h: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, Maybe, Maybe, Maybe]:
-        """(d_gate, d_up, dropout(h) when LoRA or ``need_h``, d zg, d zu). dzd [S, r] comes scaled."""
+    ) -> tuple[torch.Tensor, torch.Tensor, Maybe, Maybe, Maybe, tuple | None]:
+        """(d_gate, d_up, dropout(h) when ``need_h`` or LoRA without the weight gradients, d zg, d zu, the LoRA
+        weight gradients (s d Bg, s d Bu, d Ad) when the kernel computes them). dzd [S, r] comes scaled."""
         if self.fused:
+            wgrad = lora is not None and kernels.fuses_weight_grads(lora[0].shape[1])
             return kernels.swiglu_lora_backward(dh, gate, up, lora, dzd, keep, keep_scale, self.scale, self.sched,
-                                                need_h or lora is not None)
+                                                need_h or (lora is not None and not wgrad),
+                                                self.ranges if wgrad else None)
         extra = None
         if lora is not None:
             down_a = lora[4]
@@ -76,4 +80,4 @@ class SwiGLULoRA:
         if lora is not None:
             dzg = segment_mm(d_gate, lora[2], self.g) * self.scale
             dzu = segment_mm(d_up, lora[3], self.g) * self.scale
-        return d_gate, d_up, h_dropped, dzg, dzu
+        return d_gate, d_up, h_dropped, dzg, dzu, None

@@ -7,7 +7,10 @@ registers (reductions over I are summed over the chunks in fp32 afterwards, in a
 
 - forward: h = silu(gate + s zg Bg^T) * (up + s zu Bu^T), and zd = dropout(h) Ad^T accumulated over I;
 - backward: dh += (dzd Ad) * keep, the SwiGLU gradients, and dzg = s d_gate Bg, dzu = s d_up Bu
-  accumulated over I.
+  accumulated over I; for r <= WGRAD_MAX_RANK also the LoRA weight gradients of the tile's rows,
+  d_gate^T zg, d_up^T zu and dzd^T dropout(h), as fp32 partial sums per row tile that ``_tile_sum_kernel``
+  adds up per expert in a fixed order (no atomics): no grouped GEMMs re-reading d_gate, d_up and h, and h
+  is not stored. Above that rank the partials would outweigh the passes they save.
 
 Neither an [S, I] LoRA delta nor a separate pass over [S, I] for the r-wide products touches memory.
 The kernels need CUDA (or Triton's CPU interpreter, ``TRITON_INTERPRET=1``); ``available`` says when.
@@ -26,6 +29,7 @@ except ImportError:  # CPU-only installs: the torch path in swiglu_lora.py runs 
     triton = None
 
 BLOCK_M = 64
+WGRAD_MAX_RANK = 16  # fused LoRA weight gradients up to this rank: partials of 12 r bytes per row-tile column
 TARGET_PROGRAMS = 2048  # enough programs per SM to keep HBM busy; the column split makes up the rest
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -52,6 +56,18 @@ def tile_schedule(counts: torch.Tensor, offs: torch.Tensor, num_rows: int, block
     first = torch.where(valid, first, 0)
     end = torch.where(valid, ends[e], 0)
     return torch.stack([e, first, end]).to(torch.int32).contiguous()
+
+
+def expert_tile_ranges(counts: torch.Tensor, block_m: int = BLOCK_M) -> torch.Tensor:
+    """[2, E] int32 (first tile, end tile) of each expert in ``tile_schedule``'s order."""
+    tiles = (counts + block_m - 1) // block_m
+    cum = tiles.cumsum(0)
+    return torch.stack([cum - tiles, cum]).to(torch.int32).contiguous()
+
+
+def fuses_weight_grads(rank: int) -> bool:
+    """Whether the backward kernel computes the LoRA weight gradients (as per-tile partials) at this rank."""
+    return 0 < rank <= WGRAD_MAX_RANK
 
 
 def _split(n_tiles: int, n_cols: int) -> int:
@@ -146,15 +162,16 @@ if triton is not None:
         if HAS_LORA:  # this chunk's partial sum, fp32 [SPLIT, S, r]
             tl.store(zd_ptr + part * n_rows * rank + z_off, zd, mask=z_mask)
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H"],
+    @triton.autotune(configs=_CONFIGS,
+                     key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H", "WGRAD"],
                      prune_configs_by=_PRUNE)
     @triton.jit
     def _backward_kernel(
         dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, dzd_ptr, da_ptr,
-        dzg_ptr, dzu_ptr, keep_ptr, sched_ptr,
+        dzg_ptr, dzu_ptr, keep_ptr, sched_ptr, part_ptr,
         n_tiles, n_rows, rank, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_H: tl.constexpr, PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_H: tl.constexpr, WGRAD: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
         e = tl.load(sched_ptr + pid).to(tl.int64)
@@ -206,17 +223,58 @@ if triton is not None:
             du = (dh * silu).to(dup_ptr.dtype.element_ty)
             tl.store(dgate_ptr + off, dg, mask=mask)
             tl.store(dup_ptr + off, du, mask=mask)
-            if STORE_H:
+            if STORE_H or WGRAD:
                 h = silu * u
                 if HAS_KEEP:
-                    h = tl.where(kp != 0, h.to(h_ptr.dtype.element_ty).to(tl.float32) * keep_scale, 0.0)
-                tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=mask)
+                    h = tl.where(kp != 0, h.to(dgate_ptr.dtype.element_ty).to(tl.float32) * keep_scale, 0.0)
+                h = h.to(dgate_ptr.dtype.element_ty)
+                if STORE_H:
+                    tl.store(h_ptr + off, h, mask=mask)
             if HAS_LORA:
                 dzg += tl.dot(dg, tl.trans(bg), input_precision=PREC)
                 dzu += tl.dot(du, tl.trans(bu), input_precision=PREC)
+            if WGRAD:  # this tile's d Bg, d Bu [N, R] and d Ad [R, N], fp32 [3, n_tiles, I * r]
+                plane = n_tiles * n_cols * rank
+                p_mask = col_ok[:, None] & r_ok[None, :]
+                p_off = pid.to(tl.int64) * n_cols * rank + cols[:, None] * rank + rk[None, :]
+                tl.store(part_ptr + p_off, tl.dot(tl.trans(dg), zg, input_precision=PREC), mask=p_mask)
+                tl.store(part_ptr + plane + p_off, tl.dot(tl.trans(du), zu, input_precision=PREC), mask=p_mask)
+                a_off = pid.to(tl.int64) * n_cols * rank + rk[:, None] * n_cols + cols[None, :]
+                tl.store(part_ptr + 2 * plane + a_off, tl.dot(tl.trans(dzd), h, input_precision=PREC),
+                         mask=r_ok[:, None] & col_ok[None, :])
         if HAS_LORA:  # this chunk's partial sums, fp32 [SPLIT, S, r]
             tl.store(dzg_ptr + part * n_rows * rank + z_off, dzg * scale, mask=z_mask)
             tl.store(dzu_ptr + part * n_rows * rank + z_off, dzu * scale, mask=z_mask)
+
+
+    @triton.jit
+    def _part_row(base, order_ptr, i, width, ORDERED: tl.constexpr):
+        """Row i of the partials in expert order (through ``order`` when the rows are not sorted by expert)."""
+        if ORDERED:
+            i = tl.load(order_ptr + i)
+        return tl.load(base + i.to(tl.int64) * width)
+
+    @triton.jit
+    def _tile_sum_kernel(part_ptr, out_ptr, ranges_ptr, order_ptr, n_parts, n_experts, width,
+                         ORDERED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+        """out[f, e] = sum over expert e's rows of part[f], f over the three LoRA factors, in a fixed order."""
+        e = tl.program_id(0)
+        f = tl.program_id(2).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < width
+        first = tl.load(ranges_ptr + e)
+        end = tl.load(ranges_ptr + n_experts + e)
+        base = part_ptr + f * n_parts * width + tl.where(ok, cols, 0)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
+            i = first
+            while i < end:
+                acc += _part_row(base, order_ptr, i, width, ORDERED)
+                i += 1
+        else:
+            for i in range(first, end):
+                acc += _part_row(base, order_ptr, i, width, ORDERED)
+        tl.store(out_ptr + (f * n_experts + e) * width + cols, acc, mask=ok)
 
 
 def _lora_args(gate: torch.Tensor, lora: tuple | None) -> tuple:
@@ -247,12 +305,35 @@ def swiglu_lora_forward(
     return h, None if zd is None else zd.sum(0).to(gate.dtype)
 
 
+def tile_sums(
+    part: torch.Tensor, ranges: torch.Tensor, n_cols: int, scale: float, dtype: torch.dtype,
+    order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partials [3, n, I * r] (d Bg, d Bu as [I, r], d Ad as [r, I] per row) -> (s d Bg, s d Bu [E, I, r],
+    d Ad [E, r, I]) in ``dtype``: expert e sums rows ranges[0, e] to ranges[1, e] (of ``order``, if given)."""
+    _, n_parts, width = part.shape
+    num_experts = ranges.shape[1]
+    out = part.new_empty(3, num_experts, width)
+    block = 1024
+    _tile_sum_kernel[(num_experts, triton.cdiv(width, block), 3)](
+        part, out, ranges, order if order is not None else ranges, n_parts, num_experts, width,
+        ORDERED=order is not None, INTERPRET=_INTERPRET, BLOCK=block)
+    out[:2] *= scale
+    grads = out.to(dtype)
+    rank = width // n_cols
+    return (grads[0].view(num_experts, n_cols, rank), grads[1].view(num_experts, n_cols, rank),
+            grads[2].view(num_experts, rank, n_cols))
+
+
 def swiglu_lora_backward(
     dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, dzd: torch.Tensor | None,
     keep: torch.Tensor | None, keep_scale: float, scale: float, sched: torch.Tensor, store_h: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(d_gate, d_up [S, I], dropout(h) or None, dzg, dzu [S, r] or None): gradients through the fused
-    forward, given dh [S, I] from the down base and dzd [S, r] (already scaled) from the down LoRA."""
+    ranges: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple | None]:
+    """(d_gate, d_up [S, I], dropout(h) or None, dzg, dzu [S, r] or None, the LoRA weight gradients or None):
+    gradients through the fused forward, given dh [S, I] from the down base and dzd [S, r] (already scaled)
+    from the down LoRA. With ``ranges`` (``expert_tile_ranges``; LoRA of rank <= WGRAD_MAX_RANK) the kernel
+    also gives (s d Bg, s d Bu [E, I, r], d Ad [E, r, I])."""
     rows, n_cols = gate.shape
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(gate)
     h = torch.empty_like(gate) if store_h else None
@@ -260,15 +341,19 @@ def swiglu_lora_backward(
     n_tiles = sched.shape[1]
     split = _split(n_tiles, n_cols)
     dzs = gate.new_empty(2, split, rows, rank, dtype=torch.float32) if lora is not None else None
+    wgrad = ranges is not None and lora is not None
+    part = gate.new_empty(3, n_tiles, n_cols * rank, dtype=torch.float32) if wgrad else None
     _backward_kernel[(n_tiles, split)](
         dh.contiguous(), gate, up, d_gate, d_up, h if h is not None else gate, zg, zu, bg, bu,
         dzd.contiguous() if dzd is not None else gate, da, dzs[0] if dzs is not None else gate,
         dzs[1] if dzs is not None else gate, keep if keep is not None else gate, sched,
+        part if part is not None else gate,
         n_tiles, rows, max(rank, 1), scale, keep_scale, n_cols=n_cols, SPLIT=split,
-        HAS_LORA=lora is not None, HAS_KEEP=keep is not None, STORE_H=store_h, PREC=_precision(gate.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        HAS_LORA=lora is not None, HAS_KEEP=keep is not None, STORE_H=store_h, WGRAD=wgrad,
+        PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
     if dzs is None:
-        return d_gate, d_up, h, None, None
+        return d_gate, d_up, h, None, None, None
     dz = dzs.sum(1).to(gate.dtype)
-    return d_gate, d_up, h, dz[0], dz[1]
+    wgrads = tile_sums(part, ranges, n_cols, scale, gate.dtype) if wgrad else None
+    return d_gate, d_up, h, dz[0], dz[1], wgrads
