@@ -97,8 +97,8 @@ def test_router_logits_stay_float32_under_autocast():
 
 
 def test_half_input_router_logits_match_float64_with_gradients():
-    """The bf16-input router GEMM with float32 output (its CUDA path, here with float32 products): logits
-    and both gradients as accurate as float32 copies of the inputs give, against float64."""
+    """The bf16-input router function (its CUDA path; here the logits from float32 products): float32
+    logits and gradients within bf16 rounding of float64."""
     torch.manual_seed(0)
     x = torch.randn(37, 64).bfloat16().requires_grad_()
     weight = (torch.randn(6, 64) * 0.1).bfloat16().requires_grad_()
@@ -110,5 +110,5 @@ def test_half_input_router_logits_match_float64_with_gradients():
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits.double(), x64.detach() @ w64.detach().t(), rtol=1e-6, atol=1e-6)
     assert x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
-    for ours, exact in ((x.grad, x64.grad), (weight.grad, w64.grad)):  # within one bf16 rounding step
-        torch.testing.assert_close(ours.double(), exact, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2**-8, atol=1e-6)  # one bf16 rounding step
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=2**-7, atol=1e-6)  # hi and lo rounded apart

@@ -80,3 +80,23 @@ def test_kernels_in_the_triton_interpreter_match_the_loop() -> None:
                              "--device", "cpu"], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout
+
+
+_LOGITS_CHECK = """
+import torch
+from Uni_MoE.model.moe.router_logits import logits_f32
+torch.manual_seed(0)
+x, w = torch.randn(70, 200), torch.randn(6, 200)  # partial row, column and expert blocks
+exact = x.double() @ w.double().t()
+out = logits_f32(x, w)
+assert out.dtype == torch.float32 and out.shape == (70, 6)
+torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@INTERPRETER
+def test_router_logits_kernel_in_the_interpreter_matches_float64() -> None:
+    result = subprocess.run([sys.executable, "-c", _LOGITS_CHECK], capture_output=True, text=True,
+                            env=_interpreter_env(), timeout=300, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
