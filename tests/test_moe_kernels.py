@@ -100,3 +100,30 @@ def test_router_logits_kernel_in_the_interpreter_matches_float64() -> None:
     result = subprocess.run([sys.executable, "-c", _LOGITS_CHECK], capture_output=True, text=True,
                             env=_interpreter_env(), timeout=300, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+_GROUPING_CHECK = """
+import torch
+from Uni_MoE.model.moe import group_kernels
+from Uni_MoE.model.moe.segments import group_slots
+torch.manual_seed(0)
+for tokens, k, experts in ((700, 2, 4), (700, 2, 40), (37, 1, 16), (5, 2, 8)):
+    indices = torch.randint(0, experts, (tokens, k))
+    indices[indices == 1] = 2  # an empty expert
+    fast = group_kernels.group(indices, experts)
+    group_kernels._ENABLED[0] = False
+    ref = group_slots(indices, experts)
+    group_kernels._ENABLED[0] = True
+    for name, got in zip(("order", "inverse", "token", "expert", "counts", "offs"), fast):
+        want = getattr(ref, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), (tokens, k, experts, name)
+print("ok")
+"""
+
+
+@INTERPRETER
+def test_grouping_kernels_in_the_interpreter_equal_the_stable_sort() -> None:
+    """Several blocks of slots (cross-block offsets), an empty expert, top-1 and top-2."""
+    result = subprocess.run([sys.executable, "-c", _GROUPING_CHECK], capture_output=True, text=True,
+                            env=_interpreter_env(), timeout=600, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import group_kernels
+
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -29,7 +31,12 @@ class SlotGrouping:
 
 
 def group_slots(indices: torch.Tensor, num_experts: int) -> SlotGrouping:
-    """Sort the [T, k] expert choices by expert (stable), with per-expert counts and end offsets."""
+    """Sort the [T, k] expert choices by expert (stable), with per-expert counts and end offsets (two Triton
+    launches on CUDA, group_kernels.py; torch ops elsewhere)."""
+    if group_kernels.usable(indices, num_experts):
+        grouped = group_kernels.group(indices, num_experts)
+        if grouped is not None:
+            return SlotGrouping(*grouped)
     flat = indices.reshape(-1)
     expert, order = flat.sort(stable=True)
     ends = torch.searchsorted(expert, torch.arange(num_experts, device=flat.device), right=True)  # no host sync
