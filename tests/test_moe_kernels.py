@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from Uni_MoE.model.moe.shared_kernels import _slot_ranges, combo_grouping
+from Uni_MoE.model.moe.shared_kernels import combo_grouping
 from Uni_MoE.model.moe.swiglu_lora_kernels import expert_tile_ranges, tile_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +28,6 @@ def test_tile_schedule_never_straddles_experts_and_covers_every_row() -> None:
 def test_expert_tile_ranges_follow_the_tile_schedule() -> None:
     counts = torch.tensor([3, 0, 5])
     assert expert_tile_ranges(counts, block_m=4).tolist() == [[0, 1, 1], [1, 1, 3]]  # tiles 0 | none | 1, 2
-
-
-def test_slot_ranges_sort_tile_slots_by_expert_and_leave_out_spare_tiles() -> None:
-    """(tile, slot) rows n = 2 tile + j by the slot's expert; combo c = e0 + 3 e1; tile 3 is spare."""
-    sched = torch.tensor([[5, 1, 6, 2], [0, 4, 6, 0], [4, 6, 9, 0]])  # tiles (2, 1), (1, 0), (0, 2), spare
-    order, ranges = _slot_ranges(sched, num_experts=3, top_k=2)
-    # expert 0: tile 1 slot 1 (n=3), tile 2 slot 0 (n=4); expert 1: n=1, 2; expert 2: n=0, 5
-    assert order[:6].tolist() == [3, 4, 1, 2, 0, 5]
-    assert ranges.tolist() == [[0, 2, 4], [2, 4, 6]]
 
 
 def test_combo_grouping_gives_each_tile_one_expert_per_slot() -> None:

@@ -142,13 +142,13 @@ def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, do
     and down-A LoRA grads)."""
     s, has_lora = ctx.lora.scale, za is not None
     factors = (gate_b, up_b, down_a) if has_lora else None
-    sum_gate, sum_up, dz, grad_w, wgrads = kernels.mix_backward(
+    sum_gate, sum_up, dz, grad_w = kernels.mix_backward(
         d_mixed, gate, up, za, dz_mix, weights, factors, keep, ctx.keep_scale, s, ctx.combos, need[1])
     grad_za, grads_lora = None, [None] * 3
     if has_lora:
         num_experts = down_a.shape[0]
-        grads_lora = wgrads if wgrads is not None else kernels.lora_weight_grads(
-            d_mixed, gate, up, za, dz_mix, weights, factors, keep, ctx.keep_scale, s, group_slots(indices, num_experts))
+        grads_lora = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
+                                               ctx.keep_scale, s, group_slots(indices, num_experts))
         grad_za = _to_blocks(dz, indices, num_experts)
         if need[1]:
             grad_w = grad_w + (zd.float() * _own_blocks(dz_mix, indices, num_experts).float()).sum(-1)

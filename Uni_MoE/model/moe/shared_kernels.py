@@ -11,9 +11,7 @@ need no gathered copy.
 - ``mix_backward``: sum_j d gate_j and sum_j d up_j (for the base input gradient), the gate/up LoRA
   input gradients s dg_j Bg and s du_j Bu, and <h_j, d mixed> for the routing-weight gradient;
 - ``lora_weight_grads``: per expert and block of I columns, over that expert's slots (sorted by expert),
-  the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory. For
-  r <= WGRAD_MAX_RANK ``mix_backward`` gives them instead, as fp32 partials of each (tile, slot) that
-  ``tile_sums`` adds up per expert, so the slots' activations are not recomputed in a second kernel.
+  the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory.
 
 Top-1 and top-2 only (``supported``); the PyTorch path in shared.py covers the rest and the CPU.
 """
@@ -23,9 +21,7 @@ from __future__ import annotations
 import torch
 
 from .segments import SlotGrouping, group_slots
-from .swiglu_lora_kernels import (
-    _INTERPRET, BLOCK_M, _block_r, _precision, _split, available, fuses_weight_grads, tile_schedule, tile_sums, triton,
-)
+from .swiglu_lora_kernels import _INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule, triton
 
 MAX_COMBOS = 1024  # E**k tile groups; beyond that the schedule's spare tiles outweigh the work
 
@@ -173,35 +169,16 @@ if triton is not None:
         du = (dh * silu).to(low).to(tl.float32)
         return dg, du, silu * u
 
-    @triton.jit
-    def _slot_wgrads(part_ptr, slot, n_parts, dg, du, h, zg, zu, dzo, w, keep_ptr, off, mask, cols, col_ok, rk, r_ok,
-                     rank, keep_scale, n_cols: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr):
-        """Store one (tile, slot)'s LoRA weight-gradient partials: dg^T zg, du^T zu [N, R] and
-        (w dzo)^T dropout(h) [R, N], fp32 rows ``slot`` of [3, n_parts, I * r]."""
-        low = zg.dtype
-        factor = n_parts * n_cols * rank
-        slot = slot.to(tl.int64)
-        b_off = slot * n_cols * rank + cols[:, None] * rank + rk[None, :]
-        b_mask = col_ok[:, None] & r_ok[None, :]
-        tl.store(part_ptr + b_off, tl.dot(tl.trans(dg.to(low)), zg, input_precision=PREC), mask=b_mask)
-        tl.store(part_ptr + factor + b_off, tl.dot(tl.trans(du.to(low)), zu, input_precision=PREC), mask=b_mask)
-        hd = _dropped(h.to(low).to(tl.float32), keep_ptr, off, mask, keep_scale, HAS_KEEP).to(low)
-        a_off = slot * n_cols * rank + rk[:, None] * n_cols + cols[None, :]
-        tl.store(part_ptr + 2 * factor + a_off,
-                 tl.dot(tl.trans((dzo.to(tl.float32) * w[:, None]).to(low)), hd, input_precision=PREC),
-                 mask=r_ok[:, None] & col_ok[None, :])
-
     @triton.autotune(configs=_BACKWARD_CONFIGS,
-                     key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP", "NEED_W", "WGRAD"],
+                     key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP", "NEED_W"],
                      prune_configs_by=_PRUNE)
     @triton.jit
     def _backward_kernel(
         dm_ptr, gate_ptr, up_ptr, sg_ptr, su_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dz_ptr, gw_ptr,
-        keep_ptr, perm_ptr, sched_ptr, part_ptr,
+        keep_ptr, perm_ptr, sched_ptr,
         n_tiles, n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
         SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, NEED_W: tl.constexpr,
-        WGRAD: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
         combo = tl.load(sched_ptr + pid).to(tl.int64)
@@ -253,9 +230,6 @@ if triton is not None:
                                input_precision=PREC)
             if NEED_W:
                 gw0 += tl.sum(h * dm, 1)
-            if WGRAD:
-                _slot_wgrads(part_ptr, pid * K, n_tiles * K, sg, su, h, zg0, zu0, dzo0, w0, keep_ptr, off, mask,
-                             cols, col_ok, rk, r_ok, rank, keep_scale, n_cols, HAS_KEEP, PREC)
             if K == 2:
                 dg, du, h = _backward_slot(dm, g, u, zg1, zu1, dzo1, e1, w1, keep_ptr + plane, off, mask, bg_ptr,
                                            bu_ptr, da_ptr, cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols,
@@ -267,9 +241,6 @@ if triton is not None:
                                    input_precision=PREC)
                 if NEED_W:
                     gw1 += tl.sum(h * dm, 1)
-                if WGRAD:
-                    _slot_wgrads(part_ptr, pid * K + 1, n_tiles * K, dg, du, h, zg1, zu1, dzo1, w1, keep_ptr + plane,
-                                 off, mask, cols, col_ok, rk, r_ok, rank, keep_scale, n_cols, HAS_KEEP, PREC)
                 sg += dg
                 su += du
             tl.store(sg_ptr + off, sg.to(sg_ptr.dtype.element_ty), mask=mask)
@@ -398,26 +369,13 @@ def mix_forward(
     return mixed, None if zd is None else zd.sum(0).to(gate.dtype)
 
 
-def _slot_ranges(sched: torch.Tensor, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the (tile, slot) rows n = tile * k + j sorted by the slot's expert, [2, E] int32 range of each expert in
-    that order); spare tiles sort last, past every range."""
-    combo = sched[0].long()
-    digits = torch.stack([(combo // num_experts**j) % num_experts for j in range(top_k)], dim=1)  # [n_tiles, k]
-    keys = torch.where((sched[1] < sched[2])[:, None], digits, num_experts).reshape(-1)
-    keys, order = keys.sort(stable=True)
-    experts = torch.arange(num_experts, device=keys.device)
-    ranges = torch.stack([torch.searchsorted(keys, experts), torch.searchsorted(keys, experts, right=True)])
-    return order.to(torch.int32), ranges.to(torch.int32).contiguous()
-
-
 def mix_backward(
     d_mixed: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, za: torch.Tensor | None, dz_mix: torch.Tensor | None,
     weights: torch.Tensor, lora: tuple | None, keep: torch.Tensor | None, keep_scale: float, scale: float,
     combos: tuple[SlotGrouping, torch.Tensor], need_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(sum_j d gate_j, sum_j d up_j [T, I], the gate/up LoRA input gradients [T, k, 2, r] or None,
-    sum over I of h_j * d_mixed [T, k] fp32 or None, and for r <= WGRAD_MAX_RANK the LoRA weight gradients
-    as ``lora_weight_grads`` gives them, else None). dz_mix [T, E*r] is s dy Bd of every expert."""
+    sum over I of h_j * d_mixed [T, k] fp32 or None). dz_mix [T, E*r] is s dy Bd of every expert."""
     rows, n_cols = gate.shape
     k = weights.shape[1]
     bg, bu, da, rank = _factors(gate, lora)
@@ -427,23 +385,16 @@ def mix_backward(
     sum_gate, sum_up = torch.empty_like(gate), torch.empty_like(gate)
     dz = gate.new_empty(split, rows, k, 2, rank, dtype=torch.float32) if lora is not None else None
     gw = gate.new_empty(split, rows, k, dtype=torch.float32) if need_w else None
-    wgrad = lora is not None and fuses_weight_grads(rank)
-    part = gate.new_empty(3, n_tiles * k, n_cols * rank, dtype=torch.float32) if wgrad else None
     _backward_kernel[(n_tiles, split)](
         d_mixed.contiguous(), gate, up, sum_gate, sum_up, za if za is not None else gate,
         dz_mix.contiguous() if dz_mix is not None else gate, weights.contiguous(), bg, bu, da,
         dz if dz is not None else gate, gw if gw is not None else gate, keep if keep is not None else gate,
-        grouping.order, sched, part if part is not None else gate,
-        n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1,
+        grouping.order, sched, n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1,
         scale, keep_scale, n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
-        NEED_W=need_w, WGRAD=wgrad, PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        NEED_W=need_w, PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
-    wgrads = None
-    if wgrad:
-        order, ranges = _slot_ranges(sched, bg.shape[0], k)
-        wgrads = tile_sums(part, ranges, n_cols, scale, bg.dtype, order)
     return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
-            None if gw is None else gw.sum(0), wgrads)
+            None if gw is None else gw.sum(0))
 
 
 def lora_weight_grads(

@@ -248,32 +248,25 @@ if triton is not None:
 
 
     @triton.jit
-    def _part_row(base, order_ptr, i, width, ORDERED: tl.constexpr):
-        """Row i of the partials in expert order (through ``order`` when the rows are not sorted by expert)."""
-        if ORDERED:
-            i = tl.load(order_ptr + i)
-        return tl.load(base + i.to(tl.int64) * width)
-
-    @triton.jit
-    def _tile_sum_kernel(part_ptr, out_ptr, ranges_ptr, order_ptr, n_parts, n_experts, width,
-                         ORDERED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
-        """out[f, e] = sum over expert e's rows of part[f], f over the three LoRA factors, in a fixed order."""
+    def _tile_sum_kernel(part_ptr, out_ptr, ranges_ptr, n_tiles, n_experts, width, INTERPRET: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """out[f, e] = sum over expert e's row tiles of part[f, tile], f over the three LoRA factors, in order."""
         e = tl.program_id(0)
         f = tl.program_id(2).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < width
         first = tl.load(ranges_ptr + e)
         end = tl.load(ranges_ptr + n_experts + e)
-        base = part_ptr + f * n_parts * width + tl.where(ok, cols, 0)
+        base = part_ptr + f * n_tiles * width + cols
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
-            i = first
-            while i < end:
-                acc += _part_row(base, order_ptr, i, width, ORDERED)
-                i += 1
+            t = first
+            while t < end:
+                acc += tl.load(base + t.to(tl.int64) * width, mask=ok, other=0.0)
+                t += 1
         else:
-            for i in range(first, end):
-                acc += _part_row(base, order_ptr, i, width, ORDERED)
+            for t in range(first, end):
+                acc += tl.load(base + t.to(tl.int64) * width, mask=ok, other=0.0)
         tl.store(out_ptr + (f * n_experts + e) * width + cols, acc, mask=ok)
 
 
@@ -305,19 +298,15 @@ def swiglu_lora_forward(
     return h, None if zd is None else zd.sum(0).to(gate.dtype)
 
 
-def tile_sums(
-    part: torch.Tensor, ranges: torch.Tensor, n_cols: int, scale: float, dtype: torch.dtype,
-    order: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partials [3, n, I * r] (d Bg, d Bu as [I, r], d Ad as [r, I] per row) -> (s d Bg, s d Bu [E, I, r],
-    d Ad [E, r, I]) in ``dtype``: expert e sums rows ranges[0, e] to ranges[1, e] (of ``order``, if given)."""
-    _, n_parts, width = part.shape
+def _tile_sums(part: torch.Tensor, ranges: torch.Tensor, n_cols: int, scale: float, dtype: torch.dtype) -> tuple:
+    """Per-tile partials [3, n_tiles, I * r] (d Bg, d Bu as [I, r], d Ad as [r, I]) -> (s d Bg, s d Bu [E, I, r],
+    d Ad [E, r, I]) in ``dtype``: expert e sums its tiles ranges[0, e] to ranges[1, e]."""
+    _, n_tiles, width = part.shape
     num_experts = ranges.shape[1]
     out = part.new_empty(3, num_experts, width)
     block = 1024
     _tile_sum_kernel[(num_experts, triton.cdiv(width, block), 3)](
-        part, out, ranges, order if order is not None else ranges, n_parts, num_experts, width,
-        ORDERED=order is not None, INTERPRET=_INTERPRET, BLOCK=block)
+        part, out, ranges, n_tiles, num_experts, width, INTERPRET=_INTERPRET, BLOCK=block)
     out[:2] *= scale
     grads = out.to(dtype)
     rank = width // n_cols
@@ -355,5 +344,5 @@ def swiglu_lora_backward(
     if dzs is None:
         return d_gate, d_up, h, None, None, None
     dz = dzs.sum(1).to(gate.dtype)
-    wgrads = tile_sums(part, ranges, n_cols, scale, gate.dtype) if wgrad else None
+    wgrads = _tile_sums(part, ranges, n_cols, scale, gate.dtype) if wgrad else None
     return d_gate, d_up, h, dz[0], dz[1], wgrads
