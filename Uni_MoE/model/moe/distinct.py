@@ -2,7 +2,9 @@
 
 Slots are sorted by expert once. Forward: grouped GEMMs for the bases, one SwiGLU with the r-wide LoRA
 terms of gate, up and the down LoRA's input fused in (``SwiGLULoRA``: Triton kernels on CUDA, PyTorch
-elsewhere), the down projection and its LoRA, and a weighted sum over each token's k slots (slot_kernels.py). Only gate/up
+elsewhere), the down projection, a weighted sum over each token's k slots (slot_kernels.py), and the down
+LoRA-B products of all slots as one dense [T, E*r] x [E*r, H] GEMM into the token outputs (half the rows of
+an update of the slot outputs; backward likewise reads dy once for the down LoRA). Only gate/up
 ([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
 recomputed in backward, frozen bases get no weight gradient, and LoRA weight gradients are exact
 per-expert grouped products (at small ranks on CUDA: per-tile sums from the SwiGLU backward kernel).
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_blocks import spread, stack_b
+from .lora_blocks import mix_slots, own_blocks, spread, stack_b, unstack_b
 from .segments import SlotGrouping, segment_mm, segment_mm_tn
 from .slot_kernels import combine, slot_grads, token_sum
 from .swiglu import dropout_mask
@@ -27,6 +29,11 @@ class LoRASettings:
 
     scale: float
     down_dropout: float
+
+
+def _slot_experts(g: SlotGrouping, weights: torch.Tensor) -> torch.Tensor:
+    """The [T, k] expert choices back from the grouping."""
+    return g.expert[g.inverse].view(weights.shape)
 
 
 def _own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,34 +73,41 @@ class DistinctExperts(torch.autograd.Function):
         act = SwiGLULoRA(gate, g, lora.scale)
         factors = (zg, zu, gate_b, up_b, down_a) if za is not None else None
         h, zd, gate, up = act.forward(gate, up, factors, keep, keep_scale)  # h [S, I], zd [S, r]
-        ys = segment_mm(h, down_w.transpose(1, 2), g)  # [S, H]
+        ys = segment_mm(h, down_w.transpose(1, 2), g)  # [S, H], the down bases only
         del h
-        if za is not None:
-            ys.addmm_(spread(zd, g.expert, num_experts), stack_b(down_b), alpha=lora.scale)
         out = combine(ys, g, weights)
+        zd_slots = zd_mix = None
+        if za is not None:  # the down LoRA-B products of all slots: one [T, E*r] x [E*r, H] GEMM into out
+            zd_slots = zd[g.inverse].view(*weights.shape, zd.shape[1])  # [T, k, r]
+            zd_mix = mix_slots(zd_slots, weights, _slot_experts(g, weights), num_experts)  # [T, E*r]
+            out.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
         ys = ys if ctx.needs_input_grad[1] else None
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
         ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
-                              gate, up, zg, zu, zd, keep, ys)
+                              gate, up, zg, zu, zd_slots, zd_mix, keep, ys)
         ctx.grouping, ctx.lora, ctx.keep_scale, ctx.act = g, lora, keep_scale, act
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, *kept = ctx.saved_tensors
-        gate, up, zg, zu, zd, keep, ys = kept
+        gate, up, zg, zu, zd_slots, zd_mix, keep, ys = kept
         g, lora, need, act = ctx.grouping, ctx.lora, ctx.needs_input_grad, ctx.act
         k = weights.shape[1]
         num_experts, s = gate_w.shape[0], lora.scale
         has_lora = zg is not None
         factors = (zg, zu, gate_b, up_b, down_a) if has_lora else None
-        dys, grad_w = slot_grads(grad_out, ys, g, weights)  # [S, H], [T, k] or None
+        grad_out = grad_out.contiguous()
+        dys, grad_w = slot_grads(grad_out, ys, g, weights)  # [S, H], [T, k] or None (the down bases' part)
         dh = segment_mm(dys, down_w, g)  # [S, I]
         grads_lora: list[torch.Tensor | None] = [None] * 4
         dzd = None
         if has_lora:
-            dzd = segment_mm(dys, down_b, g) * s  # [S, r]
-            grads_lora[3] = segment_mm_tn(dys, zd, g) * s  # [E, H, r]
+            own = own_blocks(grad_out @ stack_b(down_b).t(), _slot_experts(g, weights), num_experts)  # [T, k, r]
+            dzd = (own * (weights[:, :, None] * s)).view(-1, own.shape[2])[g.order]  # [S, r]: s w dy Bd
+            grads_lora[3] = unstack_b(zd_mix.t() @ grad_out, num_experts) * s  # [E, H, r]
+            if grad_w is not None:
+                grad_w = (grad_w.float() + s * (zd_slots.float() * own.float()).sum(-1)).to(weights.dtype)
         d_gate, d_up, h_dropped, dzg, dzu, wgrads = act.backward(
             dh, dzd, gate, up, factors, keep, ctx.keep_scale, need[5] and keep is None
         )

@@ -40,3 +40,17 @@ def keep_block(z_all: torch.Tensor, expert: torch.Tensor, num_experts: int) -> t
     """[n, E*r] activations of every expert -> [n, E*r] with only each row's own expert block kept."""
     mask = one_hot(expert, num_experts, z_all.dtype)[:, :, None]
     return (_blocks(z_all, num_experts) * mask).flatten(1)
+
+
+def mix_slots(zd: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-slot r-wide down LoRA-A outputs zd [T, k, r] -> sum_j w_j zd_j in the slot's expert block, [T, E*r]."""
+    mix = spread(zd[:, 0] * weights[:, :1], indices[:, 0], num_experts)
+    for j in range(1, weights.shape[1]):
+        mix += spread(zd[:, j] * weights[:, j : j + 1], indices[:, j], num_experts)
+    return mix
+
+
+def own_blocks(z_all: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, E*r] r-wide terms of every expert -> [T, k, r], each slot's own expert block."""
+    (t, k), r = indices.shape, z_all.shape[1] // num_experts
+    return z_all.view(t, num_experts, r).gather(1, indices[:, :, None].expand(t, k, r))

@@ -15,7 +15,7 @@ import torch
 
 from .distinct import LoRASettings
 from . import shared_kernels as kernels
-from .lora_blocks import keep_block, spread, stack_b, unstack_b
+from .lora_blocks import keep_block, mix_slots, own_blocks, spread, stack_b, unstack_b
 from .segments import group_slots
 from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
 
@@ -29,20 +29,6 @@ def _slot_deltas(
     num_experts = gate_b.shape[0]
     z = [keep_block(part, slot_experts, num_experts) * scale for part in za.chunk(2, dim=1)]  # [T, E*r] each
     return z[0] @ stack_b(gate_b), z[1] @ stack_b(up_b), z
-
-
-def _slot_outputs(zd: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Per-slot down LoRA-A outputs zd [T, k, r] -> sum_j w_j zd_j in the slot's expert block, [T, E*r]."""
-    mix = spread(zd[:, 0] * weights[:, :1], indices[:, 0], num_experts)
-    for j in range(1, weights.shape[1]):
-        mix += spread(zd[:, j] * weights[:, j : j + 1], indices[:, j], num_experts)
-    return mix
-
-
-def _own_blocks(z_all: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[T, E*r] r-wide terms of every expert -> [T, k, r], each slot's own expert block."""
-    (t, k), r = indices.shape, z_all.shape[1] // num_experts
-    return z_all.view(t, num_experts, r).gather(1, indices[:, :, None].expand(t, k, r))
 
 
 def _to_blocks(dz: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -133,7 +119,7 @@ def _fused_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lo
     ctx.keep_scale = keep_scale
     factors = (gate_b, up_b, down_a) if has_lora else None
     mixed, zd = kernels.mix_forward(gate, up, za, weights, factors, keep, keep_scale, lora.scale, ctx.combos)
-    zd_mix = _slot_outputs(zd, weights, indices, num_experts) if has_lora else None
+    zd_mix = mix_slots(zd, weights, indices, num_experts) if has_lora else None
     return mixed, zd_mix, (zd, keep)
 
 
@@ -151,7 +137,7 @@ def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, do
                                                ctx.keep_scale, s, group_slots(indices, num_experts))
         grad_za = _to_blocks(dz, indices, num_experts)
         if need[1]:
-            grad_w = grad_w + (zd.float() * _own_blocks(dz_mix, indices, num_experts).float()).sum(-1)
+            grad_w = grad_w + (zd.float() * own_blocks(dz_mix, indices, num_experts).float()).sum(-1)
     return sum_gate, sum_up, grad_w, grad_za, list(grads_lora)
 
 
