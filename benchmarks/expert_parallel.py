@@ -21,7 +21,8 @@ rank, gradients reduced as data parallelism does (experts: summed over the ranks
 size), then the logits of a held-out batch; 3. (speed pass) ms per training step and tokens/s (all ranks),
 decode tokens/s, and the peak memory of every device from after the model is built (generation and training);
 with ``--memory`` (GPUs), one more step split into resident, saved-for-backward (attention, MoE, rest) and
-peak memory, with its host synchronisations (``step_memory.py``).
+peak memory, with its host synchronisations (``step_memory.py``). ``--checkpointing`` runs every
+configuration with activation checkpointing of the decoder layers, as the training launchers do.
 
 Writes DIR/expert_parallel.md and DIR/expert_parallel.json (after every configuration, so a failure
 keeps what was measured). Exits 1 when a check fails.
@@ -133,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also profile one timed step per configuration: DIR/profile_<config>_rank<r>.txt")
     p.add_argument("--memory", action="store_true",
                    help="speed pass on GPUs: one more step's memory breakdown and host synchronisations")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of every decoder layer (non-reentrant), in every configuration")
     p.add_argument("--skip_exact", action="store_true", help="run only the timed bf16 pass")
     p.add_argument("--skip_speed", action="store_true", help="run only the float32 comparison")
     p.add_argument("--seed", type=int, default=0)
@@ -205,7 +208,19 @@ def build(shape: Shape, args: argparse.Namespace, backend: str, ep_size: int, st
     model.load_state_dict(state, strict=True)
     for name, p in model.named_parameters():
         p.requires_grad_(bool(TRAINABLE.search(name)))
+    if args.checkpointing:
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers, as the training launchers ask for it
+    (``activation_checkpointing_enable``, or its older name in transformers releases without it)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def tokens(shape: Shape, rows: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -457,7 +472,8 @@ def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, 
                 transformers=transformers.__version__, layers=args.layers, experts=args.experts, top_k=args.top_k,
                 lora_r=args.lora_r, shapes={mode: asdict(s) for mode, s in shapes.items()},
                 train_steps=args.train_steps, timed_steps=args.timed_steps, tie_tolerance=args.tie_tolerance,
-                exact_tie_tolerance=args.exact_tie_tolerance, exact_lr=args.exact_lr, command=" ".join(sys.argv))
+                exact_tie_tolerance=args.exact_tie_tolerance, exact_lr=args.exact_lr, checkpointing=args.checkpointing,
+                command=" ".join(sys.argv))
 
 
 def num(x: float | None, fmt: str) -> str:
@@ -475,7 +491,8 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
         f"{env['date']}; {env['world_size']} x {env['device']}; torch {env['torch']}, deepspeed "
         f"{env['deepspeed']}, transformers {env['transformers']}. Command: `{env['command']}`.",
         f"Model: {env['layers']} layers (all MoE), {env['experts']} experts top-{env['top_k']}, expert LoRA "
-        f"r {env['lora_r']}, random init.",
+        f"r {env['lora_r']}, random init. Activation checkpointing of the decoder layers: "
+        f"{'on (non-reentrant), in every configuration' if env['checkpointing'] else 'off'}.",
     ]
     exact = [r for r in results if r.mode == "exact"]
     if exact:

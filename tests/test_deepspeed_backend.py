@@ -288,6 +288,49 @@ def test_expert_parallel_over_two_processes(tmp_path):
         assert (Path(tmp_path) / f"ok{rank}").read_text() == "ok"
 
 
+@pytest.mark.slow
+def test_expert_parallel_over_four_processes(tmp_path):
+    """ep_size=4 on four gloo ranks (rows for three other ranks per piece, one rank without tokens): outputs
+    and gradients equal the local backend's."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT_DIR": str(tmp_path), "EP_WORKER": "ep4"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+           str(free_port()), __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(4):
+        assert (Path(tmp_path) / f"ok{rank}").read_text() == "ok"
+
+
+def _ep4_worker() -> None:
+    """Each rank: 8 experts over 4 ranks against the local layer on its own tokens (rank 3 has none)."""
+    import torch.distributed as dist
+
+    from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    local = MoELayer(**{**LAYER, "num_experts": 8}, implementation="reference")
+    for p in local.experts.lora_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ds = DeepSpeedMoELayer(**{**LAYER, "num_experts": 8}, ep_size=4)
+    ds.load_state_dict(local.state_dict(), strict=True)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(1, (5, 9, 2, 0)[rank], 16)
+    out_l, gx_l = _run(local, x)
+    out_d, gx_d = _run(ds, x)
+    torch.testing.assert_close(out_d, out_l)
+    torch.testing.assert_close(gx_d, gx_l)
+    for name in LORA_NAMES:
+        param = getattr(local.experts, name)
+        summed = torch.zeros_like(param) if param.grad is None else param.grad.clone()
+        dist.all_reduce(summed)
+        for b, expert in enumerate(ds.local_experts()):
+            torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
+    (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
+    dist.barrier()
+
+
 def _ep2_worker() -> None:
     """Each rank: build local (all experts, same seed) and ep_size=2 layers, load, compare, save back."""
     import torch.distributed as dist
@@ -321,11 +364,31 @@ def _ep2_worker() -> None:
     assert gathered.keys() == local.state_dict().keys()
     for key, value in local.state_dict().items():
         torch.testing.assert_close(gathered[key], value)
+    _ep2_checkpointed(ds, x)
     _ep2_uneven(rank, local, ds)
     _ep2_no_rows_for_one_rank(rank)
     _ep2_v2_experts(rank, Path(os.environ["OUT_DIR"]))
     (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
     dist.barrier()
+
+
+def _ep2_checkpointed(ds, x: torch.Tensor) -> None:
+    """Under activation checkpointing (either kind) the layer recomputes its exchange in the backward and
+    gives the same outputs and gradients as without."""
+    from torch.utils.checkpoint import checkpoint
+
+    def grads(reentrant: bool | None) -> list[torch.Tensor]:
+        ds.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = ds(xg) if reentrant is None else checkpoint(ds, xg, use_reentrant=reentrant)
+        out.square().sum().backward()  # a reentrant checkpoint gives the aux loss, a side output, no gradient
+        experts = ds.local_experts()[1]
+        return [out.detach(), xg.grad, ds.router.weight.grad] + [getattr(experts, n).grad for n in LORA_NAMES]
+
+    plain = grads(None)
+    for reentrant in (False, True):
+        for i, (got, want) in enumerate(zip(grads(reentrant), plain)):
+            torch.testing.assert_close(got, want, msg=lambda m: f"reentrant={reentrant}, tensor {i}: {m}")
 
 
 def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:
@@ -391,4 +454,4 @@ def _ep2_v2_experts(rank: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    _ep2_worker()
+    _ep4_worker() if os.environ.get("EP_WORKER") == "ep4" else _ep2_worker()

@@ -64,3 +64,23 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
     assert ep2["experts_per_device"] == 4 and sum(ep2["expert_rows"]) == 2 * 2 * 16 * 2 * 2  # ranks*batch*seq*k*layers
     table = (tmp_path / "expert_parallel.md").read_text()
     assert "## Exact comparison (float32" in table and "| deepspeed ep2 | 2 | 4 |" in table
+
+
+@pytest.mark.slow
+def test_smoke_exact_pass_with_activation_checkpointing(tmp_path):
+    """--checkpointing: every configuration recomputes its decoder layers in the backward (ep_size 2 its row
+    exchanges too), and the float32 comparison still holds to rounding."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2", "--skip_speed",
+           "--checkpointing"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "expert_parallel.json").read_text())
+    assert report["checkpointing"] is True
+    rows = {r["name"]: r for r in report["results"]}
+    for name in ("deepspeed ep1", "deepspeed ep2"):
+        assert rows[name]["passed"] and rows[name]["routing_agreement"] == 1.0
+        assert rows[name]["grad_rel_err"] < 1e-5 and rows[name]["logits_rel_err"] < 1e-5

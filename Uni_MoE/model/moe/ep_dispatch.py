@@ -3,37 +3,26 @@ routed rows move.
 
 With ``ep_size`` ranks of L experts each (global expert e lives on rank e // L as local expert e % L),
 every rank sorts its [T, k] slots by expert, tells every other rank how many rows it will send for each
-of that rank's experts (one small all-to-all of counts, then one host sync for the split sizes), sends
-the rows (an all-to-all with those splits, differentiable), runs its L experts on what it received in
-one call of the expert implementation, and returns the outputs the same way. The routing weights are
-applied back on the token's own rank, so only hidden-size rows cross. No capacity, no padding, no
-dropped token: the function is the local layer's for any routing.
+of that rank's experts (one small all-to-all of counts, then one host sync for the split sizes), and
+sends only the rows for other ranks' experts, in pieces that travel while its own experts run
+(``ep_overlap``); the outputs come back the same way. The routing weights are applied back on the
+token's own rank, so only hidden-size rows cross. No capacity, no padding, no dropped token: the function
+is the local layer's for any routing.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single
 
-from .experts import MoEExperts
+from .ep_overlap import ExchangePlan, OverlappedExperts, take
+from .experts import PROJECTIONS, MoEExperts
 from .implementations import ExpertFn
 from .segments import SlotGrouping, group_slots
-from .slot_kernels import combine, slot_grads, token_sum
+from .slot_kernels import combine, slot_grads
 
-
-class _SlotRows(torch.autograd.Function):
-    """x [T, H] -> the rows of the sorted slots [S, H] (x[g.token]); the backward sums each token's k slot
-    gradients straight into its row (``token_sum``): no atomic scatter, deterministic."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, g: SlotGrouping, top_k: int) -> torch.Tensor:
-        ctx.grouping, ctx.top_k = g, top_k
-        return x[g.token]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return token_sum(grad.contiguous(), None, ctx.grouping, ctx.top_k), None, None
+CHUNKS = 2  # pieces of each remote rank's rows in training: one travels while the other computes
+TENSOR_NAMES = tuple(f"{p}_proj" for p in PROJECTIONS) + tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "AB")
 
 
 class _MixSlots(torch.autograd.Function):
@@ -54,16 +43,6 @@ class _MixSlots(torch.autograd.Function):
         return dys, grad_w, None
 
 
-def _zero_link(inbox: torch.Tensor, experts: MoEExperts) -> torch.Tensor:
-    """0, depending on the received rows and every trainable expert tensor: a rank that received no row
-    still takes part in the backward's exchanges, as the ranks with rows do (else they would wait forever)."""
-    link = inbox.sum() * 0
-    for p in experts.base_parameters() + experts.lora_parameters():
-        if p.requires_grad:
-            link = link + p.sum() * 0
-    return link
-
-
 def _exchange_counts(counts: torch.Tensor, ep_size: int,
                      group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int], list[int]]:
     """counts [E]: rows this rank sends to each global expert. Returns rows received per (source rank,
@@ -72,6 +51,41 @@ def _exchange_counts(counts: torch.Tensor, ep_size: int,
     dist.all_to_all_single(received, counts, group=group)
     per_rank = torch.stack([counts.view(ep_size, -1).sum(1), received.view(ep_size, -1).sum(1)]).tolist()
     return received, per_rank[0], per_rank[1]
+
+
+def _bounds(n: int, parts: int) -> list[int]:
+    """Boundaries [0, ..., n] of n rows cut into ``parts`` near-equal consecutive pieces."""
+    return [n * i // parts for i in range(parts + 1)]
+
+
+def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[int], rank: int, num_local: int,
+          top_k: int, chunks: int, group: dist.ProcessGroup | None) -> ExchangePlan:
+    """Cut each remote rank's rows (sorted by expert, so one block per rank) into ``chunks`` pieces; the
+    received rows are grouped by (source rank, local expert), ``received`` [ep_size * L] counting them."""
+    ep_size = len(sent)
+    first = [sum(sent[:d]) for d in range(ep_size)]
+    arrived = [sum(got[:s]) for s in range(ep_size)]
+    local = torch.arange(num_local, device=received.device).repeat(ep_size)
+    local = local.repeat_interleave(received, output_size=sum(got))  # local expert of each received row
+    remote = [d for d in range(ep_size) if d != rank]
+    out_cuts = {d: _bounds(sent[d], chunks) for d in remote}
+    in_cuts = {d: _bounds(got[d], chunks) for d in remote}
+    send, send_sizes, recv_sizes, recv_ids = [], [], [], []
+    for c in range(chunks):
+        send.append([slice(first[d] + out_cuts[d][c], first[d] + out_cuts[d][c + 1]) for d in remote])
+        send_sizes.append([out_cuts[d][c + 1] - out_cuts[d][c] if d != rank else 0 for d in range(ep_size)])
+        recv_sizes.append([in_cuts[d][c + 1] - in_cuts[d][c] if d != rank else 0 for d in range(ep_size)])
+        pieces = [slice(arrived[d] + in_cuts[d][c], arrived[d] + in_cuts[d][c + 1]) for d in remote]
+        recv_ids.append(take(local, pieces))
+    own = slice(first[rank], first[rank] + sent[rank])
+    return ExchangePlan(group, own, local[arrived[rank] : arrived[rank] + got[rank]], send, send_sizes, recv_sizes,
+                        recv_ids, top_k)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The experts' output dtype: autocast's where it is on (the grouped block computes in it), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
@@ -88,16 +102,15 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     top_k = indices.shape[1]
     num_local = experts.num_experts
     g = group_slots(indices, ep_size * num_local)  # slots by global expert, hence by destination rank
-    received, sent_per_rank, received_per_rank = _exchange_counts(g.counts, ep_size, group)  # the host sync
-    rows = _SlotRows.apply(x, g, top_k)  # [S, H], freed once sent
-    total = sum(received_per_rank)
-    inbox = all_to_all_single(rows.new_empty(total, rows.shape[1]), rows, received_per_rank, sent_per_rank, group)
-    del rows
-    local_expert = torch.arange(num_local, device=x.device).repeat(ep_size)
-    local_expert = local_expert.repeat_interleave(received, output_size=total)
-    outputs = implementation(inbox, inbox.new_ones(total, 1), local_expert[:, None], experts)
-    if total == 0 and torch.is_grad_enabled():
-        outputs = outputs + _zero_link(inbox, experts)
-    back = all_to_all_single(outputs.new_empty(g.order.numel(), outputs.shape[1]), outputs, sent_per_rank,
-                             received_per_rank, group)
-    return _MixSlots.apply(back, weights, g), total
+    received, sent, got = _exchange_counts(g.counts, ep_size, group)  # the host sync
+    names = tuple(n for n in TENSOR_NAMES if getattr(experts, n, None) is not None)
+    trainable = tuple(n for n in names if getattr(experts, n).requires_grad)
+    track = torch.is_grad_enabled() and (x.requires_grad or bool(trainable))
+    plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, CHUNKS if track else 1, group)
+
+    def run(rows: torch.Tensor, ids: torch.Tensor, local: MoEExperts) -> torch.Tensor:
+        return implementation(rows, rows.new_ones(rows.shape[0], 1), ids[:, None], local)
+
+    ys = OverlappedExperts.apply(x, g, plan, run, experts, _out_dtype(x), track, trainable,
+                                 *(getattr(experts, n) for n in trainable))
+    return _MixSlots.apply(ys, weights, g), sum(got)
