@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .ep_overlap import ExchangePlan, OverlappedExperts, take
 from .experts import PROJECTIONS, MoEExperts
-from .implementations import ExpertFn
+from .implementations import ExpertFn, sorted_rows_implementation
 from .segments import SlotGrouping, group_slots
 from .slot_kernels import combine, slot_grads
 
@@ -107,10 +107,7 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     trainable = tuple(n for n in names if getattr(experts, n).requires_grad)
     track = torch.is_grad_enabled() and (x.requires_grad or bool(trainable))
     plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, CHUNKS if track else 1, group)
-
-    def run(rows: torch.Tensor, ids: torch.Tensor, local: MoEExperts) -> torch.Tensor:
-        return implementation(rows, rows.new_ones(rows.shape[0], 1), ids[:, None], local)
-
+    run = sorted_rows_implementation(implementation)  # the received rows come sorted by local expert
     ys = OverlappedExperts.apply(x, g, plan, run, experts, _out_dtype(x), track, trainable,
                                  *(getattr(experts, n) for n in trainable))
     return _MixSlots.apply(ys, weights, g), sum(got)

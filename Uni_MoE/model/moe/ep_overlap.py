@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from torch.autograd.graph import get_gradient_edge
 
 from .experts import MoEExperts
+from .implementations import SortedRowsFn as RunExperts
 from .segments import SlotGrouping
 from .slot_kernels import token_sum
-
-RunExperts = Callable[[torch.Tensor, torch.Tensor, MoEExperts], torch.Tensor]  # (rows, local expert ids, experts)
 
 
 @dataclass
