@@ -12,6 +12,8 @@ is the local layer's for any routing.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -21,7 +23,7 @@ from .implementations import ExpertFn, sorted_rows_implementation
 from .segments import SlotGrouping, group_slots
 from .slot_kernels import combine, slot_grads
 
-CHUNKS = 2  # pieces of each remote rank's rows in training: one travels while the other computes
+PIECES_ENV = "UNI_MOE_EP_PIECES"  # remote pieces per rank in training; 0 (default): one merged expert call
 TENSOR_NAMES = tuple(f"{p}_proj" for p in PROJECTIONS) + tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "AB")
 
 
@@ -59,9 +61,11 @@ def _bounds(n: int, parts: int) -> list[int]:
 
 
 def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[int], rank: int, num_local: int,
-          top_k: int, chunks: int, group: dist.ProcessGroup | None) -> ExchangePlan:
-    """Cut each remote rank's rows (sorted by expert, so one block per rank) into ``chunks`` pieces; the
-    received rows are grouped by (source rank, local expert), ``received`` [ep_size * L] counting them."""
+          top_k: int, pieces: int, group: dist.ProcessGroup | None) -> ExchangePlan:
+    """Cut each remote rank's rows (sorted by expert, so one block per rank) into ``pieces`` pieces (0: one
+    piece, run merged with the own rows); the received rows are grouped by (source rank, local expert),
+    ``received`` [ep_size * L] counting them."""
+    chunks = max(pieces, 1)
     ep_size = len(sent)
     first = [sum(sent[:d]) for d in range(ep_size)]
     arrived = [sum(got[:s]) for s in range(ep_size)]
@@ -75,11 +79,11 @@ def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[in
         send.append([slice(first[d] + out_cuts[d][c], first[d] + out_cuts[d][c + 1]) for d in remote])
         send_sizes.append([out_cuts[d][c + 1] - out_cuts[d][c] if d != rank else 0 for d in range(ep_size)])
         recv_sizes.append([in_cuts[d][c + 1] - in_cuts[d][c] if d != rank else 0 for d in range(ep_size)])
-        pieces = [slice(arrived[d] + in_cuts[d][c], arrived[d] + in_cuts[d][c + 1]) for d in remote]
-        recv_ids.append(take(local, pieces))
+        arriving = [slice(arrived[d] + in_cuts[d][c], arrived[d] + in_cuts[d][c + 1]) for d in remote]
+        recv_ids.append(take(local, arriving))
     own = slice(first[rank], first[rank] + sent[rank])
     return ExchangePlan(group, own, local[arrived[rank] : arrived[rank] + got[rank]], send, send_sizes, recv_sizes,
-                        recv_ids, top_k)
+                        recv_ids, top_k, pieces == 0)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -106,8 +110,13 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     names = tuple(n for n in TENSOR_NAMES if getattr(experts, n, None) is not None)
     trainable = tuple(n for n in names if getattr(experts, n).requires_grad)
     track = torch.is_grad_enabled() and (x.requires_grad or bool(trainable))
-    plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, CHUNKS if track else 1, group)
-    run = sorted_rows_implementation(implementation)  # the received rows come sorted by local expert
-    ys = OverlappedExperts.apply(x, g, plan, run, experts, _out_dtype(x), track, trainable,
+    pieces = int(os.environ.get(PIECES_ENV, "0")) if track else 0
+    plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, pieces, group)
+
+    def run_any(rows: torch.Tensor, expert: torch.Tensor, local: MoEExperts) -> torch.Tensor:
+        return implementation(rows, rows.new_ones(rows.shape[0], 1), expert[:, None], local)
+
+    runs = (sorted_rows_implementation(implementation), run_any)  # rows sorted by local expert, or in any order
+    ys = OverlappedExperts.apply(x, g, plan, runs, experts, _out_dtype(x), track, trainable,
                                  *(getattr(experts, n) for n in trainable))
     return _MixSlots.apply(ys, weights, g), sum(got)
