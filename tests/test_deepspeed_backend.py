@@ -301,6 +301,30 @@ def test_expert_parallel_over_four_processes(tmp_path):
         assert (Path(tmp_path) / f"ok{rank}").read_text() == "ok"
 
 
+def _compare_with_local(local: MoELayer, ds, x: torch.Tensor, rank: int, names: tuple[str, ...]) -> None:
+    """Fresh gradients; outputs and input gradients equal the local layer's on this rank's tokens, and each
+    expert's gradients (``names``) equal the local ones summed over the ranks that fed it."""
+    for layer in (local, ds):
+        layer.zero_grad(set_to_none=True)
+    out_l, gx_l = _run(local, x)
+    out_d, gx_d = _run(ds, x)
+    torch.testing.assert_close(out_d, out_l)
+    torch.testing.assert_close(gx_d, gx_l)
+    _assert_expert_grads_summed(local, ds, rank, names)
+
+
+def _assert_expert_grads_summed(local: MoELayer, ds, rank: int, names: tuple[str, ...]) -> None:
+    import torch.distributed as dist
+
+    per_rank = ds.num_local_experts
+    for name in names:
+        param = getattr(local.experts, name)
+        summed = torch.zeros_like(param) if param.grad is None else param.grad.clone()
+        dist.all_reduce(summed)
+        for b, expert in enumerate(ds.local_experts()):
+            torch.testing.assert_close(getattr(expert, name).grad[0], summed[per_rank * rank + b])
+
+
 def _ep4_worker() -> None:
     """Each rank: 8 experts over 4 ranks against the local layer on its own tokens (rank 3 has none)."""
     import torch.distributed as dist
@@ -320,18 +344,7 @@ def _ep4_worker() -> None:
     x = torch.randn(1, (5, 9, 2, 0)[rank], 16)
     for pieces in ("0", "2"):
         os.environ[PIECES_ENV] = pieces
-        for layer in (local, ds):
-            layer.zero_grad(set_to_none=True)
-        out_l, gx_l = _run(local, x)
-        out_d, gx_d = _run(ds, x)
-        torch.testing.assert_close(out_d, out_l)
-        torch.testing.assert_close(gx_d, gx_l)
-        for name in LORA_NAMES:
-            param = getattr(local.experts, name)
-            summed = torch.zeros_like(param) if param.grad is None else param.grad.clone()
-            dist.all_reduce(summed)
-            for b, expert in enumerate(ds.local_experts()):
-                torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
+        _compare_with_local(local, ds, x, rank, LORA_NAMES)
     (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
     dist.barrier()
 
@@ -355,18 +368,8 @@ def _ep2_worker() -> None:
     x = torch.randn(2, 7, 16)
     for pieces in ("0", "1", "2"):  # the merged call, and the own rows overlapping one or two remote pieces
         os.environ[PIECES_ENV] = pieces
-        for layer in (local, ds):
-            layer.zero_grad(set_to_none=True)
-        out_l, gx_l = _run(local, x)
-        out_d, gx_d = _run(ds, x)
-        torch.testing.assert_close(out_d, out_l)
-        torch.testing.assert_close(gx_d, gx_l)
+        _compare_with_local(local, ds, x, rank, LORA_NAMES)  # an expert's gradient sums both ranks' tokens
         torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)  # through the routing weights
-        for name in LORA_NAMES:  # an expert's gradient sums both ranks' tokens
-            summed = getattr(local.experts, name).grad.clone()
-            dist.all_reduce(summed)
-            for b, expert in enumerate(ds.local_experts()):
-                torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
         _ep2_checkpointed(ds, x)
         _ep2_uneven(rank, local, ds)
         _ep2_no_rows_for_one_rank(rank)
@@ -419,12 +422,7 @@ def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:
     routes = [None, None]
     dist.all_gather_object(routes, ds.routing)
     assert ds.expert_rows == sum(int((r // 2 == rank).sum()) for r in routes) > 0  # the slots sent to this rank
-    for name in ("gate_proj", "down_proj", "up_lora_A", "down_lora_B"):
-        param = getattr(local.experts, name)
-        summed = torch.zeros_like(param) if param.grad is None else param.grad.clone()
-        dist.all_reduce(summed)
-        for b, expert in enumerate(ds.local_experts()):
-            torch.testing.assert_close(getattr(expert, name).grad[0], summed[2 * rank + b])
+    _assert_expert_grads_summed(local, ds, rank, ("gate_proj", "down_proj", "up_lora_A", "down_lora_B"))
 
 
 def _ep2_no_rows_for_one_rank(rank: int) -> None:
