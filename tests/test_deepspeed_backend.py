@@ -388,7 +388,14 @@ def _ep2_worker() -> None:
 def _ep2_checkpointed(ds, x: torch.Tensor) -> None:
     """Under activation checkpointing (either kind) the layer recomputes its exchange in the backward and
     gives the same outputs and gradients as without."""
+    from unittest.mock import patch
+
     from torch.utils.checkpoint import checkpoint
+
+    from Uni_MoE.model.moe import ep_dispatch
+    from Uni_MoE.model.moe.ep_dispatch import PIECES_ENV
+
+    exchange_counts = ep_dispatch._exchange_counts
 
     def grads(reentrant: bool | None) -> list[torch.Tensor]:
         ds.zero_grad(set_to_none=True)
@@ -402,6 +409,12 @@ def _ep2_checkpointed(ds, x: torch.Tensor) -> None:
     for reentrant in (False, True):
         for i, (got, want) in enumerate(zip(grads(reentrant), plain)):
             torch.testing.assert_close(got, want, msg=lambda m: f"reentrant={reentrant}, tensor {i}: {m}")
+    if os.environ.get(PIECES_ENV) == "0":  # the merged exchange is ordinary autograd: one recompute, no more
+        exchanges = []
+        counting = lambda *args: exchanges.append(1) or exchange_counts(*args)  # noqa: E731
+        with patch.object(ep_dispatch, "_exchange_counts", counting):
+            grads(False)
+        assert len(exchanges) == 2
 
 
 def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:

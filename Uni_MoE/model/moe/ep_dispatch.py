@@ -4,8 +4,9 @@ routed rows move.
 With ``ep_size`` ranks of L experts each (global expert e lives on rank e // L as local expert e % L),
 every rank sorts its [T, k] slots by expert, tells every other rank how many rows it will send for each
 of that rank's experts (one small all-to-all of counts, then one host sync for the split sizes), and
-sends only the rows for other ranks' experts, in pieces that travel while its own experts run
-(``ep_overlap``); the outputs come back the same way. The routing weights are applied back on the
+sends only the rows for other ranks' experts, gathering its own rows meanwhile; its experts run once on
+both (``ep_merged``), and the outputs come back the same way (or, ``UNI_MOE_EP_PIECES``, the received
+rows come in pieces while the own rows compute: ``ep_overlap``). The routing weights are applied back on the
 token's own rank, so only hidden-size rows cross. No capacity, no padding, no dropped token: the function
 is the local layer's for any routing.
 """
@@ -17,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .ep_merged import Dispatch, Return
 from .ep_overlap import ExchangePlan, OverlappedExperts, take
 from .experts import PROJECTIONS, MoEExperts
 from .implementations import ExpertFn, sorted_rows_implementation
@@ -24,6 +26,7 @@ from .segments import SlotGrouping, group_slots
 from .slot_kernels import combine, slot_grads
 
 PIECES_ENV = "UNI_MOE_EP_PIECES"  # remote pieces per rank in training; 0 (default): one merged expert call
+# (ep_merged); n > 0: the own experts compute while n pieces travel (ep_overlap), measured slower on two H200s
 TENSOR_NAMES = tuple(f"{p}_proj" for p in PROJECTIONS) + tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "AB")
 
 
@@ -43,6 +46,16 @@ class _MixSlots(torch.autograd.Function):
         ys, weights = ctx.saved_tensors
         dys, grad_w = slot_grads(grad, ys, ctx.grouping, weights)
         return dys, grad_w, None
+
+
+def _zero_link(inbox: torch.Tensor, experts: MoEExperts) -> torch.Tensor:
+    """0, depending on the received rows and every trainable expert tensor: a rank whose experts ran no row
+    (or whose implementation returned no graph for none) still takes part in the backward's exchanges."""
+    link = inbox.sum() * 0
+    for p in experts.base_parameters() + experts.lora_parameters():
+        if p.requires_grad:
+            link = link + p.sum() * 0
+    return link
 
 
 def _exchange_counts(counts: torch.Tensor, ep_size: int,
@@ -116,7 +129,14 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     def run_any(rows: torch.Tensor, expert: torch.Tensor, local: MoEExperts) -> torch.Tensor:
         return implementation(rows, rows.new_ones(rows.shape[0], 1), expert[:, None], local)
 
-    runs = (sorted_rows_implementation(implementation), run_any)  # rows sorted by local expert, or in any order
-    ys = OverlappedExperts.apply(x, g, plan, runs, experts, _out_dtype(x), track, trainable,
-                                 *(getattr(experts, n) for n in trainable))
+    if plan.merged:
+        inbox = Dispatch.apply(x, g, plan)
+        out = run_any(inbox, torch.cat([plan.own_ids, plan.recv_ids[0]]), experts)
+        if track and (inbox.shape[0] == 0 or not out.requires_grad):
+            out = out + _zero_link(inbox, experts)  # every rank must run the backward's exchanges
+        ys = Return.apply(out, g, plan)
+    else:
+        runs = (sorted_rows_implementation(implementation), run_any)  # rows sorted by local expert, or any order
+        ys = OverlappedExperts.apply(x, g, plan, runs, experts, _out_dtype(x), trainable,
+                                     *(getattr(experts, n) for n in trainable))
     return _MixSlots.apply(ys, weights, g), sum(got)

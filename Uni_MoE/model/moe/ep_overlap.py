@@ -1,4 +1,5 @@
-"""The expert-parallel row exchange with the experts computing while rows travel, forward and backward.
+"""The expert-parallel row exchange with the experts computing while rows travel, forward and backward
+(``UNI_MOE_EP_PIECES`` > 0 in training; the shared plan and transfers of every mode live here too).
 
 Rows (token-slots sorted by global expert) for this rank's own experts never leave it; the rows for each
 other rank are cut into ``chunks`` pieces, each one asynchronous all-to-all (``async_op=True``: on CUDA a
@@ -8,7 +9,9 @@ Backward, the same with gradients: the output gradients of the sent rows travel 
 backward runs, and each piece's input gradient goes home while the next piece's backward runs. Only the
 last return trip is exposed. Each piece runs the configured expert implementation on its own autograd
 graph (built inside the forward, replayed by ``torch.autograd.grad`` in the backward); the function keeps
-the ends of those graphs, not their tensors, so activation checkpointing still frees them.
+the ends of those graphs, not their tensors, so activation checkpointing still frees them, but each such
+nested backward is a graph task of its own, for which a non-reentrant checkpoint recomputes the layer once
+more (three forwards per step instead of two).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class ExchangePlan:
     recv_sizes: list[list[int]]  # per piece: rows received from each rank (0 from itself)
     recv_ids: list[torch.Tensor]  # per piece: local expert id of each received row
     top_k: int
-    merged: bool  # one expert call on the own rows and the (single) received piece
+    merged: bool  # one expert call on the own rows and the (single) received piece (``ep_merged``)
 
 
 def take(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:
@@ -46,7 +49,7 @@ def take(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:
     return t[slices[0]] if len(slices) == 1 else torch.cat([t[s] for s in slices])
 
 
-class _Transfer:
+class Transfer:
     """One asynchronous all-to-all of rows; received straight into ``into`` at ``slices`` when they are one
     block, else into a buffer copied there on :meth:`wait`."""
 
@@ -85,17 +88,14 @@ class _Sink(torch.autograd.Function):
 
 
 class _Piece:
-    """The experts run on one block of rows (``run`` takes their order). With ``leaves`` (gradients tracked) it
-    keeps the end of its graph and replays it in :meth:`backward`."""
+    """The experts run on one block of rows (``run`` takes their order) on a graph of their own, whose end
+    it keeps to replay in :meth:`backward` (``leaves``: the detached trainable expert tensors)."""
 
     def __init__(self, rows: torch.Tensor, ids: torch.Tensor, run: RunExperts, experts: MoEExperts,
-                 out_dtype: torch.dtype, leaves: list[torch.Tensor] | None, rows_grad: bool) -> None:
+                 out_dtype: torch.dtype, leaves: list[torch.Tensor], rows_grad: bool) -> None:
         self.rows, self.edge, self.anchor, self.holder = rows.shape[0], None, None, []
         if rows.shape[0] == 0:
             self.out = rows.new_zeros(0, rows.shape[1], dtype=out_dtype)
-            return
-        if leaves is None:
-            self.out = run(rows, ids, experts).to(out_dtype)
             return
         with torch.enable_grad():
             if rows_grad:
@@ -128,52 +128,35 @@ def _add(total: list, grads: list) -> list:
 
 class OverlappedExperts(torch.autograd.Function):
     """x [T, H] -> the experts' outputs of the sorted slots [S, H] (``g``'s order), with this rank's experts
-    computing while the other ranks' rows travel. ``tensors`` are the experts' trainable tensors, named by
-    ``names``; their gradients (summed over every piece) and x's come back from the backward. With
-    ``plan.merged`` the own rows and the one received piece run as one call instead, the own rows still kept
-    off the wire. ``runs``: the experts on rows sorted by local expert (the own rows; a piece from a single
-    other rank), and on rows in any order (a piece from several ranks, grouped by source; the merged call)."""
+    computing while the other ranks' rows travel (in training). ``tensors`` are the experts' trainable
+    tensors, named by ``names``; their gradients (summed over every piece) and x's come back from the
+    backward. ``runs``: the experts on rows sorted by local expert (the own rows; a piece from a single other
+    rank), and on rows in any order (a piece from several ranks, grouped by source)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan, runs: tuple[RunExperts, RunExperts],
                 experts: MoEExperts,
-                out_dtype: torch.dtype, track: bool, names: tuple[str, ...], *tensors: torch.Tensor) -> torch.Tensor:
-        leaves = [t.detach().requires_grad_() for t in tensors] if track else None
-        local = _with_tensors(experts, dict(zip(names, leaves))) if track else experts
-        rows_grad = track and x.requires_grad
-        n_own = plan.own.stop - plan.own.start
+                out_dtype: torch.dtype, names: tuple[str, ...], *tensors: torch.Tensor) -> torch.Tensor:
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        local = _with_tensors(experts, dict(zip(names, leaves)))
+        rows_grad = x.requires_grad
         ys = x.new_empty(g.token.numel(), x.shape[1], dtype=out_dtype)
-        if plan.merged:
-            inbox = x.new_empty(n_own + sum(plan.recv_sizes[0]), x.shape[1])
-            send = _Transfer(x[take(g.token, plan.send[0])], plan.recv_sizes[0], plan.send_sizes[0], plan.group,
-                             inbox, [slice(n_own, inbox.shape[0])])
-            torch.index_select(x, 0, g.token[plan.own], out=inbox[:n_own])
-            send.wait()
-            ids = torch.cat([plan.own_ids, plan.recv_ids[0]])
-            own, pieces = None, [_Piece(inbox, ids, runs[1], local, out_dtype, leaves, rows_grad)]
-            del inbox
-            back = _Transfer(pieces[0].out[n_own:], plan.send_sizes[0], plan.recv_sizes[0], plan.group, ys,
-                             plan.send[0])
-            ys[plan.own] = pieces[0].out[:n_own]
-            returns = [back]
-        else:
-            sends = [_Transfer(x[take(g.token, s)], plan.recv_sizes[c], plan.send_sizes[c], plan.group)
-                     for c, s in enumerate(plan.send)]
-            own = _Piece(x[g.token[plan.own]], plan.own_ids, runs[0], local, out_dtype, leaves, rows_grad)
-            run = runs[0] if len(plan.send[0]) == 1 else runs[1]  # one source rank: its rows come sorted
-            ys[plan.own] = own.out
-            pieces, returns = [], []
-            for c, send in enumerate(sends):
-                pieces.append(_Piece(send.wait(), plan.recv_ids[c], run, local, out_dtype, leaves, rows_grad))
-                returns.append(_Transfer(pieces[-1].out, plan.send_sizes[c], plan.recv_sizes[c], plan.group, ys,
-                                         plan.send[c]))
+        sends = [Transfer(x[take(g.token, s)], plan.recv_sizes[c], plan.send_sizes[c], plan.group)
+                 for c, s in enumerate(plan.send)]
+        own = _Piece(x[g.token[plan.own]], plan.own_ids, runs[0], local, out_dtype, leaves, rows_grad)
+        run = runs[0] if len(plan.send[0]) == 1 else runs[1]  # one source rank: its rows come sorted
+        ys[plan.own] = own.out
+        pieces, returns = [], []
+        for c, send in enumerate(sends):
+            pieces.append(_Piece(send.wait(), plan.recv_ids[c], run, local, out_dtype, leaves, rows_grad))
+            returns.append(Transfer(pieces[-1].out, plan.send_sizes[c], plan.recv_sizes[c], plan.group, ys,
+                                    plan.send[c]))
         for r in returns:
             r.wait()
-        for piece in [own, *pieces] if own is not None else pieces:
+        for piece in [own, *pieces]:
             piece.out = None
-        if track:
-            ctx.own, ctx.pieces, ctx.leaves, ctx.plan, ctx.grouping = own, pieces, leaves, plan, g
-            ctx.x_dtype = x.dtype
+        ctx.own, ctx.pieces, ctx.leaves, ctx.plan, ctx.grouping = own, pieces, leaves, plan, g
+        ctx.x_dtype = x.dtype
         return ys
 
     @staticmethod
@@ -183,38 +166,21 @@ class OverlappedExperts(torch.autograd.Function):
         grad_ys = grad_ys.contiguous()
         width, dtype = grad_ys.shape[1], ctx.x_dtype
         grad_rows = grad_ys.new_empty(g.token.numel(), width, dtype=dtype) if need_x else None
-        n_own = plan.own.stop - plan.own.start
-        if plan.merged:
-            piece = ctx.pieces[0]
-            grad_out = grad_ys.new_empty(piece.rows, width)
-            send = _Transfer(take(grad_ys, plan.send[0]), plan.recv_sizes[0], plan.send_sizes[0], plan.group,
-                             grad_out, [slice(n_own, piece.rows)])
-            grad_out[:n_own] = grad_ys[plan.own]
-            send.wait()
-            grad_in, totals = piece.backward(grad_out, leaves)
-            del grad_out
-            returns = []
+        sends = [Transfer(take(grad_ys, s), plan.recv_sizes[c], plan.send_sizes[c], plan.group)
+                 for c, s in enumerate(plan.send)]
+        grad_own, totals = ctx.own.backward(grad_ys[plan.own], leaves)
+        if need_x:
+            grad_rows[plan.own] = 0 if grad_own is None else grad_own
+        returns = []
+        for c, (send, piece) in enumerate(zip(sends, ctx.pieces)):
+            grad_in, grads = piece.backward(send.wait(), leaves)
+            totals = _add(totals, grads)
             if need_x:
                 grad_in = grad_in if grad_in is not None else grad_ys.new_zeros(piece.rows, width, dtype=dtype)
-                returns.append(_Transfer(grad_in[n_own:], plan.send_sizes[0], plan.recv_sizes[0], plan.group,
-                                         grad_rows, plan.send[0]))
-                grad_rows[plan.own] = grad_in[:n_own]
-        else:
-            sends = [_Transfer(take(grad_ys, s), plan.recv_sizes[c], plan.send_sizes[c], plan.group)
-                     for c, s in enumerate(plan.send)]
-            grad_own, totals = ctx.own.backward(grad_ys[plan.own], leaves)
-            if need_x:
-                grad_rows[plan.own] = 0 if grad_own is None else grad_own
-            returns = []
-            for c, (send, piece) in enumerate(zip(sends, ctx.pieces)):
-                grad_in, grads = piece.backward(send.wait(), leaves)
-                totals = _add(totals, grads)
-                if need_x:
-                    grad_in = grad_in if grad_in is not None else grad_ys.new_zeros(piece.rows, width, dtype=dtype)
-                    returns.append(_Transfer(grad_in, plan.send_sizes[c], plan.recv_sizes[c], plan.group,
-                                             grad_rows, plan.send[c]))
+                returns.append(Transfer(grad_in, plan.send_sizes[c], plan.recv_sizes[c], plan.group, grad_rows,
+                                        plan.send[c]))
         for r in returns:
             r.wait()
         grad_x = token_sum(grad_rows, None, g, plan.top_k) if need_x else None
         totals = [torch.zeros_like(leaf) if t is None else t for t, leaf in zip(totals, leaves)]  # ran no row: 0
-        return grad_x, None, None, None, None, None, None, None, *totals
+        return grad_x, None, None, None, None, None, None, *totals

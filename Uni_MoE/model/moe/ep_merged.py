@@ -1,0 +1,73 @@
+"""The default expert-parallel exchange: this rank's own rows stay off the wire, and its experts run once on
+the own and the received rows together.
+
+Two autograd functions frame the expert implementation, which runs on ordinary autograd between them (so
+activation checkpointing recomputes the layer once, like any other op): ``Dispatch`` sends the rows for
+other ranks' experts (an asynchronous all-to-all straight into the inbox's tail) while it gathers the own
+rows into its head; ``Return`` sends the outputs of the received rows home (into their places among the
+sorted slots) while it copies the own outputs into theirs. Their backwards are the same exchanges of
+gradients, the other way round.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ep_overlap import ExchangePlan, Transfer, take
+from .segments import SlotGrouping
+from .slot_kernels import token_sum
+
+
+class Dispatch(torch.autograd.Function):
+    """x [T, H] -> inbox [own + received rows, H]: the own sorted slot rows, then what the other ranks sent
+    (grouped by source rank, then local expert)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
+        n_own = plan.own.stop - plan.own.start
+        inbox = x.new_empty(n_own + sum(plan.recv_sizes[0]), x.shape[1])
+        send = Transfer(x[take(g.token, plan.send[0])], plan.recv_sizes[0], plan.send_sizes[0], plan.group,
+                        inbox, [slice(n_own, inbox.shape[0])])
+        torch.index_select(x, 0, g.token[plan.own], out=inbox[:n_own])
+        send.wait()
+        ctx.grouping, ctx.plan = g, plan
+        return inbox
+
+    @staticmethod
+    def backward(ctx, grad_inbox: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        g, plan = ctx.grouping, ctx.plan
+        n_own = plan.own.stop - plan.own.start
+        grad_inbox = grad_inbox.contiguous()
+        grad_rows = grad_inbox.new_empty(g.token.numel(), grad_inbox.shape[1])
+        back = Transfer(grad_inbox[n_own:], plan.send_sizes[0], plan.recv_sizes[0], plan.group, grad_rows,
+                        plan.send[0])
+        grad_rows[plan.own] = grad_inbox[:n_own]
+        back.wait()
+        return token_sum(grad_rows, None, g, plan.top_k), None, None
+
+
+class Return(torch.autograd.Function):
+    """The experts' outputs of the inbox rows [own + received, H] -> the outputs of this rank's sorted slots
+    [S, H] (``g``'s order)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
+        n_own = plan.own.stop - plan.own.start
+        ys = out.new_empty(g.token.numel(), out.shape[1])
+        back = Transfer(out[n_own:], plan.send_sizes[0], plan.recv_sizes[0], plan.group, ys, plan.send[0])
+        ys[plan.own] = out[:n_own]
+        back.wait()
+        ctx.plan, ctx.rows = plan, out.shape[0]
+        return ys
+
+    @staticmethod
+    def backward(ctx, grad_ys: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        plan = ctx.plan
+        n_own = plan.own.stop - plan.own.start
+        grad_ys = grad_ys.contiguous()
+        grad_out = grad_ys.new_empty(ctx.rows, grad_ys.shape[1])
+        send = Transfer(take(grad_ys, plan.send[0]), plan.recv_sizes[0], plan.send_sizes[0], plan.group, grad_out,
+                        [slice(n_own, ctx.rows)])
+        grad_out[:n_own] = grad_ys[plan.own]
+        send.wait()
+        return grad_out, None, None
