@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .ep_merged import Dispatch, Return
 from .ep_overlap import ExchangePlan, OverlappedExperts, take
 from .experts import PROJECTIONS, MoEExperts
-from .implementations import ExpertFn, sorted_rows_implementation
+from .implementations import ExpertFn
 from .segments import SlotGrouping, group_slots
 from .slot_kernels import combine, slot_grads
 
@@ -126,17 +126,16 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     pieces = int(os.environ.get(PIECES_ENV, "0")) if track else 0
     plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, pieces, group)
 
-    def run_any(rows: torch.Tensor, expert: torch.Tensor, local: MoEExperts) -> torch.Tensor:
+    def run(rows: torch.Tensor, expert: torch.Tensor, local: MoEExperts) -> torch.Tensor:
         return implementation(rows, rows.new_ones(rows.shape[0], 1), expert[:, None], local)
 
     if plan.merged:
         inbox = Dispatch.apply(x, g, plan)
-        out = run_any(inbox, torch.cat([plan.own_ids, plan.recv_ids[0]]), experts)
+        out = run(inbox, torch.cat([plan.own_ids, plan.recv_ids[0]]), experts)
         if track and (inbox.shape[0] == 0 or not out.requires_grad):
             out = out + _zero_link(inbox, experts)  # every rank must run the backward's exchanges
         ys = Return.apply(out, g, plan)
     else:
-        runs = (sorted_rows_implementation(implementation), run_any)  # rows sorted by local expert, or any order
-        ys = OverlappedExperts.apply(x, g, plan, runs, experts, _out_dtype(x), trainable,
+        ys = OverlappedExperts.apply(x, g, plan, run, experts, _out_dtype(x), trainable,
                                      *(getattr(experts, n) for n in trainable))
     return _MixSlots.apply(ys, weights, g), sum(got)

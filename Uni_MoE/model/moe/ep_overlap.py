@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.autograd.graph import get_gradient_edge
 
 from .experts import MoEExperts
-from .implementations import SortedRowsFn as RunExperts
 from .segments import SlotGrouping
 from .slot_kernels import token_sum
+
+RunExperts = Callable[[torch.Tensor, torch.Tensor, MoEExperts], torch.Tensor]  # (rows, local expert ids, experts)
 
 
 @dataclass
@@ -130,11 +132,10 @@ class OverlappedExperts(torch.autograd.Function):
     """x [T, H] -> the experts' outputs of the sorted slots [S, H] (``g``'s order), with this rank's experts
     computing while the other ranks' rows travel (in training). ``tensors`` are the experts' trainable
     tensors, named by ``names``; their gradients (summed over every piece) and x's come back from the
-    backward. ``runs``: the experts on rows sorted by local expert (the own rows; a piece from a single other
-    rank), and on rows in any order (a piece from several ranks, grouped by source)."""
+    backward. ``run`` runs the experts on a piece's rows (the own rows, then each received piece)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan, runs: tuple[RunExperts, RunExperts],
+    def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan, run: RunExperts,
                 experts: MoEExperts,
                 out_dtype: torch.dtype, names: tuple[str, ...], *tensors: torch.Tensor) -> torch.Tensor:
         leaves = [t.detach().requires_grad_() for t in tensors]
@@ -143,8 +144,7 @@ class OverlappedExperts(torch.autograd.Function):
         ys = x.new_empty(g.token.numel(), x.shape[1], dtype=out_dtype)
         sends = [Transfer(x[take(g.token, s)], plan.recv_sizes[c], plan.send_sizes[c], plan.group)
                  for c, s in enumerate(plan.send)]
-        own = _Piece(x[g.token[plan.own]], plan.own_ids, runs[0], local, out_dtype, leaves, rows_grad)
-        run = runs[0] if len(plan.send[0]) == 1 else runs[1]  # one source rank: its rows come sorted
+        own = _Piece(x[g.token[plan.own]], plan.own_ids, run, local, out_dtype, leaves, rows_grad)
         ys[plan.own] = own.out
         pieces, returns = [], []
         for c, send in enumerate(sends):

@@ -17,7 +17,6 @@ from .grouped import experts_grouped
 from .reference import experts_reference
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MoEExperts], torch.Tensor]
-SortedRowsFn = Callable[[torch.Tensor, torch.Tensor, MoEExperts], torch.Tensor]  # (rows, expert [S], experts)
 EXPERT_IMPLEMENTATIONS: dict[str, ExpertFn] = {
     "reference": experts_reference,  # a clear loop over experts: the oracle
     "grouped": experts_grouped,  # batched over experts: grouped GEMMs, no per-expert loop
@@ -26,12 +25,6 @@ EXPERT_IMPLEMENTATIONS: dict[str, ExpertFn] = {
 }
 SYNC_FREE = frozenset({"all_dense", "chosen"})  # no host synchronisation: a CUDA graph can capture them
 DECODE_TOKENS = 64  # up to this many tokens without gradient, "auto" takes a sync-free decoding path
-
-
-def sorted_rows_implementation(fn: ExpertFn) -> SortedRowsFn:
-    """``fn`` for rows already sorted by expert, each row its own slot (unit weight), returning each row's
-    expert output."""
-    return lambda rows, expert, experts: fn(rows, rows.new_ones(rows.shape[0], 1), expert[:, None], experts)
 
 
 def resolve_expert_implementation(name: str, num_tokens: int | None = None, experts: MoEExperts | None = None,
