@@ -2,8 +2,8 @@
 (``UNI_MOE_EP_PIECES`` > 0 in training; the shared plan and transfers of every mode live here too).
 
 Rows (token-slots sorted by global expert) for this rank's own experts never leave it; the rows for each
-other rank are cut into ``chunks`` pieces, each one asynchronous all-to-all (``async_op=True``: on CUDA a
-wait is a stream dependency, not a host block). Forward: all pieces are sent, the own rows run through the
+other rank are cut into ``UNI_MOE_EP_PIECES`` pieces, each one asynchronous all-to-all (``async_op=True``:
+on CUDA a wait is a stream dependency, not a host block). Forward: all pieces are sent, the own rows run through the
 experts while they travel, then each received piece runs and is sent back while the next one runs.
 Backward, the same with gradients: the output gradients of the sent rows travel while the own rows'
 backward runs, and each piece's input gradient goes home while the next piece's backward runs. Only the
