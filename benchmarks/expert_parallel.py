@@ -23,7 +23,6 @@ decode tokens/s, and the peak memory of every device from after the model is bui
 with ``--memory`` (GPUs), one more step split into resident, saved-for-backward (attention, MoE, rest) and
 peak memory, with its host synchronisations (``step_memory.py``). ``--checkpointing`` runs every
 configuration with activation checkpointing of the decoder layers, as the training launchers do.
-``--ep_pieces 0 1`` adds expert-parallel rows for the dispatch's other modes (``ep_dispatch.PIECES_ENV``).
 
 Writes DIR/expert_parallel.md and DIR/expert_parallel.json (after every configuration, so a failure
 keeps what was measured). Exits 1 when a check fails.
@@ -32,7 +31,6 @@ keeps what was measured). Exits 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -43,7 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -138,9 +136,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="speed pass on GPUs: one more step's memory breakdown and host synchronisations")
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of every decoder layer (non-reentrant), in every configuration")
-    p.add_argument("--ep_pieces", type=int, nargs="+", default=[0],
-                   help="expert-parallel configurations to run, by remote pieces per rank in training (0: one "
-                   "merged expert call; n: the own experts overlapping n pieces of the other ranks' rows)")
     p.add_argument("--skip_exact", action="store_true", help="run only the timed bf16 pass")
     p.add_argument("--skip_speed", action="store_true", help="run only the float32 comparison")
     p.add_argument("--seed", type=int, default=0)
@@ -148,20 +143,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.layers = args.layers or (2 if args.smoke else 4)
     return args
-
-
-@contextlib.contextmanager
-def ep_pieces(pieces: int | None) -> Iterator[None]:
-    """Run a configuration with the expert-parallel dispatch's piece count set (None: leave it alone)."""
-    from Uni_MoE.model.moe.ep_dispatch import PIECES_ENV
-
-    saved = os.environ.get(PIECES_ENV)
-    if pieces is not None:
-        os.environ[PIECES_ENV] = str(pieces)
-    try:
-        yield
-    finally:
-        os.environ.pop(PIECES_ENV, None) if saved is None else os.environ.__setitem__(PIECES_ENV, saved)
 
 
 def init_world(smoke: bool) -> tuple[int, int, torch.device]:
@@ -492,7 +473,6 @@ def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, 
                 lora_r=args.lora_r, shapes={mode: asdict(s) for mode, s in shapes.items()},
                 train_steps=args.train_steps, timed_steps=args.timed_steps, tie_tolerance=args.tie_tolerance,
                 exact_tie_tolerance=args.exact_tie_tolerance, exact_lr=args.exact_lr, checkpointing=args.checkpointing,
-                ep_pieces=args.ep_pieces,
                 command=" ".join(sys.argv))
 
 
@@ -621,19 +601,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.experts % world:
         raise ValueError(f"--experts {args.experts} is not divisible by the world size {world}")
     env = environment(shapes, args, world, device)
-    configs = [("local", "local", 1, None), ("deepspeed ep1", "deepspeed", 1, None)]
+    configs = [("local", "local", 1), ("deepspeed ep1", "deepspeed", 1)]
     if world > 1:
-        configs += [(f"deepspeed ep{world}" + (f", pieces {n}" if n else ""), "deepspeed", world, n)
-                    for n in args.ep_pieces]
+        configs.append((f"deepspeed ep{world}", "deepspeed", world))
     results: list[Result] = []
     for mode, shape in shapes.items():
         log(f"[{mode}] {world} rank(s) on {env['device']}; building the reference weights ({shape.dtype})")
         state = reference_state(shape, args, device)
         reference = None
-        for name, backend, ep_size, pieces in configs:
-            with ep_pieces(pieces):
-                result, outputs = run_config(name, mode, backend, ep_size, shape, args, state, device, rank, world,
-                                             reference)
+        for name, backend, ep_size in configs:
+            result, outputs = run_config(name, mode, backend, ep_size, shape, args, state, device, rank, world,
+                                         reference)
             reference = reference or outputs
             results.append(result)
             if rank == 0:

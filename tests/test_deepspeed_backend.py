@@ -330,7 +330,6 @@ def _ep4_worker() -> None:
     import torch.distributed as dist
 
     from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer
-    from Uni_MoE.model.moe.ep_dispatch import PIECES_ENV
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -342,9 +341,7 @@ def _ep4_worker() -> None:
     ds.load_state_dict(local.state_dict(), strict=True)
     torch.manual_seed(1 + rank)
     x = torch.randn(1, (5, 9, 2, 0)[rank], 16)
-    for pieces in ("0", "2"):
-        os.environ[PIECES_ENV] = pieces
-        _compare_with_local(local, ds, x, rank, LORA_NAMES)
+    _compare_with_local(local, ds, x, rank, LORA_NAMES)
     (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
     dist.barrier()
 
@@ -354,7 +351,6 @@ def _ep2_worker() -> None:
     import torch.distributed as dist
 
     from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_dict
-    from Uni_MoE.model.moe.ep_dispatch import PIECES_ENV
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -366,13 +362,11 @@ def _ep2_worker() -> None:
     torch.testing.assert_close(ds.local_experts()[1].up_proj[0], local.experts.up_proj[2 * rank + 1])
     torch.manual_seed(1 + rank)  # different tokens per rank
     x = torch.randn(2, 7, 16)
-    for pieces in ("0", "1", "2"):  # the merged call, and the own rows overlapping one or two remote pieces
-        os.environ[PIECES_ENV] = pieces
-        _compare_with_local(local, ds, x, rank, LORA_NAMES)  # an expert's gradient sums both ranks' tokens
-        torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)  # through the routing weights
-        _ep2_checkpointed(ds, x)
-        _ep2_uneven(rank, local, ds)
-        _ep2_no_rows_for_one_rank(rank)
+    _compare_with_local(local, ds, x, rank, LORA_NAMES)  # an expert's gradient sums both ranks' tokens
+    torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)  # through the routing weights
+    _ep2_checkpointed(ds, x)
+    _ep2_uneven(rank, local, ds)
+    _ep2_no_rows_for_one_rank(rank)
     own = ds.state_dict()  # DeepSpeed's layout: this rank's two experts only
     assert "router.weight" not in own and "moe.deepspeed_moe.experts.deepspeed_experts.1.up_proj" in own
     assert not any(".deepspeed_experts.2." in k for k in own)
@@ -393,7 +387,6 @@ def _ep2_checkpointed(ds, x: torch.Tensor) -> None:
     from torch.utils.checkpoint import checkpoint
 
     from Uni_MoE.model.moe import ep_dispatch
-    from Uni_MoE.model.moe.ep_dispatch import PIECES_ENV
 
     exchange_counts = ep_dispatch._exchange_counts
 
@@ -409,12 +402,11 @@ def _ep2_checkpointed(ds, x: torch.Tensor) -> None:
     for reentrant in (False, True):
         for i, (got, want) in enumerate(zip(grads(reentrant), plain)):
             torch.testing.assert_close(got, want, msg=lambda m: f"reentrant={reentrant}, tensor {i}: {m}")
-    if os.environ.get(PIECES_ENV) == "0":  # the merged exchange is ordinary autograd: one recompute, no more
-        exchanges = []
-        counting = lambda *args: exchanges.append(1) or exchange_counts(*args)  # noqa: E731
-        with patch.object(ep_dispatch, "_exchange_counts", counting):
-            grads(False)
-        assert len(exchanges) == 2
+    exchanges = []  # the exchange is ordinary autograd between two functions: one recompute, no more
+    counting = lambda *args: exchanges.append(1) or exchange_counts(*args)  # noqa: E731
+    with patch.object(ep_dispatch, "_exchange_counts", counting):
+        grads(False)
+    assert len(exchanges) == 2
 
 
 def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:

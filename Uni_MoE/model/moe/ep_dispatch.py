@@ -5,29 +5,21 @@ With ``ep_size`` ranks of L experts each (global expert e lives on rank e // L a
 every rank sorts its [T, k] slots by expert, tells every other rank how many rows it will send for each
 of that rank's experts (one small all-to-all of counts, then one host sync for the split sizes), and
 sends only the rows for other ranks' experts, gathering its own rows meanwhile; its experts run once on
-both (``ep_merged``), and the outputs come back the same way (or, ``UNI_MOE_EP_PIECES``, the received
-rows come in pieces while the own rows compute: ``ep_overlap``). The routing weights are applied back on the
+both (``ep_merged``), and the outputs come back the same way. The routing weights are applied back on the
 token's own rank, so only hidden-size rows cross. No capacity, no padding, no dropped token: the function
 is the local layer's for any routing.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
-from .ep_merged import Dispatch, Return
-from .ep_overlap import ExchangePlan, OverlappedExperts, take
-from .experts import PROJECTIONS, MoEExperts
+from .ep_merged import Dispatch, ExchangePlan, Return, take
+from .experts import MoEExperts
 from .implementations import ExpertFn
 from .segments import SlotGrouping, group_slots
 from .slot_kernels import combine, slot_grads
-
-PIECES_ENV = "UNI_MOE_EP_PIECES"  # remote pieces per rank in training; 0 (default): one merged expert call
-# (ep_merged); n > 0: the own experts compute while n pieces travel (ep_overlap), measured slower on two H200s
-TENSOR_NAMES = tuple(f"{p}_proj" for p in PROJECTIONS) + tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "AB")
 
 
 class _MixSlots(torch.autograd.Function):
@@ -68,41 +60,23 @@ def _exchange_counts(counts: torch.Tensor, ep_size: int,
     return received, per_rank[0], per_rank[1]
 
 
-def _bounds(n: int, parts: int) -> list[int]:
-    """Boundaries [0, ..., n] of n rows cut into ``parts`` near-equal consecutive pieces."""
-    return [n * i // parts for i in range(parts + 1)]
-
-
 def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[int], rank: int, num_local: int,
-          top_k: int, pieces: int, group: dist.ProcessGroup | None) -> ExchangePlan:
-    """Cut each remote rank's rows (sorted by expert, so one block per rank) into ``pieces`` pieces (0: one
-    piece, run merged with the own rows); the received rows are grouped by (source rank, local expert),
-    ``received`` [ep_size * L] counting them."""
-    chunks = max(pieces, 1)
+          top_k: int, group: dist.ProcessGroup | None) -> ExchangePlan:
+    """Where the sorted slot rows go (one block per destination rank, as they are sorted by expert); the
+    received rows are grouped by (source rank, local expert), ``received`` [ep_size * L] counting them."""
     ep_size = len(sent)
     first = [sum(sent[:d]) for d in range(ep_size)]
     arrived = [sum(got[:s]) for s in range(ep_size)]
     local = torch.arange(num_local, device=received.device).repeat(ep_size)
     local = local.repeat_interleave(received, output_size=sum(got))  # local expert of each received row
     remote = [d for d in range(ep_size) if d != rank]
-    out_cuts = {d: _bounds(sent[d], chunks) for d in remote}
-    in_cuts = {d: _bounds(got[d], chunks) for d in remote}
-    send, send_sizes, recv_sizes, recv_ids = [], [], [], []
-    for c in range(chunks):
-        send.append([slice(first[d] + out_cuts[d][c], first[d] + out_cuts[d][c + 1]) for d in remote])
-        send_sizes.append([out_cuts[d][c + 1] - out_cuts[d][c] if d != rank else 0 for d in range(ep_size)])
-        recv_sizes.append([in_cuts[d][c + 1] - in_cuts[d][c] if d != rank else 0 for d in range(ep_size)])
-        arriving = [slice(arrived[d] + in_cuts[d][c], arrived[d] + in_cuts[d][c + 1]) for d in remote]
-        recv_ids.append(take(local, arriving))
+    send = [slice(first[d], first[d] + sent[d]) for d in remote]
+    send_sizes = [sent[d] if d != rank else 0 for d in range(ep_size)]
+    recv_sizes = [got[d] if d != rank else 0 for d in range(ep_size)]
+    recv_ids = take(local, [slice(arrived[d], arrived[d] + got[d]) for d in remote])
     own = slice(first[rank], first[rank] + sent[rank])
     return ExchangePlan(group, own, local[arrived[rank] : arrived[rank] + got[rank]], send, send_sizes, recv_sizes,
-                        recv_ids, top_k, pieces == 0)
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """The experts' output dtype: autocast's where it is on (the grouped block computes in it), else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+                        recv_ids, top_k)
 
 
 def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
@@ -120,22 +94,11 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     num_local = experts.num_experts
     g = group_slots(indices, ep_size * num_local)  # slots by global expert, hence by destination rank
     received, sent, got = _exchange_counts(g.counts, ep_size, group)  # the host sync
-    names = tuple(n for n in TENSOR_NAMES if getattr(experts, n, None) is not None)
-    trainable = tuple(n for n in names if getattr(experts, n).requires_grad)
-    track = torch.is_grad_enabled() and (x.requires_grad or bool(trainable))
-    pieces = int(os.environ.get(PIECES_ENV, "0")) if track else 0
-    plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, pieces, group)
-
-    def run(rows: torch.Tensor, expert: torch.Tensor, local: MoEExperts) -> torch.Tensor:
-        return implementation(rows, rows.new_ones(rows.shape[0], 1), expert[:, None], local)
-
-    if plan.merged:
-        inbox = Dispatch.apply(x, g, plan)
-        out = run(inbox, torch.cat([plan.own_ids, plan.recv_ids[0]]), experts)
-        if track and (inbox.shape[0] == 0 or not out.requires_grad):
-            out = out + _zero_link(inbox, experts)  # every rank must run the backward's exchanges
-        ys = Return.apply(out, g, plan)
-    else:
-        ys = OverlappedExperts.apply(x, g, plan, run, experts, _out_dtype(x), trainable,
-                                     *(getattr(experts, n) for n in trainable))
+    plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, group)
+    inbox = Dispatch.apply(x, g, plan)
+    out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), torch.cat([plan.own_ids, plan.recv_ids])[:, None],
+                         experts)
+    if torch.is_grad_enabled() and (inbox.shape[0] == 0 or not out.requires_grad):
+        out = out + _zero_link(inbox, experts)  # every rank must run the backward's exchanges
+    ys = Return.apply(out, g, plan)
     return _MixSlots.apply(ys, weights, g), sum(got)

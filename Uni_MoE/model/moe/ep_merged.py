@@ -1,4 +1,4 @@
-"""The default expert-parallel exchange: this rank's own rows stay off the wire, and its experts run once on
+"""The expert-parallel row exchange: this rank's own rows stay off the wire, and its experts run once on
 the own and the received rows together.
 
 Two autograd functions frame the expert implementation, which runs on ordinary autograd between them (so
@@ -11,11 +11,55 @@ gradients, the other way round.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from .ep_overlap import ExchangePlan, Transfer, take
+import torch
+import torch.distributed as dist
+
 from .segments import SlotGrouping
 from .slot_kernels import token_sum
+
+
+@dataclass
+class ExchangePlan:
+    """Which sorted slot rows go where (host ints, known after the counts exchange)."""
+
+    group: dist.ProcessGroup | None
+    own: slice  # sorted slot rows of this rank's own experts
+    own_ids: torch.Tensor  # [rows] their local expert ids (non-decreasing)
+    send: list[slice]  # the sorted slot rows sent, in rank order
+    send_sizes: list[int]  # rows sent to each rank (0 to itself)
+    recv_sizes: list[int]  # rows received from each rank (0 from itself)
+    recv_ids: torch.Tensor  # local expert id of each received row
+    top_k: int
+
+
+def take(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:
+    """The rows of ``t`` at ``slices``, one after the other (a view when they are one block)."""
+    return t[slices[0]] if len(slices) == 1 else torch.cat([t[s] for s in slices])
+
+
+class Transfer:
+    """One asynchronous all-to-all of rows (``async_op=True``: on CUDA a wait is a stream dependency, not a
+    host block); received straight into ``into`` at ``slices`` when they are one block, else into a buffer
+    copied there on :meth:`wait`."""
+
+    def __init__(self, rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int], group: dist.ProcessGroup | None,
+                 into: torch.Tensor, slices: list[slice]) -> None:
+        self.into, self.slices = into, slices
+        direct = len(slices) == 1
+        self.buffer = into[slices[0]] if direct else rows.new_empty(sum(out_sizes), rows.shape[1])
+        self.copy_back = not direct
+        self.work = dist.all_to_all_single(self.buffer, rows.contiguous(), out_sizes, in_sizes, group=group,
+                                           async_op=True)
+
+    def wait(self) -> None:
+        self.work.wait()
+        if self.copy_back:
+            start = 0
+            for s in self.slices:
+                self.into[s] = self.buffer[start : start + s.stop - s.start]
+                start += s.stop - s.start
 
 
 class Dispatch(torch.autograd.Function):
@@ -25,8 +69,8 @@ class Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
         n_own = plan.own.stop - plan.own.start
-        inbox = x.new_empty(n_own + sum(plan.recv_sizes[0]), x.shape[1])
-        send = Transfer(x[take(g.token, plan.send[0])], plan.recv_sizes[0], plan.send_sizes[0], plan.group,
+        inbox = x.new_empty(n_own + sum(plan.recv_sizes), x.shape[1])
+        send = Transfer(x[take(g.token, plan.send)], plan.recv_sizes, plan.send_sizes, plan.group,
                         inbox, [slice(n_own, inbox.shape[0])])
         torch.index_select(x, 0, g.token[plan.own], out=inbox[:n_own])
         send.wait()
@@ -39,8 +83,8 @@ class Dispatch(torch.autograd.Function):
         n_own = plan.own.stop - plan.own.start
         grad_inbox = grad_inbox.contiguous()
         grad_rows = grad_inbox.new_empty(g.token.numel(), grad_inbox.shape[1])
-        back = Transfer(grad_inbox[n_own:], plan.send_sizes[0], plan.recv_sizes[0], plan.group, grad_rows,
-                        plan.send[0])
+        back = Transfer(grad_inbox[n_own:], plan.send_sizes, plan.recv_sizes, plan.group, grad_rows,
+                        plan.send)
         grad_rows[plan.own] = grad_inbox[:n_own]
         back.wait()
         return token_sum(grad_rows, None, g, plan.top_k), None, None
@@ -54,7 +98,7 @@ class Return(torch.autograd.Function):
     def forward(ctx, out: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
         n_own = plan.own.stop - plan.own.start
         ys = out.new_empty(g.token.numel(), out.shape[1])
-        back = Transfer(out[n_own:], plan.send_sizes[0], plan.recv_sizes[0], plan.group, ys, plan.send[0])
+        back = Transfer(out[n_own:], plan.send_sizes, plan.recv_sizes, plan.group, ys, plan.send)
         ys[plan.own] = out[:n_own]
         back.wait()
         ctx.plan, ctx.rows = plan, out.shape[0]
@@ -66,7 +110,7 @@ class Return(torch.autograd.Function):
         n_own = plan.own.stop - plan.own.start
         grad_ys = grad_ys.contiguous()
         grad_out = grad_ys.new_empty(ctx.rows, grad_ys.shape[1])
-        send = Transfer(take(grad_ys, plan.send[0]), plan.recv_sizes[0], plan.send_sizes[0], plan.group, grad_out,
+        send = Transfer(take(grad_ys, plan.send), plan.recv_sizes, plan.send_sizes, plan.group, grad_out,
                         [slice(n_own, ctx.rows)])
         grad_out[:n_own] = grad_ys[plan.own]
         send.wait()
