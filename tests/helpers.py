@@ -4,6 +4,9 @@ file and parameter names (v1 base + fine-tuned folders, encoder folders, the v2 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -186,3 +189,15 @@ def pope_by_hand(predictions: list[str], labels: list[str]) -> tuple[list[float]
     predicted_yes, actual_yes = said.count("yes"), labels.count("yes")
     f1 = 2 * tp / (predicted_yes + actual_yes) if predicted_yes + actual_yes else 0.0
     return hits, f1
+
+
+def run_in_triton_interpreter(code: str, timeout: int) -> str:
+    """Run a Python snippet in a fresh process with ``TRITON_INTERPRET=1`` (Triton kernels on the CPU) and
+    the project on the path; returns its stdout, failing with its output when it exits non-zero."""
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
+                            cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

@@ -5,18 +5,13 @@ equals the torch path."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_in_triton_interpreter
 
 from Uni_MoE.model.lm_loss import _xent_grad_torch_, causal_lm_loss
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _problem(dtype: torch.dtype = torch.float64, weight_trains: bool = False):
@@ -110,9 +105,4 @@ print("kernel matches")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernel_in_the_triton_interpreter_matches_the_torch_path() -> None:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env,
-                            timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "kernel matches" in result.stdout
+    assert "kernel matches" in run_in_triton_interpreter(_KERNEL_CHECK, timeout=600)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_in_triton_interpreter
 
 from Uni_MoE.model.moe.shared_kernels import combo_grouping
 from Uni_MoE.model.moe.swiglu_lora_kernels import expert_tile_ranges, tile_schedule
@@ -88,9 +89,7 @@ print("ok")
 
 @INTERPRETER
 def test_router_logits_kernel_in_the_interpreter_matches_float64() -> None:
-    result = subprocess.run([sys.executable, "-c", _LOGITS_CHECK], capture_output=True, text=True,
-                            env=_interpreter_env(), timeout=300, cwd=ROOT)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+    assert run_in_triton_interpreter(_LOGITS_CHECK, timeout=300).strip() == "ok"
 
 
 _GROUPING_CHECK = """
@@ -115,6 +114,4 @@ print("ok")
 @INTERPRETER
 def test_grouping_kernels_in_the_interpreter_equal_the_stable_sort() -> None:
     """Several blocks of slots (cross-block offsets), an empty expert, top-1 and top-2."""
-    result = subprocess.run([sys.executable, "-c", _GROUPING_CHECK], capture_output=True, text=True,
-                            env=_interpreter_env(), timeout=600, cwd=ROOT)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+    assert run_in_triton_interpreter(_GROUPING_CHECK, timeout=600).strip() == "ok"
