@@ -160,3 +160,18 @@ def test_training_loss_skips_the_logits_and_equals_the_full_logits_loss(make_con
     torch.testing.assert_close(summed.lm_loss, full.lm_loss * (labels[:, 1:] != -100).sum() / 17)
     del model._chunked_loss
     assert model._chunked_loss() and not model.eval()._chunked_loss()
+
+
+def test_training_loss_falls_back_to_logits_for_a_partitioned_or_wrapped_head(make_config):
+    """A ZeRO-3 head (its weight carries ``ds_id`` and is only a shard outside the module's own call) or an
+    adapter-wrapped head goes through the module and transformers' loss; logits are returned."""
+    model = UniMoEForCausalLM(make_config()).train()
+    ids, media = _inputs()
+    assert model._chunked_loss()
+    model.lm_head.weight.ds_id = 0
+    assert not model._chunked_loss()
+    out = model(input_ids=ids, labels=ids, **media)
+    assert out.logits is not None and out.sample_loss is None and torch.isfinite(out.loss)
+    del model.lm_head.weight.ds_id
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    assert not model._chunked_loss()
