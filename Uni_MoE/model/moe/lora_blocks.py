@@ -52,5 +52,5 @@ def mix_slots(zd: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, nu
 
 def own_blocks(z_all: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[T, E*r] r-wide terms of every expert -> [T, k, r], each slot's own expert block."""
-    (t, k), r = indices.shape, z_all.shape[1] // num_experts
-    return z_all.view(t, num_experts, r).gather(1, indices[:, :, None].expand(t, k, r))
+    blocks = _blocks(z_all, num_experts)
+    return blocks.gather(1, indices[:, :, None].expand(*indices.shape, blocks.shape[2]))
