@@ -9,6 +9,7 @@ stubbed by random features (they are frozen in stage 3 and identical for both pa
 trainable set. Both paths run on the same model, batch and optimizer, one after the other. The loss is
 the one UniMoEForCausalLM trains with, the chunked LM-head cross-entropy of Uni_MoE.model.lm_loss (no
 full-batch logits); ``--hf-loss`` uses transformers' causal-LM loss over full float32 logits instead.
+The RMSNorms are the model's fused ones (Uni_MoE.model.rms_norm); ``--hf-norm`` keeps transformers'.
 
 MFU counts useful FLOPs of the language model and the image projector: 4 x frozen parameters (forward
 and input gradient), 6 x trainable ones, per token, plus causal attention 6*S*H per layer; the speech
@@ -36,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
 from Uni_MoE.model.connectors import SpeechAligner, build_projector
 from Uni_MoE.model.lm_loss import causal_lm_loss
 from Uni_MoE.model.moe import MoELayer
+from Uni_MoE.model.rms_norm import fuse_rms_norms
 
 TOP_K, QUERIES, SPEECH_CHUNKS = 2, 50, 2
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -60,6 +62,7 @@ class StepShapes:
     dtype: torch.dtype
     checkpointing: bool = False
     chunked_loss: bool = True
+    fused_norm: bool = True
 
 
 FULL = StepShapes(4096, 11008, 4, 32, 32004, 4, 8, 8, 2048, 576, 1024, 768, 12, 1500, torch.bfloat16)
@@ -78,6 +81,8 @@ class Stage3Model(nn.Module):
             max_position_embeddings=s.seq, attn_implementation="sdpa",
         )
         self.llm = LlamaForCausalLM(config)
+        if s.fused_norm:
+            fuse_rms_norms(self.llm)
         for layer in self.llm.model.layers:
             layer.mlp = MoELayer(s.hidden, s.intermediate, s.experts, TOP_K, expert_type=expert_type,
                                  lora_r=s.rank, lora_alpha=16, lora_dropout=0.05)
@@ -215,7 +220,8 @@ def report(rows: list[dict], s: StepShapes, device: torch.device, steps: int) ->
         f"all layers MoE: E={s.experts}, top-{TOP_K}, expert LoRA r={s.rank}; {str(s.dtype).removeprefix('torch.')}",
         f"- batch {s.batch} × {s.seq} tokens ({s.image_tokens} image, {SPEECH_CHUNKS * QUERIES} speech, rest text); "
         f"AdamW; median of {steps} steps after warm-up; activation checkpointing {'on' if s.checkpointing else 'off'}; "
-        f"loss: {'chunked LM-head cross-entropy' if s.chunked_loss else 'transformers (full float32 logits)'}",
+        f"loss: {'chunked LM-head cross-entropy' if s.chunked_loss else 'transformers (full float32 logits)'}; "
+        f"RMSNorm: {'fused (torch)' if s.fused_norm else 'transformers'}",
         "- useful FLOPs: 4 × frozen + 6 × trainable parameters per token + causal attention (speech Q-former not "
         "counted); MFU against dense bf16 peak",
         "",
@@ -235,6 +241,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, help="experts per MoE layer (default 4)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of decoder layers")
     parser.add_argument("--hf-loss", action="store_true", help="transformers' loss over full float32 logits")
+    parser.add_argument("--hf-norm", action="store_true", help="transformers' RMSNorm instead of the fused one")
     parser.add_argument("--expert-types", nargs="+", default=["mlp", "shared"], choices=["mlp", "shared"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -244,7 +251,8 @@ def main() -> None:
     if args.smoke:
         args.device, args.steps, args.warmup = "cpu", 1, 1
     overrides = {k: v for k, v in (("layers", args.layers), ("batch", args.batch), ("experts", args.experts)) if v}
-    shapes = replace(shapes, checkpointing=args.checkpointing, chunked_loss=not args.hf_loss, **overrides)
+    shapes = replace(shapes, checkpointing=args.checkpointing, chunked_loss=not args.hf_loss, fused_norm=not args.hf_norm,
+                     **overrides)
     device = torch.device(args.device)
     rows = run(shapes, args.expert_types, device, args.warmup, args.steps)
     text = report(rows, shapes, device, args.steps)

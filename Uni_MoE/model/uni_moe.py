@@ -27,6 +27,7 @@ from .connectors import AudioAligner, SpeechAligner, build_projector
 from .lm_loss import causal_lm_loss
 from .moe import MoEExperts, MoELayer
 from .moe.deepspeed_backend import DeepSpeedMoELayer
+from .rms_norm import fuse_rms_norms
 
 
 @dataclass
@@ -89,6 +90,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         super().__init__(config)
         hidden = config.text_config.hidden_size
         self.language_model = LlamaModel(config.text_config)
+        fuse_rms_norms(self.language_model)
         for idx in config.moe_layer_indices():
             self.language_model.layers[idx].mlp = make_moe_layer(config)
 
