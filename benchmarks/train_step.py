@@ -18,6 +18,7 @@ Q-former's FLOPs are not counted. Peak is the device's dense bf16 rate.
     python benchmarks/train_step.py --out train_step.md   # real width, CUDA
     python benchmarks/train_step.py --checkpointing       # the same with activation checkpointing
     python benchmarks/train_step.py --hf-loss             # transformers' loss over full logits
+    python benchmarks/train_step.py --profile ops.txt     # also the fused path's operator table, one step
     python benchmarks/train_step.py --smoke               # tiny shapes on the CPU
 """
 
@@ -172,7 +173,20 @@ def time_steps(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, devi
     return statistics.median(times), peak
 
 
-def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: int, steps: int) -> list[dict]:
+def profile_step(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, device: torch.device) -> str:
+    """One training step under torch.profiler: its operators by self device (CPU) time, as a table."""
+    with torch.profiler.profile() as prof:
+        opt.zero_grad(set_to_none=True)
+        model(**batch).backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=45)
+
+
+def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: int, steps: int,
+        profile_to: str | None = None) -> list[dict]:
     rows = []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -193,6 +207,10 @@ def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: in
             rows.append(dict(type=expert_type, impl=implementation, ms=ms, tok_s=tokens / ms * 1e3, tflops=tflops,
                              mfu=tflops / peak if peak else float("nan"), gb=gb))
             print(format_row(rows[-1], rows[-2] if implementation == "grouped" else None), flush=True)
+        if profile_to:
+            with open(profile_to, "a") as f:
+                f.write(f"{expert_type} experts, fused grouped path, one step\n\n")
+                f.write(profile_step(model, batch, opt, device) + "\n\n")
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -246,6 +264,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--profile", help="append the fused path's operator table of one step to this file")
     args = parser.parse_args()
     shapes = SMOKE if args.smoke else FULL
     if args.smoke:
@@ -254,7 +273,7 @@ def main() -> None:
     shapes = replace(shapes, checkpointing=args.checkpointing, chunked_loss=not args.hf_loss, fused_norm=not args.hf_norm,
                      **overrides)
     device = torch.device(args.device)
-    rows = run(shapes, args.expert_types, device, args.warmup, args.steps)
+    rows = run(shapes, args.expert_types, device, args.warmup, args.steps, args.profile)
     text = report(rows, shapes, device, args.steps)
     print(text)
     if args.out:
