@@ -203,6 +203,32 @@ def _model_pair(make_config):
     return local, UniMoEForCausalLM(ds_config).eval()
 
 
+def _live_tensors(shape: tuple[int, ...]) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) == shape)
+
+
+@pytest.mark.parametrize("backend", ["local", "deepspeed"])
+def test_checkpointed_step_leaves_no_activations_alive(dist_world, make_config, backend):
+    """After a checkpointed training step no [B, S, H] activation survives: the layers keep their balance
+    losses as values, and a recomputing forward does not replace them with graphs of the recomputed layer."""
+    config = make_config(expert_lora_r=4, expert_lora_alpha=8, moe_backend=backend)
+    model = UniMoEForCausalLM(config).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 290, (2, 13))
+    hidden = (2, 13, config.text_config.hidden_size)
+    before = _live_tensors(hidden)
+    for _ in range(2):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    del out
+    assert _live_tensors(hidden) == before
+    aux = [m.aux_loss for m in model.moe_mlps()]
+    assert all(a is not None and a.grad_fn is None and torch.isfinite(a) for a in aux)
+
+
 def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_path):
     from Uni_MoE.checkpoint.loader import load_checkpoint
     from Uni_MoE.checkpoint.v2_experts import from_pretrained_expert_parallel

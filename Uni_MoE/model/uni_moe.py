@@ -322,6 +322,8 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         moe = self.moe_mlps()
         aux_loss = torch.stack([m.aux_loss for m in moe]).sum() if moe else None
+        for m in moe:  # the returned loss holds the graph; the layers keep values (no activations past the step)
+            m.aux_loss = m.aux_loss.detach()
         logits = lm_loss = sample_loss = None
         if labels is not None and self._chunked_loss():
             lm_loss, sample_loss = causal_lm_loss(

@@ -29,7 +29,7 @@ from torch import nn
 from .ep_dispatch import expert_parallel_mix
 from .experts import PROJECTIONS, MoEExperts
 from .implementations import resolve_expert_implementation
-from .router import balance_loss, route_tokens
+from .router import balance_loss, in_backward, route_tokens
 from .router_logits import float32_logits
 from .stacked_experts import StackedExperts
 
@@ -201,12 +201,13 @@ class DeepSpeedMoELayer(nn.Module):
         weights, indices = route_tokens(
             logits, self.top_k, second_expert_sampling=self.second_expert_sampling and self.training
         )
-        self.aux_loss = balance_loss(logits, indices, self.num_experts)
-        self.routing = indices.detach().view(*shape[:-1], self.top_k)
         experts = self._stacked.view(self.local_experts(), self.training)
         implementation = resolve_expert_implementation(self.implementation, x.shape[0])
         out, self.expert_rows = expert_parallel_mix(x, weights.to(x.dtype), indices, experts, implementation,
                                                     self.ep_size, self.ep_group)
+        aux_loss = balance_loss(logits, indices, self.num_experts)  # computed alike when recomputed
+        if not in_backward():
+            self.aux_loss, self.routing = aux_loss, indices.detach().view(*shape[:-1], self.top_k)
         return out.view(shape)
 
     def gather_experts(self, local: torch.Tensor) -> torch.Tensor:

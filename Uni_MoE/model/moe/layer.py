@@ -7,7 +7,7 @@ from torch import nn
 
 from .experts import MoEExperts
 from .implementations import resolve_expert_implementation
-from .router import balance_loss, route_tokens
+from .router import balance_loss, in_backward, route_tokens
 from .router_logits import float32_logits
 
 
@@ -63,6 +63,7 @@ class MoELayer(nn.Module):
         implementation = resolve_expert_implementation(self.implementation, x.shape[0], self.experts, self.top_k)
         out = implementation(x, weights.to(x.dtype), indices, self.experts)
         # after the experts: its small kernels are launched while the expert GEMMs run, not before them
-        self.aux_loss = balance_loss(logits, indices, self.num_experts)
-        self.routing = indices.detach().view(*shape[:-1], self.top_k)
+        aux_loss = balance_loss(logits, indices, self.num_experts)  # computed alike when recomputed
+        if not in_backward():
+            self.aux_loss, self.routing = aux_loss, indices.detach().view(*shape[:-1], self.top_k)
         return out.view(shape)

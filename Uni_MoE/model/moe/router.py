@@ -40,3 +40,10 @@ def balance_loss(logits: torch.Tensor, indices: torch.Tensor, num_experts: int) 
     me = probs.mean(dim=0)
     ce = one_hot(indices[:, 0], num_experts, probs.dtype).mean(dim=0)  # no host sync, unlike F.one_hot
     return (me * ce).mean() * num_experts * num_experts
+
+
+def in_backward() -> bool:
+    """True while autograd's engine runs this code: a checkpointed layer recomputing its forward. Such a
+    forward's balance loss is not kept, as its graph would hold the layer's recomputed activations alive
+    until the next step."""
+    return torch._C._current_graph_task_id() != -1
