@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact_tie_tolerance", type=float, default=1e-4,
                    help="exact pass: the same, in float32")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one timed step per configuration: DIR/profile_<config>_rank<r>.txt")
+                   help="also profile one timed step per configuration: DIR/profile_<config>_rank<r>.txt and .json.gz")
     p.add_argument("--memory", action="store_true",
                    help="speed pass on GPUs: one more step's memory breakdown and host synchronisations")
     p.add_argument("--checkpointing", action="store_true",
@@ -450,16 +450,26 @@ def memory_step(model, optimizer, batch: torch.Tensor) -> list[StepMemory]:
 
 
 def profile_step(model, optimizer, batch: torch.Tensor, world: int, path: Path) -> None:
-    """One training step under torch.profiler; its busiest operators by device time, as a table."""
+    """One training step under torch.profiler: its busiest operators by device time and by self CPU time,
+    as tables in ``path``, and its timeline as a gzipped Chrome trace beside it."""
+    import gzip
+    import shutil
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch.is_cuda else [])
     with profile(activities=activities) as prof:
         train_step(model, optimizer, batch, world)
         sync(batch.device)
-    sort = "cuda_time_total" if batch.is_cuda else "cpu_time_total"
+    table = prof.key_averages().table
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    sorts = (["cuda_time_total"] if batch.is_cuda else []) + ["self_cpu_time_total"]
+    path.write_text("\n\n".join(table(sort_by=key, row_limit=30) for key in sorts))
+    trace = path.with_suffix(".json")
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
 
 
 def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, device: torch.device) -> dict[str, Any]:
