@@ -392,6 +392,7 @@ def _ep2_worker() -> None:
     torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)  # through the routing weights
     _ep2_checkpointed(ds, x)
     _ep2_uneven(rank, local, ds)
+    _ep2_padded_inbox(rank, local, ds)
     _ep2_no_rows_for_one_rank(rank)
     own = ds.state_dict()  # DeepSpeed's layout: this rank's two experts only
     assert "router.weight" not in own and "moe.deepspeed_moe.experts.deepspeed_experts.1.up_proj" in own
@@ -454,6 +455,27 @@ def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:
     dist.all_gather_object(routes, ds.routing)
     assert ds.expert_rows == sum(int((r // 2 == rank).sum()) for r in routes) > 0  # the slots sent to this rank
     _assert_expert_grads_summed(local, ds, rank, ("gate_proj", "down_proj", "up_lora_A", "down_lora_B"))
+
+
+def _ep2_padded_inbox(rank: int, local: MoELayer, ds) -> None:
+    """With the experts' inbox padded to a multiple of 8 rows (128 at real sizes), outputs and all
+    gradients still equal the local layer's: the zero padding rows add nothing either way."""
+    from unittest.mock import patch
+
+    from Uni_MoE.model.moe import ep_dispatch, ep_merged
+
+    inboxes = []
+
+    def padded(rows: int) -> int:
+        inboxes.append((rows, ep_merged.padded_rows(rows, 8)))
+        return inboxes[-1][1]
+
+    torch.manual_seed(5 + rank)
+    x = torch.randn(1, 13 + 4 * rank, 16)
+    with patch.object(ep_dispatch, "padded_rows", padded):
+        _compare_with_local(local, ds, x, rank, LORA_NAMES)
+    assert inboxes and all(p % 8 == 0 and rows <= p < rows + 8 for rows, p in inboxes)
+    assert any(p > rows for rows, p in inboxes)
 
 
 def _ep2_no_rows_for_one_rank(rank: int) -> None:

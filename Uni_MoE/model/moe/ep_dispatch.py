@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .ep_merged import Dispatch, ExchangePlan, Return, take
+from .ep_merged import Dispatch, ExchangePlan, Return, padded_rows, take
 from .experts import MoEExperts
 from .implementations import ExpertFn
 from .segments import SlotGrouping, group_slots
@@ -76,7 +76,7 @@ def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[in
     recv_ids = take(local, [slice(arrived[d], arrived[d] + got[d]) for d in remote])
     own = slice(first[rank], first[rank] + sent[rank])
     return ExchangePlan(group, own, local[arrived[rank] : arrived[rank] + got[rank]], send, send_sizes, recv_sizes,
-                        recv_ids, top_k)
+                        recv_ids, top_k, padded_rows(sum(got)))
 
 
 def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
@@ -96,8 +96,8 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     received, sent, got = _exchange_counts(g.counts, ep_size, group)  # the host sync
     plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, group)
     inbox = Dispatch.apply(x, g, plan)
-    out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), torch.cat([plan.own_ids, plan.recv_ids])[:, None],
-                         experts)
+    ids = torch.cat([plan.own_ids, plan.recv_ids, plan.recv_ids.new_zeros(plan.rows - sum(got))])
+    out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), ids[:, None], experts)
     if torch.is_grad_enabled() and (inbox.shape[0] == 0 or not out.requires_grad):
         out = out + _zero_link(inbox, experts)  # every rank must run the backward's exchanges
     ys = Return.apply(out, g, plan)
