@@ -117,10 +117,10 @@ class Stage3Model(nn.Module):
         media = [self.image_projector(image), self.speech_aligner(speech).view(b, -1, self.llm.config.hidden_size)]
         embeds = torch.cat([*media, self.llm.get_input_embeddings()(text)], dim=1)
         if self.chunked_loss:
-            hidden = self.llm.model(inputs_embeds=embeds).last_hidden_state
+            hidden = self.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # as UniMoE trains
             loss = causal_lm_loss(hidden, self.llm.lm_head.weight, labels)[0]
         else:
-            loss = self.llm(inputs_embeds=embeds, labels=labels).loss
+            loss = self.llm(inputs_embeds=embeds, labels=labels, use_cache=False).loss
         return loss + 0.01 * sum(layer.aux_loss for layer in self.moe_mlps())
 
 

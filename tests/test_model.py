@@ -133,6 +133,29 @@ def test_every_modality_trains_and_generates(make_config):
     assert torch.equal(cached, uncached)
 
 
+def test_training_forward_builds_no_cache(make_config, monkeypatch):
+    """In training neither the language model nor the speech Q-former (a Whisper decoder) keeps a KV cache,
+    whose per-layer key/value copies would cost memory and time; evaluation still caches by default."""
+    from transformers import cache_utils
+
+    made = []
+    init = cache_utils.DynamicCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting_init)
+    model = UniMoEForCausalLM(make_config(expert_lora_r=4)).train()
+    ids, media = _inputs()
+    out = model(input_ids=ids, labels=ids, **media)
+    out.loss.backward()
+    assert made == [] and out.past_key_values is None
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=ids, **media).past_key_values is not None
+
+
 def test_training_loss_skips_the_logits_and_equals_the_full_logits_loss(make_config):
     """In training the LM loss comes from the chunked head (no logits returned); value, gradients and the
     per-sample losses equal transformers' loss over full logits (same seed, hence the same dropout)."""

@@ -50,7 +50,9 @@ class SpeechAligner(nn.Module):
     def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
         """encoder_states [n, L, d] -> [n, Q, out_dim]."""
         queries = self.query_tokens.expand(encoder_states.shape[0], -1, -1).to(encoder_states.dtype)
-        hidden = self.decoder(inputs_embeds=queries, encoder_hidden_states=encoder_states).last_hidden_state
+        # no cache: the queries are one pass, and a cache would copy every layer's keys and values
+        hidden = self.decoder(inputs_embeds=queries, encoder_hidden_states=encoder_states,
+                              use_cache=False).last_hidden_state
         return self.projector(hidden)
 
 

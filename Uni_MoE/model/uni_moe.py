@@ -307,6 +307,8 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         With labels in training, the loss comes from ``lm_loss.causal_lm_loss`` and no logits are returned.
         """
         cache = kwargs.pop("past_key_values", cache)
+        if use_cache is None and self.training:
+            use_cache = False  # a training forward keeps no cache: it would copy every layer's keys and values
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_multimodal(
                 input_ids, pixel_values, pixel_values_videos, input_features, input_values, padding_mask
