@@ -408,7 +408,7 @@ def _ep2_worker() -> None:
 
 def _ep2_checkpointed(ds, x: torch.Tensor) -> None:
     """Under activation checkpointing (either kind) the layer recomputes its exchange in the backward and
-    gives the same outputs and gradients as without."""
+    gives the same outputs and gradients as without; the recompute reuses its forward's count exchange."""
     from unittest.mock import patch
 
     from torch.utils.checkpoint import checkpoint
@@ -429,11 +429,17 @@ def _ep2_checkpointed(ds, x: torch.Tensor) -> None:
     for reentrant in (False, True):
         for i, (got, want) in enumerate(zip(grads(reentrant), plain)):
             torch.testing.assert_close(got, want, msg=lambda m: f"reentrant={reentrant}, tensor {i}: {m}")
-    exchanges = []  # the exchange is ordinary autograd between two functions: one recompute, no more
+    exchanges = []  # one recompute, which reuses the forward's count exchange (no second host sync)
     counting = lambda *args: exchanges.append(1) or exchange_counts(*args)  # noqa: E731
     with patch.object(ep_dispatch, "_exchange_counts", counting):
-        grads(False)
+        for reentrant in (False, True):
+            grads(reentrant)
     assert len(exchanges) == 2
+    xg = x.clone().requires_grad_()  # a recompute that routes differently from its forward is stopped
+    out = checkpoint(ds, xg, use_reentrant=False)
+    ds._memo.counts = ds._memo.counts + 1
+    with pytest.raises(RuntimeError, match="routed differently"):
+        out.square().sum().backward()
 
 
 def _ep2_uneven(rank: int, local: MoELayer, ds) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .ep_dispatch import expert_parallel_mix
+from .ep_dispatch import CountsMemo, expert_parallel_mix
 from .experts import PROJECTIONS, MoEExperts
 from .implementations import resolve_expert_implementation
 from .router import balance_loss, in_backward, route_tokens
@@ -148,6 +148,7 @@ class DeepSpeedMoELayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.routing: torch.Tensor | None = None
         self.expert_rows = 0  # token-slots this rank's experts ran in the last forward
+        self._memo = CountsMemo()  # the last training forward's count exchange, for a checkpoint's recompute
         self._stacked = StackedExperts(self.local_experts())
         self.register_state_dict_post_hook(_save_local_layout)
         self.register_load_state_dict_pre_hook(_load_local_layout)
@@ -203,8 +204,9 @@ class DeepSpeedMoELayer(nn.Module):
         )
         experts = self._stacked.view(self.local_experts(), self.training)
         implementation = resolve_expert_implementation(self.implementation, x.shape[0])
+        memo = self._memo if self.training else None
         out, self.expert_rows = expert_parallel_mix(x, weights.to(x.dtype), indices, experts, implementation,
-                                                    self.ep_size, self.ep_group)
+                                                    self.ep_size, self.ep_group, memo)
         aux_loss = balance_loss(logits, indices, self.num_experts)  # computed alike when recomputed
         if not in_backward():
             self.aux_loss, self.routing = aux_loss, indices.detach().view(*shape[:-1], self.top_k)

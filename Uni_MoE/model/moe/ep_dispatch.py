@@ -12,12 +12,15 @@ is the local layer's for any routing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from .ep_merged import Dispatch, ExchangePlan, Return, padded_rows, take
 from .experts import MoEExperts
 from .implementations import ExpertFn
+from .router import in_backward
 from .segments import SlotGrouping, group_slots
 from .slot_kernels import combine, slot_grads
 
@@ -60,6 +63,33 @@ def _exchange_counts(counts: torch.Tensor, ep_size: int,
     return received, per_rank[0], per_rank[1]
 
 
+@dataclass
+class CountsMemo:
+    """One layer's last training-forward count exchange, for the backward's recompute of that forward under
+    activation checkpointing: the same routing sends the same counts, so the recompute skips the exchange
+    and its host sync. Used once; a recompute whose counts differ stops with a device-side assertion."""
+
+    counts: torch.Tensor | None = None
+    exchange: tuple[torch.Tensor, list[int], list[int]] | None = None
+
+
+def _counts_exchange(counts: torch.Tensor, ep_size: int, group: dist.ProcessGroup,
+                     memo: CountsMemo | None) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``_exchange_counts``, or in a checkpoint's recompute the memo of the forward it repeats."""
+    if memo is not None and in_backward():
+        saved, exchange = memo.counts, memo.exchange
+        memo.counts = memo.exchange = None
+        if saved is not None:
+            torch._assert_async((saved == counts).all(), "expert-parallel recompute routed differently from its "
+                                "forward (a checkpointed layer run twice before one backward?)")
+            return exchange
+        return _exchange_counts(counts, ep_size, group)
+    exchange = _exchange_counts(counts, ep_size, group)
+    if memo is not None:
+        memo.counts, memo.exchange = counts, exchange
+    return exchange
+
+
 def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[int], rank: int, num_local: int,
           top_k: int, group: dist.ProcessGroup | None) -> ExchangePlan:
     """Where the sorted slot rows go (one block per destination rank, as they are sorted by expert); the
@@ -80,20 +110,21 @@ def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[in
 
 
 def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
-                        implementation: ExpertFn, ep_size: int,
-                        group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int]:
+                        implementation: ExpertFn, ep_size: int, group: dist.ProcessGroup | None,
+                        memo: CountsMemo | None = None) -> tuple[torch.Tensor, int]:
     """Mix the chosen experts' outputs when ``experts`` holds this rank's L = E / ep_size experts.
 
     x [T, H]; weights [T, k] (x's dtype); indices [T, k] global expert ids -> ([T, H], rows this rank's
     experts ran, a load-balance figure). A collective over ``group``: every rank of it must call this
     once per layer forward, with any T (also 0), and run the backward alike (it exchanges rows too).
+    ``memo`` (training) lets a checkpoint's recompute of this forward reuse its count exchange.
     """
     if ep_size == 1:
         return implementation(x, weights, indices, experts), indices.numel()
     top_k = indices.shape[1]
     num_local = experts.num_experts
     g = group_slots(indices, ep_size * num_local)  # slots by global expert, hence by destination rank
-    received, sent, got = _exchange_counts(g.counts, ep_size, group)  # the host sync
+    received, sent, got = _counts_exchange(g.counts, ep_size, group, memo)  # the host sync, once per step
     plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, group)
     inbox = Dispatch.apply(x, g, plan)
     ids = torch.cat([plan.own_ids, plan.recv_ids, plan.recv_ids.new_zeros(plan.rows - sum(got))])
