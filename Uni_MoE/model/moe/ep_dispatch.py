@@ -59,8 +59,10 @@ def _exchange_counts(counts: torch.Tensor, ep_size: int,
     local expert) [ep_size * L], and the rows sent to / received from each rank (Python ints)."""
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts, group=group)
-    per_rank = torch.stack([counts.view(ep_size, -1).sum(1), received.view(ep_size, -1).sum(1)]).tolist()
-    return received, per_rank[0], per_rank[1]
+    both = torch.cat([counts, received]).tolist()  # one copy to the host: sent, then received, per expert
+    per = len(both) // (2 * ep_size)
+    sums = [sum(both[i : i + per]) for i in range(0, len(both), per)]
+    return received, sums[:ep_size], sums[ep_size:]
 
 
 @dataclass
