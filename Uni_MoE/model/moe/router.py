@@ -43,7 +43,7 @@ def balance_loss(logits: torch.Tensor, indices: torch.Tensor, num_experts: int) 
 
 
 def in_backward() -> bool:
-    """True while autograd's engine runs this code: a checkpointed layer recomputing its forward. Such a
-    forward's balance loss is not kept, as its graph would hold the layer's recomputed activations alive
-    until the next step."""
+    """True while autograd's engine runs this code: a checkpointed layer recomputing its forward in the
+    backward. The MoE layers keep no output of such a forward (its balance loss's graph would hold the
+    recomputed activations until the next step), and expert parallelism reuses the forward's counts."""
     return torch._C._current_graph_task_id() != -1
