@@ -182,6 +182,17 @@ class UniMoEModel(UniMoEPreTrainedModel):
         flat = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
 
+    def _check_no_placeholders(self, input_ids: torch.Tensor, modalities: list[str]) -> None:
+        """Raise if the prompt holds placeholder tokens of ``modalities`` (given no inputs); one host sync for
+        all of them."""
+        if not modalities:
+            return
+        ids = self.config.placeholder_token_ids()
+        found = torch.stack([(input_ids == ids[name]).any() for name in modalities]).tolist()
+        for name, hit in zip(modalities, found):
+            if hit:
+                raise ValueError(f"{name}: the prompt has placeholder tokens but no {name} inputs")
+
     def embed_multimodal(
         self,
         input_ids: torch.Tensor,
@@ -196,13 +207,13 @@ class UniMoEModel(UniMoEPreTrainedModel):
         embeds = self.get_input_embeddings()(input_ids)
         given = dict(pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
                      input_features=input_features, input_values=input_values, padding_mask=padding_mask)
+        missing = [name for name, modality in MODALITIES.items()
+                   if given[modality.input_keys[0]] is None or given[modality.input_keys[0]].shape[0] == 0]
+        self._check_no_placeholders(input_ids, missing)
         for name, modality in MODALITIES.items():
-            inputs = [given[key] for key in modality.input_keys]
-            if inputs[0] is None or inputs[0].shape[0] == 0:
-                token_id = self.config.placeholder_token_ids()[name]
-                if bool((input_ids == token_id).any()):
-                    raise ValueError(f"{name}: the prompt has placeholder tokens but no {name} inputs")
+            if name in missing:
                 continue
+            inputs = [given[key] for key in modality.input_keys]
             if getattr(self, modality.encoder) is None:
                 raise ValueError(f"{name} inputs were given but this model has no {name} encoder")
             features = getattr(self, f"get_{name}_features")(*inputs)
