@@ -90,6 +90,8 @@ def test_features_land_on_their_placeholders(make_config):
     assert torch.equal(out[0, untouched], embeds[0, untouched])
     with pytest.raises(ValueError, match="5 placeholder tokens but the image inputs give 6 feature rows"):
         inner.splice_modality_features(ids, embeds, "image", torch.zeros(2, 3, 128))
+    both, _ = _inputs()
+    assert inner.placeholder_counts(both) == {"image": 64, "video": 64, "speech": 16, "audio": 8}
 
 
 def test_video_is_the_mean_of_its_frames(make_config):

@@ -167,13 +167,22 @@ class UniMoEModel(UniMoEPreTrainedModel):
             feats, feat_mask = self.audio_encoder(input_values, padding_mask)
         return self.audio_aligner(feats.to(self.audio_aligner.query_tokens.dtype), feat_mask)
 
+    def placeholder_counts(self, input_ids: torch.Tensor) -> dict[str, int]:
+        """How many placeholder tokens of each modality ``input_ids`` holds (one host sync for all)."""
+        ids = self.config.placeholder_token_ids()
+        counts = torch.stack([(input_ids == ids[name]).sum() for name in MODALITIES]).tolist()
+        return dict(zip(MODALITIES, counts))
+
     def splice_modality_features(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, modality: str, features: torch.Tensor
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, modality: str, features: torch.Tensor,
+        n_tokens: int | None = None,
     ) -> torch.Tensor:
-        """Write features [n, t, hidden] (in order) over the placeholder tokens of ``modality``."""
+        """Write features [n, t, hidden] (in order) over the placeholder tokens of ``modality``, of which the
+        prompt holds ``n_tokens`` (counted here when not given)."""
         token_id = self.config.placeholder_token_ids()[modality]
         mask = input_ids == token_id
-        n_tokens, n_rows = int(mask.sum()), features.shape[0] * features.shape[1]
+        n_tokens = int(mask.sum()) if n_tokens is None else n_tokens
+        n_rows = features.shape[0] * features.shape[1]
         if n_tokens != n_rows:
             raise ValueError(
                 f"{modality}: the prompt has {n_tokens} placeholder tokens but the {modality} inputs give "
@@ -181,17 +190,6 @@ class UniMoEModel(UniMoEPreTrainedModel):
             )
         flat = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
-
-    def _check_no_placeholders(self, input_ids: torch.Tensor, modalities: list[str]) -> None:
-        """Raise if the prompt holds placeholder tokens of ``modalities`` (given no inputs); one host sync for
-        all of them."""
-        if not modalities:
-            return
-        ids = self.config.placeholder_token_ids()
-        found = torch.stack([(input_ids == ids[name]).any() for name in modalities]).tolist()
-        for name, hit in zip(modalities, found):
-            if hit:
-                raise ValueError(f"{name}: the prompt has placeholder tokens but no {name} inputs")
 
     def embed_multimodal(
         self,
@@ -203,21 +201,22 @@ class UniMoEModel(UniMoEPreTrainedModel):
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with every modality's features spliced in at its placeholders (in the modality
-        table's order, each through its ``get_<modality>_features``)."""
+        table's order, each through its ``get_<modality>_features``). The placeholders are counted once up
+        front, so a batch costs one host sync however many modalities it has."""
         embeds = self.get_input_embeddings()(input_ids)
         given = dict(pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
                      input_features=input_features, input_values=input_values, padding_mask=padding_mask)
-        missing = [name for name, modality in MODALITIES.items()
-                   if given[modality.input_keys[0]] is None or given[modality.input_keys[0]].shape[0] == 0]
-        self._check_no_placeholders(input_ids, missing)
+        counts = self.placeholder_counts(input_ids)
         for name, modality in MODALITIES.items():
-            if name in missing:
-                continue
             inputs = [given[key] for key in modality.input_keys]
+            if inputs[0] is None or inputs[0].shape[0] == 0:
+                if counts[name]:
+                    raise ValueError(f"{name}: the prompt has placeholder tokens but no {name} inputs")
+                continue
             if getattr(self, modality.encoder) is None:
                 raise ValueError(f"{name} inputs were given but this model has no {name} encoder")
             features = getattr(self, f"get_{name}_features")(*inputs)
-            embeds = self.splice_modality_features(input_ids, embeds, name, features)
+            embeds = self.splice_modality_features(input_ids, embeds, name, features, counts[name])
         return embeds
 
 
