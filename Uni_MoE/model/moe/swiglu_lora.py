@@ -28,7 +28,6 @@ class SwiGLULoRA:
         self.g, self.scale = g, scale
         self.fused = kernels.available(gate)
         self.sched = kernels.tile_schedule(g.counts, g.offs, gate.shape[0]) if self.fused else None
-        self.ranges = kernels.expert_tile_ranges(g.counts) if self.fused else None
 
     def forward(
         self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, keep: Maybe, keep_scale: float
@@ -64,7 +63,7 @@ class SwiGLULoRA:
             wgrad = lora is not None and kernels.fuses_weight_grads(lora[0].shape[1])
             return kernels.swiglu_lora_backward(dh, gate, up, lora, dzd, keep, keep_scale, self.scale, self.sched,
                                                 need_h or (lora is not None and not wgrad),
-                                                self.ranges if wgrad else None)
+                                                kernels.expert_tile_ranges(self.g.counts) if wgrad else None)
         extra = None
         if lora is not None:
             down_a = lora[4]
