@@ -94,8 +94,9 @@ def _counts_exchange(counts: torch.Tensor, ep_size: int, group: dist.ProcessGrou
 
 def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[int], rank: int, num_local: int,
           top_k: int, group: dist.ProcessGroup | None) -> ExchangePlan:
-    """Where the sorted slot rows go (one block per destination rank, as they are sorted by expert); the
-    received rows are grouped by (source rank, local expert), ``received`` [ep_size * L] counting them."""
+    """Where the sorted slot rows go (one block per destination rank, as they are sorted by expert) and the
+    local expert of each inbox row: the own rows, then the received ones grouped by (source rank, local
+    expert), ``received`` [ep_size * L] counting them, then the padding (expert 0)."""
     ep_size = len(sent)
     first = [sum(sent[:d]) for d in range(ep_size)]
     arrived = [sum(got[:s]) for s in range(ep_size)]
@@ -105,10 +106,11 @@ def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[in
     send = [slice(first[d], first[d] + sent[d]) for d in remote]
     send_sizes = [sent[d] if d != rank else 0 for d in range(ep_size)]
     recv_sizes = [got[d] if d != rank else 0 for d in range(ep_size)]
+    own_ids = local[arrived[rank] : arrived[rank] + got[rank]]
     recv_ids = take(local, [slice(arrived[d], arrived[d] + got[d]) for d in remote])
+    ids = torch.cat([own_ids, recv_ids, local.new_zeros(padded_rows(sum(got)) - sum(got))])
     own = slice(first[rank], first[rank] + sent[rank])
-    return ExchangePlan(group, own, local[arrived[rank] : arrived[rank] + got[rank]], send, send_sizes, recv_sizes,
-                        recv_ids, top_k, padded_rows(sum(got)))
+    return ExchangePlan(group, own, send, send_sizes, recv_sizes, ids, top_k)
 
 
 def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
@@ -129,8 +131,7 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     received, sent, got = _counts_exchange(g.counts, ep_size, group, memo)  # the host sync, once per step
     plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, group)
     inbox = Dispatch.apply(x, g, plan)
-    ids = torch.cat([plan.own_ids, plan.recv_ids, plan.recv_ids.new_zeros(plan.rows - sum(got))])
-    out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), ids[:, None], experts)
+    out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), plan.ids[:, None], experts)
     if torch.is_grad_enabled() and (inbox.shape[0] == 0 or not out.requires_grad):
         out = out + _zero_link(inbox, experts)  # every rank must run the backward's exchanges
     ys = Return.apply(out, g, plan)

@@ -26,13 +26,16 @@ class ExchangePlan:
 
     group: dist.ProcessGroup | None
     own: slice  # sorted slot rows of this rank's own experts
-    own_ids: torch.Tensor  # [rows] their local expert ids (non-decreasing)
     send: list[slice]  # the sorted slot rows sent, in rank order
     send_sizes: list[int]  # rows sent to each rank (0 to itself)
     recv_sizes: list[int]  # rows received from each rank (0 from itself)
-    recv_ids: torch.Tensor  # local expert id of each received row
+    ids: torch.Tensor  # local expert id of each inbox row: own, received, padding (``padded_rows``)
     top_k: int
-    rows: int  # inbox rows: own + received, padded (see ``padded_rows``)
+
+    @property
+    def rows(self) -> int:
+        """Inbox rows: own + received, padded."""
+        return self.ids.numel()
 
     @property
     def arrived(self) -> slice:
@@ -118,7 +121,7 @@ class Return(torch.autograd.Function):
         back = Transfer(out[plan.arrived], plan.send_sizes, plan.recv_sizes, plan.group, ys, plan.send)
         ys[plan.own] = out[:n_own]
         back.wait()
-        ctx.plan, ctx.rows = plan, out.shape[0]
+        ctx.plan = plan
         return ys
 
     @staticmethod
@@ -126,7 +129,7 @@ class Return(torch.autograd.Function):
         plan = ctx.plan
         n_own = plan.own.stop - plan.own.start
         grad_ys = grad_ys.contiguous()
-        grad_out = grad_ys.new_empty(ctx.rows, grad_ys.shape[1])
+        grad_out = grad_ys.new_empty(plan.rows, grad_ys.shape[1])
         send = Transfer(take(grad_ys, plan.send), plan.recv_sizes, plan.send_sizes, plan.group, grad_out,
                         [plan.arrived])
         grad_out[:n_own] = grad_ys[plan.own]
