@@ -452,24 +452,17 @@ def memory_step(model, optimizer, batch: torch.Tensor) -> list[StepMemory]:
 def profile_step(model, optimizer, batch: torch.Tensor, world: int, path: Path) -> None:
     """One training step under torch.profiler: its busiest operators by device time and by self CPU time,
     as tables in ``path``, and its timeline as a gzipped Chrome trace beside it."""
-    import gzip
-    import shutil
-
     from torch.profiler import ProfilerActivity, profile
+
+    from Uni_MoE.train.profiling import operator_tables
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch.is_cuda else [])
     with profile(activities=activities) as prof:
         train_step(model, optimizer, batch, world)
         sync(batch.device)
-    table = prof.key_averages().table
     path.parent.mkdir(parents=True, exist_ok=True)
-    sorts = (["cuda_time_total"] if batch.is_cuda else []) + ["self_cpu_time_total"]
-    path.write_text("\n\n".join(table(sort_by=key, row_limit=30) for key in sorts))
-    trace = path.with_suffix(".json")
-    prof.export_chrome_trace(str(trace))
-    with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    trace.unlink()
+    path.write_text(operator_tables(prof, 30))
+    prof.export_chrome_trace(str(path.with_suffix(".json.gz")))  # torch gzips by the suffix
 
 
 def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, device: torch.device) -> dict[str, Any]:

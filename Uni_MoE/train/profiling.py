@@ -11,6 +11,15 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
+def operator_tables(prof: profile, rows: int) -> str:
+    """The profiled operators as two tables: by self device time (self host time without CUDA), then by self
+    host time."""
+    table = prof.key_averages()
+    device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return "\n".join([table.table(sort_by=device_key, row_limit=rows), "",
+                      table.table(sort_by="self_cpu_time_total", row_limit=rows)])
+
+
 def parse_steps(spec: str) -> tuple[int, int]:
     """"A-B" (or "A") -> (A, B), first and last profiled step, 1-based; raises ValueError naming the flag."""
     first, _, last = spec.partition("-")
@@ -49,10 +58,6 @@ class ProfileCallback(TrainerCallback):
 
     def write(self, steps: int) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        table = self.prof.key_averages()
-        device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        text = [f"{steps} profiled steps; totals over all of them", "",
-                table.table(sort_by=device_key, row_limit=self.rows), "",
-                table.table(sort_by="self_cpu_time_total", row_limit=self.rows)]
-        (self.folder / f"ops_rank{self.rank}.txt").write_text("\n".join(text))
+        text = f"{steps} profiled steps; totals over all of them\n\n{operator_tables(self.prof, self.rows)}"
+        (self.folder / f"ops_rank{self.rank}.txt").write_text(text)
         self.prof.export_chrome_trace(str(self.folder / f"trace_rank{self.rank}.json"))
