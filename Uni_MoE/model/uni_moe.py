@@ -27,6 +27,7 @@ from .connectors import AudioAligner, SpeechAligner, build_projector
 from .lm_loss import causal_lm_loss
 from .moe import MoEExperts, MoELayer
 from .moe.deepspeed_backend import DeepSpeedMoELayer
+from .attention import fuse_attention
 from .rms_norm import fuse_rms_norms
 
 
@@ -91,6 +92,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         hidden = config.text_config.hidden_size
         self.language_model = LlamaModel(config.text_config)
         fuse_rms_norms(self.language_model)
+        fuse_attention(self.language_model)
         for idx in config.moe_layer_indices():
             self.language_model.layers[idx].mlp = make_moe_layer(config)
 
