@@ -34,6 +34,7 @@ from ..model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_
 from ..model.uni_moe import UniMoEForCausalLM
 from ..processing_uni_moe import UniMoEProcessor
 from .arguments import ModelArguments, TrainingArguments
+from .lora_linear import fuse_lora
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def apply_recipe(model: UniMoEForCausalLM, recipe: Recipe, train_args: TrainingA
             target_modules=recipe.lora_targets,
         )
         inject_adapter_in_model(config, model)
+        fuse_lora(model)
         model.lora_config = config
     trained = []
     for name, param in model.named_parameters():
