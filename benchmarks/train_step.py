@@ -9,7 +9,9 @@ stubbed by random features (they are frozen in stage 3 and identical for both pa
 trainable set. Both paths run on the same model, batch and optimizer, one after the other. The loss is
 the one UniMoEForCausalLM trains with, the chunked LM-head cross-entropy of Uni_MoE.model.lm_loss (no
 full-batch logits); ``--hf-loss`` uses transformers' causal-LM loss over full float32 logits instead.
-The RMSNorms are the model's fused ones (Uni_MoE.model.rms_norm); ``--hf-norm`` keeps transformers'.
+The RMSNorms, the attention (rotary in the projections' layout) and the attention LoRA are the ones the
+model trains with (Uni_MoE.model.rms_norm, Uni_MoE.model.attention, Uni_MoE.train.lora_linear);
+``--hf-norm``, ``--hf-attention`` and ``--peft-lora`` keep transformers' and PEFT's instead.
 
 MFU counts useful FLOPs of the language model and the image projector: 4 x frozen parameters (forward
 and input gradient), 6 x trainable ones, per token, plus causal attention 6*S*H per layer; the speech
@@ -35,10 +37,12 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
 
+from Uni_MoE.model.attention import fuse_attention
 from Uni_MoE.model.connectors import SpeechAligner, build_projector
 from Uni_MoE.model.lm_loss import causal_lm_loss
 from Uni_MoE.model.moe import MoELayer
 from Uni_MoE.model.rms_norm import fuse_rms_norms
+from Uni_MoE.train.lora_linear import fuse_lora
 
 TOP_K, QUERIES, SPEECH_CHUNKS = 2, 50, 2
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -64,6 +68,8 @@ class StepShapes:
     checkpointing: bool = False
     chunked_loss: bool = True
     fused_norm: bool = True
+    fused_attention: bool = True
+    fused_lora: bool = True
 
 
 FULL = StepShapes(4096, 11008, 4, 32, 32004, 4, 8, 8, 2048, 576, 1024, 768, 12, 1500, torch.bfloat16)
@@ -84,6 +90,8 @@ class Stage3Model(nn.Module):
         self.llm = LlamaForCausalLM(config)
         if s.fused_norm:
             fuse_rms_norms(self.llm)
+        if s.fused_attention:
+            fuse_attention(self.llm)
         for layer in self.llm.model.layers:
             layer.mlp = MoELayer(s.hidden, s.intermediate, s.experts, TOP_K, expert_type=expert_type,
                                  lora_r=s.rank, lora_alpha=16, lora_dropout=0.05)
@@ -97,6 +105,8 @@ class Stage3Model(nn.Module):
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
             self.llm,
         )
+        if s.fused_lora:
+            fuse_lora(self.llm)
 
     def moe_mlps(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.llm.model.layers]
@@ -239,7 +249,9 @@ def report(rows: list[dict], s: StepShapes, device: torch.device, steps: int) ->
         f"- batch {s.batch} × {s.seq} tokens ({s.image_tokens} image, {SPEECH_CHUNKS * QUERIES} speech, rest text); "
         f"AdamW; median of {steps} steps after warm-up; activation checkpointing {'on' if s.checkpointing else 'off'}; "
         f"loss: {'chunked LM-head cross-entropy' if s.chunked_loss else 'transformers (full float32 logits)'}; "
-        f"RMSNorm: {'fused (torch)' if s.fused_norm else 'transformers'}",
+        f"RMSNorm: {'fused (torch)' if s.fused_norm else 'transformers'}; "
+        f"attention: {'rotary in [B, S, heads, dim]' if s.fused_attention else 'transformers'}; "
+        f"attention LoRA: {'addmm' if s.fused_lora else 'PEFT'}",
         "- useful FLOPs: 4 × frozen + 6 × trainable parameters per token + causal attention (speech Q-former not "
         "counted); MFU against dense bf16 peak",
         "",
@@ -260,6 +272,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of decoder layers")
     parser.add_argument("--hf-loss", action="store_true", help="transformers' loss over full float32 logits")
     parser.add_argument("--hf-norm", action="store_true", help="transformers' RMSNorm instead of the fused one")
+    parser.add_argument("--hf-attention", action="store_true", help="transformers' attention forward (its rotary)")
+    parser.add_argument("--peft-lora", action="store_true", help="PEFT's LoRA forward on the attention projections")
     parser.add_argument("--expert-types", nargs="+", default=["mlp", "shared"], choices=["mlp", "shared"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -271,7 +285,7 @@ def main() -> None:
         args.device, args.steps, args.warmup = "cpu", 1, 1
     overrides = {k: v for k, v in (("layers", args.layers), ("batch", args.batch), ("experts", args.experts)) if v}
     shapes = replace(shapes, checkpointing=args.checkpointing, chunked_loss=not args.hf_loss, fused_norm=not args.hf_norm,
-                     **overrides)
+                     fused_attention=not args.hf_attention, fused_lora=not args.peft_lora, **overrides)
     device = torch.device(args.device)
     rows = run(shapes, args.expert_types, device, args.warmup, args.steps, args.profile)
     text = report(rows, shapes, device, args.steps)
