@@ -23,11 +23,12 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from ..compat import CACHE_ARG
 from ..config import ORIGINAL_MODEL_TYPES, UniMoEConfig, saved_config, saved_with_experts
 from ..modalities import MEDIA_INPUT_KEYS, MODALITIES
+from .attention import fuse_attention
 from .connectors import AudioAligner, SpeechAligner, build_projector
+from .encoders.whisper import store_states_token_major
 from .lm_loss import causal_lm_loss
 from .moe import MoEExperts, MoELayer
 from .moe.deepspeed_backend import DeepSpeedMoELayer
-from .attention import fuse_attention
 from .rms_norm import fuse_rms_norms
 
 
@@ -104,6 +105,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         self.speech_encoder = self.speech_aligner = None
         if config.speech_config is not None:
             self.speech_encoder = WhisperEncoder(config.speech_config)
+            store_states_token_major(self.speech_encoder)
             self.speech_aligner = SpeechAligner(
                 config.speech_config, config.query_tokens_size, hidden, config.audio_projector_type
             )
