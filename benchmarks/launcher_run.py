@@ -153,29 +153,18 @@ def launcher_tokens_per_second(model_dir: Path, data: Path, out: Path, batch: in
     return statistics.median(kept), rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=15, help="launcher steps (the first third is warm-up)")
-    parser.add_argument("--workers", type=int, default=3, help="the launcher's --dataloader_num_workers")
-    parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU")
-    parser.add_argument("--out", help="write the markdown table here")
-    parser.add_argument("--profile", action="store_true",
-                        help="operator tables of the encoders and of two launcher steps, beside --out")
-    parser.add_argument("--work_dir", help="where the model and data go (default: a temporary folder)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.batch, args.steps, args.workers = 2, 3, 0
+def measure(args: argparse.Namespace, work: Path) -> str:
+    """Build the model and data in ``work``, run the launcher and train_step.py; the report."""
     device = torch.device("cpu" if args.smoke else "cuda")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="launcher_run_"))
     (work / "data").mkdir(parents=True, exist_ok=True)
     model = build_model(work / "model", args.layers, args.smoke)
     image_size = model.config.vision_config.image_size
     layers = model.config.text_config.num_hidden_layers
     seconds = 2.0 if args.smoke else 30.0
     data = make_data(work / "data", args.batch * (args.steps + 2), image_size, seconds, 20 if args.smoke else 170)
-    tables = Path(args.out or work / "table.md").parent if args.profile else None
+    tables = None
+    if args.profile:
+        tables = Path(args.out).parent if args.out else Path(args.work_dir or ".")
     if tables:
         tables.mkdir(parents=True, exist_ok=True)
     pipe = pipeline(model.to(device), work / "model", data, args.batch,
@@ -194,7 +183,29 @@ def main() -> None:
                      checkpointing=True)
     rows = train_step.run(shapes, ["mlp"], device, 1 if args.smoke else 2, 1 if args.smoke else 5)
     step = next(r for r in rows if r["impl"] == "grouped")
-    text = report(args, shapes, pipe, launcher, rates, step, device)
+    return report(args, shapes, pipe, launcher, rates, step, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=15, help="launcher steps (the first third is warm-up)")
+    parser.add_argument("--workers", type=int, default=3, help="the launcher's --dataloader_num_workers")
+    parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU")
+    parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--profile", action="store_true",
+                        help="operator tables of the encoders and of two launcher steps, beside --out")
+    parser.add_argument("--work_dir", help="where the model and data go and stay (default: a temporary folder, "
+                        "removed at the end); --profile tables go beside --out, else here (else the current folder)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.steps, args.workers = 2, 3, 0
+    if args.work_dir:
+        text = measure(args, Path(args.work_dir))
+    else:  # the model, its checkpoints and the data take tens of GB at real width: removed afterwards
+        with tempfile.TemporaryDirectory(prefix="launcher_run_") as tmp:
+            text = measure(args, Path(tmp))
     print(text)
     if args.out:
         Path(args.out).write_text(text)
