@@ -7,11 +7,13 @@ LoRA gradient). In bfloat16 both models are compared with the float32 reference:
 largest error may be at most 1.25 x the bfloat16 reference's own (rounding, not a bug, moves both). It
 prints the errors and ``pass`` or ``FAIL`` per dtype.
 
-    python benchmarks/check_attention.py
+    python benchmarks/check_attention.py           # CUDA (the CPU when there is none)
+    python benchmarks/check_attention.py --smoke   # a small model on the CPU
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import torch
@@ -26,10 +28,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def build(device: torch.device) -> torch.nn.Module:
+def build(device: torch.device, hidden: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=1000, attn_implementation="sdpa")
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, vocab_size=1000,
+                         attn_implementation="sdpa")
     model = LlamaModel(config)
     inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), model)
@@ -55,9 +58,12 @@ def worst(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 
 
 def main() -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ref = build(device)
-    ids = torch.randint(0, 1000, (4, 256), device=device)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="hidden 128, 2 x 32 tokens, on the CPU")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    ref = build(device, 128 if args.smoke else 512)
+    ids = torch.randint(0, 1000, (2, 32) if args.smoke else (4, 256), device=device)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         plain = copy.deepcopy(ref).to(dtype)

@@ -53,3 +53,14 @@ def test_lm_loss_smoke(tmp_path: Path) -> None:
     assert "| chunked (ours) |" in table and "| transformers, full logits |" in table
     error = float(table.rsplit("relative error ", 1)[1].split()[0])
     assert error < 1e-5  # float32 on the CPU: the same loss gradient
+
+
+def test_check_attention_smoke() -> None:
+    """The GPU check of the fused attention and LoRA runs on the CPU too, and passes both dtypes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_attention.py"), "--smoke"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["float32", "bfloat16"]
+    assert all(line.endswith("-> pass") for line in lines)
