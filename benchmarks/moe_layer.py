@@ -9,6 +9,7 @@ drop_tokens=False)`` over the same LoRA-integrated experts (its own expert loop 
 in a one-process torch.distributed world.
 
     python benchmarks/moe_layer.py --out moe_layer.md          # LLaMA-7B MLP shapes, bf16, CUDA
+    python benchmarks/moe_layer.py --back-to-back --out FILE   # repetitions without a sync between them
     python benchmarks/moe_layer.py --smoke                     # tiny CPU run of every path
 """
 
@@ -45,8 +46,13 @@ FULL = Shapes(4096, 11008, (4, 8), (8, 64), (8192, 32768), torch.bfloat16)
 SMALL = Shapes(64, 128, (4,), (8,), (64,), torch.float32)
 
 
-def time_ms(step: Callable[[], None], device: torch.device, warmup: int, reps: int) -> tuple[float, float]:
-    """Median ms of ``step`` (CUDA events on GPU) and the peak memory it allocates beyond what it found, GB."""
+def time_ms(step: Callable[[], None], device: torch.device, warmup: int, reps: int,
+            back_to_back: bool = False) -> tuple[float, float]:
+    """Median ms of ``step`` (CUDA events on GPU) and the peak memory it allocates beyond what it found, GB.
+
+    Each repetition starts on an idle GPU, so the host's launches before the first kernel count.
+    With ``back_to_back`` the repetitions run without a synchronisation between them and the result is their
+    mean, as layers run inside a model: the host enqueues one while the GPU still works on the one before."""
     for _ in range(warmup):
         step()
     times = []
@@ -54,6 +60,14 @@ def time_ms(step: Callable[[], None], device: torch.device, warmup: int, reps: i
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        if back_to_back:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / reps, (torch.cuda.max_memory_allocated() - base) / 2**30
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -167,22 +181,23 @@ def relative_error(layer: MoELayer, x: torch.Tensor) -> float:
     return max(((a - b).norm() / b.norm()).item() for a, b in zip(results[1], results[0]))
 
 
-def run(shapes: Shapes, device: torch.device, warmup: int, reps: int, with_deepspeed: bool) -> list[dict]:
+def run(shapes: Shapes, device: torch.device, warmup: int, reps: int, with_deepspeed: bool,
+        back_to_back: bool = False) -> list[dict]:
     rows = []
     for tokens in shapes.tokens:
         torch.manual_seed(0)
         x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
-        dense_ms, dense_gb = time_ms(dense_step(x, shapes), device, warmup, reps)
+        dense_ms, dense_gb = time_ms(dense_step(x, shapes), device, warmup, reps, back_to_back)
         for expert_type in ("mlp", "shared"):
             for experts in shapes.experts:
                 for rank in shapes.ranks:
                     layer = make_layer(shapes, experts, rank, expert_type, device)
-                    naive_ms, naive_gb = time_ms(layer_step(layer, x, "reference"), device, warmup, reps)
-                    ours_ms, ours_gb = time_ms(layer_step(layer, x, "grouped"), device, warmup, reps)
+                    naive_ms, naive_gb = time_ms(layer_step(layer, x, "reference"), device, warmup, reps, back_to_back)
+                    ours_ms, ours_gb = time_ms(layer_step(layer, x, "grouped"), device, warmup, reps, back_to_back)
                     ds_ms = ds_gb = float("nan")
                     if with_deepspeed and expert_type == "mlp":
                         moe = make_deepspeed_layer(layer)
-                        ds_ms, ds_gb = time_ms(deepspeed_step(moe, x), device, warmup, reps)
+                        ds_ms, ds_gb = time_ms(deepspeed_step(moe, x), device, warmup, reps, back_to_back)
                         del moe
                     floor = dense_ms * (TOP_K if expert_type == "mlp" else 1)
                     rows.append(dict(
@@ -219,7 +234,7 @@ def format_row(r: dict) -> str:
     )
 
 
-def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int) -> str:
+def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int, back_to_back: bool = False) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [
         "# MoE layer forward+backward",
@@ -227,7 +242,9 @@ def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int) ->
         f"- device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}",
         f"- H={shapes.hidden}, I={shapes.intermediate}, SwiGLU, top-{TOP_K},"
         f" {str(shapes.dtype).removeprefix('torch.')};"
-        f" router random (near-uniform); median of {reps} after warm-up, CUDA events",
+        f" router random (near-uniform); "
+        + (f"mean of {reps} back-to-back repetitions" if back_to_back else f"median of {reps}, each from an idle GPU")
+        + " after warm-up, CUDA events",
         "- trainable: LoRA A/B on gate, up, down (alpha 16) and router; bases frozen; x.requires_grad;"
         " loss = y.float().sum() + 0.01 aux",
         "- baseline: k × dense frozen MLP (no LoRA) for distinct experts, 1 × dense for the shared base;"
@@ -273,6 +290,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", help="expert counts to run (default 4 8)")
     parser.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks to run (default 8 64)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE column")
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="time the repetitions in one stretch, without a sync between them (as in a model)")
     args = parser.parse_args()
     if args.smoke:
         args.device, args.small, args.reps, args.warmup = "cpu", True, 2, 1
@@ -284,8 +303,9 @@ def main() -> None:
     if args.profile:
         print(profile(shapes, device, args.profile))
         return
-    rows = run(shapes, device, args.warmup, args.reps, not args.no_deepspeed and init_world(device))
-    text = report(rows, shapes, device, args.reps)
+    rows = run(shapes, device, args.warmup, args.reps, not args.no_deepspeed and init_world(device),
+               args.back_to_back)
+    text = report(rows, shapes, device, args.reps, args.back_to_back)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
