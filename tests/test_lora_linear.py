@@ -74,3 +74,6 @@ def test_cases_beyond_one_plain_adapter_run_peft(monkeypatch: pytest.MonkeyPatch
     fused.q.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused.q._plain_adapter(x.float()) is None
+    assert fused.q._plain_adapter(x.float()) == "default"
+    fused.q.lora_B["default"].weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert fused.q._plain_adapter(x.float()) is None

@@ -30,8 +30,8 @@ class FusedLlamaAttention(LlamaAttention):
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if args or position_embeddings is None or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
             return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        for key in _CACHE_KWARGS:
-            kwargs.pop(key, None)
+        for name in _CACHE_KWARGS:
+            kwargs.pop(name, None)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)
         key = self.k_proj(hidden_states).view(shape)

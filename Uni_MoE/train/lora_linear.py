@@ -6,7 +6,7 @@ fourth. ``FusedLoraLinear`` computes ``addmm(base(x), lora_A(dropout(x)), lora_B
 the r-wide product is accumulated onto the base output in the GEMM's epilogue, and the scaling falls on
 r-wide tensors only. The sum is rounded once instead of three times. Anything beyond one plain adapter in
 training or evaluation (several or disabled adapters, merged weights, variants such as DoRA, a LoRA bias,
-autocast, mixed dtypes, extra arguments) runs PEFT's forward. Parameters, keys and saving are PEFT's.
+autocast, mixed dtypes, ZeRO-3-partitioned weights, extra arguments) runs PEFT's forward. Parameters, keys and saving are PEFT's.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class FusedLoraLinear(LoraLinear):
             return None
         name = self.active_adapters[0]
         if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+            return None
+        if hasattr(self.lora_B[name].weight, "ds_id"):  # a ZeRO-3 partition: gathered only by calling lora_B
             return None
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear) or torch.is_autocast_enabled(x.device.type):

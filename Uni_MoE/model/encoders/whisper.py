@@ -5,7 +5,8 @@ by ``permute``, a view, so every layer after it inherits the transposed strides:
 layer norm runs as a strided kernel and every projection first copies its input (at 8 x 1500 frames of
 Whisper-small, about a third of the encoder's GPU time). ``store_states_token_major`` makes the
 convolution's output [B, d, frames] with token-major memory (one copy of one tensor), so the permute
-yields a contiguous tensor and the encoder runs as if written for it. Values are unchanged.
+yields a contiguous tensor and the encoder runs as if written for it. The values are the same up to the
+rounding of GEMMs that now see a different input layout.
 """
 
 from __future__ import annotations
