@@ -17,6 +17,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
+from .retype import retype_modules
 from .rotary import apply_rotary
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -49,9 +50,4 @@ class FusedLlamaAttention(LlamaAttention):
 def fuse_attention(module: nn.Module) -> int:
     """Turn every ``LlamaAttention`` inside ``module`` into a ``FusedLlamaAttention`` in place (same
     parameters, hooks and keys); returns how many."""
-    count = 0
-    for sub in module.modules():
-        if type(sub) is LlamaAttention:
-            sub.__class__ = FusedLlamaAttention
-            count += 1
-    return count
+    return retype_modules(module, LlamaAttention, FusedLlamaAttention)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from .retype import retype_modules
+
 
 class FusedRMSNorm(LlamaRMSNorm):
     """``LlamaRMSNorm`` with the same parameter and state-dict key, fused on CUDA."""
@@ -27,9 +29,4 @@ class FusedRMSNorm(LlamaRMSNorm):
 def fuse_rms_norms(module: nn.Module) -> int:
     """Turn every ``LlamaRMSNorm`` inside ``module`` into a ``FusedRMSNorm`` in place (same parameters,
     hooks and keys); returns how many."""
-    count = 0
-    for sub in module.modules():
-        if type(sub) is LlamaRMSNorm:
-            sub.__class__ = FusedRMSNorm
-            count += 1
-    return count
+    return retype_modules(module, LlamaRMSNorm, FusedRMSNorm)

@@ -17,6 +17,8 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from ..model.retype import retype_modules
+
 
 class FusedLoraLinear(LoraLinear):
     """``peft.tuners.lora.Linear`` whose single plain adapter adds its update in the LoRA-B GEMM."""
@@ -49,9 +51,4 @@ class FusedLoraLinear(LoraLinear):
 def fuse_lora(module: nn.Module) -> int:
     """Turn every PEFT LoRA ``Linear`` inside ``module`` into a ``FusedLoraLinear`` in place (same
     parameters, hooks and keys); returns how many."""
-    count = 0
-    for sub in module.modules():
-        if type(sub) is LoraLinear:
-            sub.__class__ = FusedLoraLinear
-            count += 1
-    return count
+    return retype_modules(module, LoraLinear, FusedLoraLinear)
