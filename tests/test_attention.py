@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from helpers import run_in_triton_interpreter
 from Uni_MoE.model import attention
 from Uni_MoE.model.attention import FusedLlamaAttention, fuse_attention
+from Uni_MoE.model.retype import retype_modules
 from Uni_MoE.model.rotary import apply_rotary
 
 
@@ -99,3 +100,10 @@ print("kernel matches")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernel_in_the_triton_interpreter_matches_transformers() -> None:
     assert "kernel matches" in run_in_triton_interpreter(_KERNEL_CHECK, timeout=600)
+
+
+def test_retyping_needs_a_subclass() -> None:
+    model, _ = _models()
+    with pytest.raises(TypeError, match="must subclass LlamaAttention"):
+        retype_modules(model, LlamaAttention, torch.nn.Linear)
+    assert all(type(layer.self_attn) is LlamaAttention for layer in model.layers)
