@@ -33,6 +33,11 @@ class ExchangePlan:
     top_k: int
 
     @property
+    def n_own(self) -> int:
+        """Own rows: the head of the inbox."""
+        return self.own.stop - self.own.start
+
+    @property
     def rows(self) -> int:
         """Inbox rows: own + received, padded."""
         return self.ids.numel()
@@ -40,8 +45,7 @@ class ExchangePlan:
     @property
     def arrived(self) -> slice:
         """The received rows' place in the inbox, after the own rows."""
-        n_own = self.own.stop - self.own.start
-        return slice(n_own, n_own + sum(self.recv_sizes))
+        return slice(self.n_own, self.n_own + sum(self.recv_sizes))
 
 
 def padded_rows(rows: int, multiple: int = 128) -> int:
@@ -87,11 +91,10 @@ class Dispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
-        n_own = plan.own.stop - plan.own.start
         inbox = x.new_empty(plan.rows, x.shape[1])
         send = Transfer(x[take(g.token, plan.send)], plan.recv_sizes, plan.send_sizes, plan.group,
                         inbox, [plan.arrived])
-        torch.index_select(x, 0, g.token[plan.own], out=inbox[:n_own])
+        torch.index_select(x, 0, g.token[plan.own], out=inbox[:plan.n_own])
         inbox[plan.arrived.stop :].zero_()
         send.wait()
         ctx.grouping, ctx.plan = g, plan
@@ -100,12 +103,11 @@ class Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_inbox: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         g, plan = ctx.grouping, ctx.plan
-        n_own = plan.own.stop - plan.own.start
         grad_inbox = grad_inbox.contiguous()
         grad_rows = grad_inbox.new_empty(g.token.numel(), grad_inbox.shape[1])
         back = Transfer(grad_inbox[plan.arrived], plan.send_sizes, plan.recv_sizes, plan.group, grad_rows,
                         plan.send)
-        grad_rows[plan.own] = grad_inbox[:n_own]
+        grad_rows[plan.own] = grad_inbox[:plan.n_own]
         back.wait()
         return token_sum(grad_rows, None, g, plan.top_k), None, None
 
@@ -116,10 +118,9 @@ class Return(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
-        n_own = plan.own.stop - plan.own.start
         ys = out.new_empty(g.token.numel(), out.shape[1])
         back = Transfer(out[plan.arrived], plan.send_sizes, plan.recv_sizes, plan.group, ys, plan.send)
-        ys[plan.own] = out[:n_own]
+        ys[plan.own] = out[:plan.n_own]
         back.wait()
         ctx.plan = plan
         return ys
@@ -127,12 +128,11 @@ class Return(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ys: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         plan = ctx.plan
-        n_own = plan.own.stop - plan.own.start
         grad_ys = grad_ys.contiguous()
         grad_out = grad_ys.new_empty(plan.rows, grad_ys.shape[1])
         send = Transfer(take(grad_ys, plan.send), plan.recv_sizes, plan.send_sizes, plan.group, grad_out,
                         [plan.arrived])
-        grad_out[:n_own] = grad_ys[plan.own]
+        grad_out[:plan.n_own] = grad_ys[plan.own]
         grad_out[plan.arrived.stop :].zero_()
         send.wait()
         return grad_out, None, None
