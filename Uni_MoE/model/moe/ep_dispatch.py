@@ -75,7 +75,7 @@ class CountsMemo:
     exchange: tuple[torch.Tensor, list[int], list[int]] | None = None
 
 
-def _counts_exchange(counts: torch.Tensor, ep_size: int, group: dist.ProcessGroup,
+def _exchange_or_reuse_counts(counts: torch.Tensor, ep_size: int, group: dist.ProcessGroup,
                      memo: CountsMemo | None) -> tuple[torch.Tensor, list[int], list[int]]:
     """``_exchange_counts``, or in a checkpoint's recompute the memo of the forward it repeats."""
     if memo is not None and in_backward():
@@ -128,7 +128,7 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     top_k = indices.shape[1]
     num_local = experts.num_experts
     g = group_slots(indices, ep_size * num_local)  # slots by global expert, hence by destination rank
-    received, sent, got = _counts_exchange(g.counts, ep_size, group, memo)  # the host sync, once per step
+    received, sent, got = _exchange_or_reuse_counts(g.counts, ep_size, group, memo)  # the host sync, once per step
     plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, group)
     inbox = Dispatch.apply(x, g, plan)
     out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), plan.ids[:, None], experts)
