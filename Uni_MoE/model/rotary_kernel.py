@@ -50,6 +50,7 @@ if triton is not None:
         tl.store(dst_ptr + offs, (x1 * c1[None, :] - x2 * s1[None, :]).to(out_ty), mask=m)
         tl.store(dst_ptr + offs + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(out_ty), mask=m)
 
+
 def usable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether the kernel can rotate these tensors (Triton on their device, even head dim, cos per token)."""
     return (available(q) and q.dtype == k.dtype and q.shape[-1] % 2 == 0 and q.shape[-1] == k.shape[-1]

@@ -6,7 +6,8 @@ fourth. ``FusedLoraLinear`` computes ``addmm(base(x), lora_A(dropout(x)), lora_B
 the r-wide product is accumulated onto the base output in the GEMM's epilogue, and the scaling falls on
 r-wide tensors only. The sum is rounded once instead of three times. Anything beyond one plain adapter in
 training or evaluation (several or disabled adapters, merged weights, variants such as DoRA, a LoRA bias,
-autocast, mixed dtypes, ZeRO-3-partitioned weights, extra arguments) runs PEFT's forward. Parameters, keys and saving are PEFT's.
+autocast, mixed dtypes, ZeRO-3-partitioned weights, extra arguments) runs PEFT's forward. Parameters, keys
+and saving are PEFT's.
 """
 
 from __future__ import annotations
