@@ -20,12 +20,10 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from transformers import LlamaConfig, LlamaModel
 
+from check_moe_kernels import rel
+
 from Uni_MoE.model.attention import fuse_attention
 from Uni_MoE.train.lora_linear import fuse_lora
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def build(device: torch.device, hidden: int) -> torch.nn.Module:
@@ -54,7 +52,7 @@ def run(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def worst(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    return max(rel_err(a, b) for a, b in zip(ours, ref, strict=True))
+    return max(rel(a.float(), b.float()) for a, b in zip(ours, ref, strict=True))
 
 
 def main() -> None:
