@@ -115,3 +115,31 @@ print("ok")
 def test_grouping_kernels_in_the_interpreter_equal_the_stable_sort() -> None:
     """Several blocks of slots (cross-block offsets), an empty expert, top-1 and top-2."""
     assert run_in_triton_interpreter(_GROUPING_CHECK, timeout=600).strip() == "ok"
+
+
+_WIDE_CHECK = """
+import torch
+from Uni_MoE.model.moe import MoELayer, shared_kernels
+torch.manual_seed(0)
+layer = MoELayer(32, 96, 4, 2, expert_type="shared", lora_r=8, lora_alpha=16)
+with torch.no_grad():
+    for p in layer.experts.lora_parameters():
+        p.normal_(0.0, 0.05)
+x = torch.randn(70, 32)
+results, calls = [], []
+for wide in (False, True):
+    shared_kernels._wide = lambda gate, top_k, wide=wide: calls.append(wide) or wide
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    layer(xi).sum().backward()
+    results.append([xi.grad] + [p.grad for p in layer.experts.lora_parameters()])
+for narrow, wide in zip(*results):
+    assert narrow is not None and torch.equal(narrow, wide)
+assert calls == [False, False, True, True]  # the backward and weight-gradient kernels ran, each way
+print("same")
+"""
+
+
+@INTERPRETER
+def test_shared_kernels_give_the_same_gradients_with_64_bit_row_offsets() -> None:
+    assert run_in_triton_interpreter(_WIDE_CHECK, timeout=600).strip() == "same"

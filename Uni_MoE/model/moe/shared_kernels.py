@@ -46,7 +46,9 @@ if triton is not None:
 
     _FORWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 4, 3), (32, 8, 1)))
     _BACKWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 8, 1)))
-    _GRAD_CONFIGS = configs(((64, 8, 3, 32), (32, 8, 3, 64), (32, 4, 3, 32), (64, 8, 1, 32)), single=(64, 4, 1, 32))
+    # 32 columns: every weight-gradient product is [32, M] x [M, r], which Triton (3.6) gives to mma.sync. Its
+    # wgmma lowering of the r >= 64 products read past the kernel's shared memory (compute-sanitizer, SM90).
+    _GRAD_CONFIGS = configs(((32, 8, 3, 64), (32, 4, 3, 32), (32, 8, 1, 32)), single=(32, 4, 1, 32))
 
     @triton.jit
     def _b_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
@@ -178,7 +180,7 @@ if triton is not None:
         keep_ptr, perm_ptr, sched_ptr,
         n_tiles, n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
         SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, NEED_W: tl.constexpr,
-        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        WIDE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
         combo = tl.load(sched_ptr + pid).to(tl.int64)
@@ -188,7 +190,9 @@ if triton is not None:
             return
         pos = start + tl.arange(0, BLOCK_M)
         row_ok = pos < end
-        tok = tl.load(perm_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+        tok = tl.load(perm_ptr + pos, mask=row_ok, other=0)
+        if WIDE:
+            tok = tok.to(tl.int64)
         e0 = combo % n_experts
         e1 = (combo // n_experts) % n_experts
         w0 = tl.load(w_ptr + tok * K, mask=row_ok, other=0.0).to(tl.float32)
@@ -260,13 +264,15 @@ if triton is not None:
     @triton.jit
     def _grad_rows(s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr, order_ptr,
                    bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
-                   n_cols: tl.constexpr, K: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
+                   n_cols: tl.constexpr, K: tl.constexpr, HAS_KEEP: tl.constexpr, WIDE: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr):
         """Add BLOCK_M sorted slot rows of expert e from s0 to the three weight-gradient accumulators."""
         low = da.dtype
         pos = s0 + tl.arange(0, BLOCK_M)
         row_ok = pos < end
         flat = tl.load(order_ptr + pos, mask=row_ok, other=0)  # slot t * K + j
+        if WIDE:
+            flat = flat.to(tl.int64)
         tok = flat // K
         z_mask = row_ok[:, None] & r_ok[None, :]
         width = 2 * n_experts * rank
@@ -291,7 +297,7 @@ if triton is not None:
         hd = _dropped((silu * u).to(low).to(tl.float32), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP).to(low)
         acc_g += tl.dot(tl.trans(dg), zg, input_precision=PREC)
         acc_u += tl.dot(tl.trans(du), zu, input_precision=PREC)
-        acc_a += tl.dot(tl.trans((dzo.to(tl.float32) * w[:, None]).to(low)), hd, input_precision=PREC)
+        acc_a += tl.dot(tl.trans(hd), (dzo.to(tl.float32) * w[:, None]).to(low), input_precision=PREC)
         return acc_g, acc_u, acc_a
 
     @triton.autotune(configs=_GRAD_CONFIGS, key=["n_cols", "rank", "K", "HAS_KEEP"], prune_configs_by=_PRUNE)
@@ -300,7 +306,7 @@ if triton is not None:
         dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dbg_ptr, dbu_ptr, dda_ptr,
         keep_ptr, order_ptr, offs_ptr, counts_ptr,
         n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
-        HAS_KEEP: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_KEEP: tl.constexpr, WIDE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         e = tl.program_id(0).to(tl.int64)
@@ -315,27 +321,33 @@ if triton is not None:
         da = _a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
         acc_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        acc_a = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        acc_a = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)  # transposed, like the others
         if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
             s0 = start
             while s0 < end:
                 acc_g, acc_u, acc_a = _grad_rows(
                     s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
                     order_ptr, bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
-                    n_cols, K, HAS_KEEP, PREC, BLOCK_M)
+                    n_cols, K, HAS_KEEP, WIDE, PREC, BLOCK_M)
                 s0 += BLOCK_M
         else:
             for s0 in range(start, end, BLOCK_M):
                 acc_g, acc_u, acc_a = _grad_rows(
                     s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
                     order_ptr, bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
-                    n_cols, K, HAS_KEEP, PREC, BLOCK_M)
+                    n_cols, K, HAS_KEEP, WIDE, PREC, BLOCK_M)
         b_off = e * n_cols * rank + cols[:, None] * rank + rk[None, :]  # [N, R] of [E, I, r]
         b_mask = col_ok[:, None] & r_ok[None, :]
         tl.store(dbg_ptr + b_off, (acc_g * scale).to(dbg_ptr.dtype.element_ty), mask=b_mask)
         tl.store(dbu_ptr + b_off, (acc_u * scale).to(dbu_ptr.dtype.element_ty), mask=b_mask)
-        a_off = e * rank * n_cols + rk[:, None] * n_cols + cols[None, :]  # [R, N] of [E, r, I]
-        tl.store(dda_ptr + a_off, acc_a.to(dda_ptr.dtype.element_ty), mask=r_ok[:, None] & col_ok[None, :])
+        a_off = e * rank * n_cols + rk[None, :] * n_cols + cols[:, None]  # [N, R] of [E, r, I]
+        tl.store(dda_ptr + a_off, acc_a.to(dda_ptr.dtype.element_ty), mask=b_mask)
+
+
+def _wide(gate: torch.Tensor, top_k: int) -> bool:
+    """Whether offsets into the k planes of [T, I] need 64 bits (the backward and weight-gradient kernels
+    keep 32-bit row indices below that, for fewer registers)."""
+    return top_k * gate.numel() >= 2**31
 
 
 def _factors(like: torch.Tensor, lora: tuple | None) -> tuple:
@@ -391,7 +403,7 @@ def mix_backward(
         dz if dz is not None else gate, gw if gw is not None else gate, keep if keep is not None else gate,
         grouping.order, sched, n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1,
         scale, keep_scale, n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
-        NEED_W=need_w, PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        NEED_W=need_w, WIDE=_wide(gate, k), PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
     return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
             None if gw is None else gw.sum(0))
@@ -413,6 +425,7 @@ def lora_weight_grads(
         d_mixed.contiguous(), gate, up, za.contiguous(), dz_mix.contiguous(), weights.contiguous(), bg, bu, da,
         d_bg, d_bu, d_da, keep if keep is not None else gate, slots.order, slots.offs, slots.counts,
         rows, rows * n_cols, rank, num_experts, scale, keep_scale, n_cols=n_cols, K=weights.shape[1],
-        HAS_KEEP=keep is not None, PREC=_precision(gate.dtype), INTERPRET=_INTERPRET, BLOCK_R=_block_r(rank),
+        HAS_KEEP=keep is not None, WIDE=_wide(gate, weights.shape[1]), PREC=_precision(gate.dtype),
+        INTERPRET=_INTERPRET, BLOCK_R=_block_r(rank),
     )
     return d_bg, d_bu, d_da
