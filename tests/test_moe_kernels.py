@@ -117,6 +117,20 @@ def test_grouping_kernels_in_the_interpreter_equal_the_stable_sort() -> None:
     assert run_in_triton_interpreter(_GROUPING_CHECK, timeout=600).strip() == "ok"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_autotuning_configs_cap_registers_only_where_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from Uni_MoE.model.moe import swiglu_lora_kernels as kernels
+
+    monkeypatch.delenv("UNI_MOE_AUTOTUNE", raising=False)
+    tuned = kernels.configs(((32, 8, 3), (64, 4, 1, 32)), capped=((16, 4, 2),))
+    assert [(c.kwargs, c.num_warps, c.num_stages, c.maxnreg) for c in tuned] == [
+        ({"BLOCK_N": 32}, 8, 3, None), ({"BLOCK_N": 64, "BLOCK_M": 32}, 4, 1, None),
+        ({"BLOCK_N": 16}, 4, 2, kernels.CAPPED_REGS)]
+    monkeypatch.setenv("UNI_MOE_AUTOTUNE", "0")
+    single = kernels.configs(((32, 8, 3),), single=(64, 4, 1), capped=((16, 4, 2),))
+    assert [(c.kwargs, c.maxnreg) for c in single] == [({"BLOCK_N": 64}, None)]
+
+
 _WIDE_CHECK = """
 import torch
 from Uni_MoE.model.moe import MoELayer, shared_kernels

@@ -44,11 +44,13 @@ if triton is not None:
 
     from .swiglu_lora_kernels import _PRUNE, configs
 
-    _FORWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 4, 3), (32, 8, 1)))
-    _BACKWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 8, 1)))
+    _FORWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 4, 3), (32, 8, 1)),
+                               capped=((16, 4, 1), (32, 4, 1), (16, 4, 2), (32, 4, 2)))
+    _BACKWARD_CONFIGS = configs(((32, 8, 3), (64, 8, 3), (32, 8, 1)), capped=((16, 4, 1), (32, 4, 1), (16, 4, 2)))
     # 32 columns: every weight-gradient product is [32, M] x [M, r], which Triton (3.6) gives to mma.sync. Its
     # wgmma lowering of the r >= 64 products read past the kernel's shared memory (compute-sanitizer, SM90).
-    _GRAD_CONFIGS = configs(((32, 8, 3, 64), (32, 4, 3, 32), (32, 8, 1, 32)), single=(32, 4, 1, 32))
+    _GRAD_CONFIGS = configs(((32, 8, 3, 64), (32, 4, 3, 32)), single=(32, 4, 1, 32),
+                            capped=((32, 4, 1, 64), (32, 4, 2, 64), (32, 4, 1, 32)))
 
     @triton.jit
     def _b_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):

@@ -30,6 +30,7 @@ except ImportError:  # CPU-only installs: the torch path in swiglu_lora.py runs 
 
 BLOCK_M = 64
 WGRAD_MAX_RANK = 16  # fused LoRA weight gradients up to this rank: partials of 12 r bytes per row-tile column
+CAPPED_REGS = 128  # four programs of four warps a SM
 TARGET_PROGRAMS = 2048  # enough programs per SM to keep HBM busy; the column split makes up the rest
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -87,16 +88,21 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 if triton is not None:
-    def configs(choices: tuple[tuple[int, ...], ...], single: tuple[int, ...] = (64, 4, 1)) -> list:
-        """Autotuning configs from (BLOCK_N, warps, stages[, BLOCK_M]); only ``single`` (a single-stage
-        config, which fits every dtype) under the interpreter or with UNI_MOE_AUTOTUNE=0 (correctness
-        checks: no tuning time). The choices favour configs that spilled least in an offline SM90 compile."""
+    def configs(choices: tuple[tuple[int, ...], ...], single: tuple[int, ...] = (64, 4, 1),
+                capped: tuple[tuple[int, ...], ...] = ()) -> list:
+        """Autotuning configs from (BLOCK_N, warps, stages[, BLOCK_M]), and from ``capped`` ones compiled with
+        at most CAPPED_REGS registers a thread (several programs per SM, so that one's memory latency hides
+        behind another's work, for a few spilled bytes); only ``single`` (a single-stage config, which fits
+        every dtype) under the interpreter or with UNI_MOE_AUTOTUNE=0 (correctness checks: no tuning time).
+        The choices favour configs that spilled least in an offline SM90 compile."""
         if _INTERPRET or os.environ.get("UNI_MOE_AUTOTUNE", "1") == "0":
-            choices = (single,)
-        return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_M"), (c[0], *c[3:]))), num_warps=c[1], num_stages=c[2])
-                for c in choices]
+            choices, capped = (single,), ()
+        return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_M"), (c[0], *c[3:]))), num_warps=c[1], num_stages=c[2],
+                              maxnreg=regs)
+                for group, regs in ((choices, None), (capped, CAPPED_REGS)) for c in group]
 
-    _CONFIGS = configs(((32, 8, 3), (64, 8, 3), (64, 4, 3), (64, 4, 1), (32, 4, 1)))
+    _CONFIGS = configs(((32, 8, 3), (64, 8, 3), (64, 4, 3), (64, 4, 1), (32, 4, 1)),
+                       capped=((16, 4, 1), (32, 4, 1), (16, 4, 2)))
 
     def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
         """float32 (checks only) tries the single-stage configs, whose tiles fit in shared memory."""
