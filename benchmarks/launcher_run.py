@@ -106,7 +106,8 @@ def pipeline(model: UniMoEForCausalLM, model_dir: Path, data: Path, batch: int,
     items = [dataset[i] for i in range(2 * batch)]
     per_worker = 2 * batch / (time.perf_counter() - t0)
     device = model.device
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in Collator(tokenizer.pad_token_id)(items[:batch]).items()}
+    collated = Collator(tokenizer.pad_token_id)(items[:batch])
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collated.items()}
     media = {k: inputs[k].to(model.dtype) for k in ("pixel_values", "input_features") if k in inputs}
     with torch.no_grad():
         model.model.embed_multimodal(inputs["input_ids"], **media)  # warm-up

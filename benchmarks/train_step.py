@@ -43,6 +43,7 @@ from Uni_MoE.model.lm_loss import causal_lm_loss
 from Uni_MoE.model.moe import MoELayer
 from Uni_MoE.model.rms_norm import fuse_rms_norms
 from Uni_MoE.train.lora_linear import fuse_lora
+from Uni_MoE.train.profiling import operator_tables
 
 TOP_K, QUERIES, SPEECH_CHUNKS = 2, 50, 2
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -184,15 +185,15 @@ def time_steps(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, devi
 
 
 def profile_step(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, device: torch.device) -> str:
-    """One training step under torch.profiler: its operators by self device (CPU) time, as a table."""
+    """One training step under torch.profiler: its operators by self device (CPU) time, then by self host
+    time, as tables."""
     with torch.profiler.profile() as prof:
         opt.zero_grad(set_to_none=True)
         model(**batch).backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=45)
+    return operator_tables(prof, rows=45)
 
 
 def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: int, steps: int,
