@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -64,3 +65,38 @@ def test_check_attention_smoke() -> None:
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["float32", "bfloat16"]
     assert all(line.endswith("-> pass") for line in lines)
+
+
+def _kernel_memcheck():
+    spec = importlib.util.spec_from_file_location("kernel_memcheck", ROOT / "benchmarks" / "kernel_memcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_memcheck_reads_memchecks_verdicts() -> None:
+    verdict = _kernel_memcheck().verdict
+
+    def run(code: int, out: str, err: str = "") -> str:
+        return verdict(subprocess.CompletedProcess([], code, out, err))
+
+    clean = "========= COMPUTE-SANITIZER\nstep ok\n========= ERROR SUMMARY: 0 errors\n"
+    assert run(0, clean) == "clean"
+    found = ("========= COMPUTE-SANITIZER\n========= Invalid __shared__ read of size 1024 bytes\n"
+             "=========     at _weight_grads_kernel+0x5680 in shared_kernels.py:295\nstep ok\n"
+             "========= ERROR SUMMARY: 2 errors\n")
+    assert run(1, found) == "**2 errors**: Invalid __shared__ read of size 1024 bytes"
+    assert run(0, "out of resources\n========= ERROR SUMMARY: 0 errors\n").startswith("out of resources")
+    crashed = run(1, "", "Traceback ...\ntorch.AcceleratorError: CUDA error: an illegal memory access was encountered")
+    assert crashed.startswith("**failed**: torch.AcceleratorError")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernel_memcheck_smoke_runs_every_kernel_in_the_interpreter() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_memcheck.py"), "--smoke"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "config" not in line]
+    assert len(rows) == 5 and all(row.endswith("| clean |") for row in rows)

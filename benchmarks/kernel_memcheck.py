@@ -1,0 +1,145 @@
+"""Run every autotuning config of the MoE expert kernels under compute-sanitizer's memcheck, one process each.
+
+The autotuner may pick any config of a kernel on some GPU and shape, so each must be free of out-of-bounds
+accesses, and a compiler fault shows up only for some tile shapes (Triton 3.6 lowered one r=64 product to a
+wgmma that read past shared memory). Each child process fixes one config of one kernel (the other kernels
+keep their first config), runs one forward+backward of a MoE layer of the kind that uses it at LLaMA-7B width
+and ``--tokens`` tokens, and the table lists what memcheck found. A process per config keeps one fault from
+hiding the configs after it (a CUDA context does not survive an illegal access).
+
+    python benchmarks/kernel_memcheck.py --ranks 8 64 --jobs 6 --out memcheck.md   # CUDA
+    python benchmarks/kernel_memcheck.py --smoke    # the harness on the CPU: Triton's interpreter, no sanitizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = {  # name -> (module, attribute, layer kind)
+    "shared forward": ("shared_kernels", "_forward_kernel", "shared"),
+    "shared backward": ("shared_kernels", "_backward_kernel", "shared"),
+    "shared weight gradients": ("shared_kernels", "_weight_grads_kernel", "shared"),
+    "distinct forward": ("swiglu_lora_kernels", "_forward_kernel", "mlp"),
+    "distinct backward": ("swiglu_lora_kernels", "_backward_kernel", "mlp"),
+}
+OK, OUT_OF_RESOURCES = "step ok", "out of resources"
+
+
+def autotuned(name: str):  # noqa: ANN201 (a triton Autotuner; Triton is imported lazily)
+    import importlib
+
+    module, attribute, _ = KERNELS[name]
+    return getattr(importlib.import_module(f"Uni_MoE.model.moe.{module}"), attribute)
+
+
+def child(name: str, index: int, rank: int, tokens: int, experts: int, small: bool) -> None:
+    """One layer step with config ``index`` of kernel ``name`` and the first config of the others."""
+    import triton
+
+    from Uni_MoE.model.moe import MoELayer
+
+    for other in KERNELS:
+        kernel = autotuned(other)
+        kernel.configs = [kernel.configs[index if other == name else 0]]
+        kernel.cache.clear()
+    device = torch.device("cpu" if small else "cuda")
+    hidden, inter, dtype = (32, 96, torch.float32) if small else (4096, 11008, torch.bfloat16)
+    torch.manual_seed(0)
+    layer = MoELayer(hidden, inter, experts, 2, expert_type=KERNELS[name][2], lora_r=rank, lora_alpha=16)
+    layer.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in layer.experts.lora_parameters():
+            p.normal_(0.0, 0.02)
+    for p in layer.experts.base_parameters():
+        p.requires_grad_(False)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    try:
+        (layer(x).float().sum() + 0.01 * layer.aux_loss).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    except triton.runtime.errors.OutOfResources:
+        print(OUT_OF_RESOURCES)
+        return
+    print(OK)
+
+
+def verdict(result: subprocess.CompletedProcess) -> str:
+    """What one child's run says: clean, out of resources, or the first finding and memcheck's error count."""
+    text = result.stdout + result.stderr
+    if OUT_OF_RESOURCES in result.stdout:
+        return "out of resources (the autotuner skips it)"
+    summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    errors = int(summary.group(1)) if summary else 0
+    if result.returncode == 0 and OK in result.stdout and errors == 0:
+        return "clean"
+    finding = next((line.strip("= ").strip() for line in text.splitlines()
+                    if re.search(r"Invalid|Program hit|Error|error:", line)), f"exit status {result.returncode}")
+    return f"**{errors} errors**: {finding[:160]}" if errors else f"**failed**: {finding[:160]}"
+
+
+def run_child(name: str, index: int, rank: int, args: argparse.Namespace, sanitizer: list[str]) -> str:
+    command = [*sanitizer, sys.executable, str(Path(__file__).resolve()), "--child", name, str(index), str(rank),
+               "--tokens", str(args.tokens), "--experts", str(args.experts)] + (["--smoke"] if args.smoke else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if args.smoke:
+        env["TRITON_INTERPRET"] = "1"
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return f"**timed out** after {args.timeout} s"
+    return verdict(result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--jobs", type=int, default=4, help="children at once")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds a child may take")
+    parser.add_argument("--sanitizer",
+                        default=shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer")
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes, no sanitizer")
+    parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--child", nargs=3, metavar=("KERNEL", "INDEX", "RANK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, index, rank = args.child
+        child(name, int(index), int(rank), args.tokens, args.experts, args.smoke)
+        return
+    if args.smoke:
+        args.tokens, args.ranks, sanitizer = 40, [8], []
+        os.environ["TRITON_INTERPRET"] = "1"  # the parent lists the configs the interpreter's children see
+    else:
+        if not Path(args.sanitizer).exists():
+            sys.exit(f"compute-sanitizer not found at {args.sanitizer} (pass --sanitizer PATH)")
+        sanitizer = [args.sanitizer, "--tool", "memcheck", "--print-limit", "3"]
+    jobs = [(name, index, str(config), rank) for name in args.kernels
+            for index, config in enumerate(autotuned(name).configs) for rank in args.ranks]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        verdicts = list(pool.map(lambda job: run_child(job[0], job[1], job[3], args, sanitizer), jobs))
+    title, column = ((f"T={args.tokens}, E={args.experts}, H=4096, I=11008, bf16", "memcheck") if not args.smoke
+                     else ("smoke: Triton's interpreter on the CPU, no sanitizer", "run"))
+    lines = [title, "", f"| kernel | config | r | {column} |", "|---|---|---|---|"]
+    lines += [f"| {name} | {config} | {rank} | {v} |" for (name, _, config, rank), v in zip(jobs, verdicts)]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    if any(v.startswith("**") for v in verdicts):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
