@@ -149,7 +149,7 @@ if triton is not None:
                 mix += mix1
             tl.store(mixed_ptr + off, mix.to(mixed_ptr.dtype.element_ty), mask=mask)
         if HAS_LORA:  # this chunk's partial sums, fp32 [SPLIT, T, K, r]
-            z_off = part * n_rows * K * rank + tok[:, None] * (K * rank) + rk[None, :]
+            z_off = part.to(tl.int64) * n_rows * K * rank + tok[:, None] * (K * rank) + rk[None, :]
             tl.store(zd_ptr + z_off, zd0, mask=z_mask)
             if K == 2:
                 tl.store(zd_ptr + z_off + rank, zd1, mask=z_mask)
@@ -252,16 +252,16 @@ if triton is not None:
             tl.store(sg_ptr + off, sg.to(sg_ptr.dtype.element_ty), mask=mask)
             tl.store(su_ptr + off, su.to(su_ptr.dtype.element_ty), mask=mask)
         if HAS_LORA:  # this chunk's partial sums, fp32 [SPLIT, T, K, 2, r] (gate, up), scaled
-            z_off = part * n_rows * K * 2 * rank + tok[:, None] * (K * 2 * rank) + rk[None, :]
+            z_off = part.to(tl.int64) * n_rows * K * 2 * rank + tok[:, None] * (K * 2 * rank) + rk[None, :]
             tl.store(dz_ptr + z_off, dzg0 * scale, mask=z_mask)
             tl.store(dz_ptr + z_off + rank, dzu0 * scale, mask=z_mask)
             if K == 2:
                 tl.store(dz_ptr + z_off + 2 * rank, dzg1 * scale, mask=z_mask)
                 tl.store(dz_ptr + z_off + 3 * rank, dzu1 * scale, mask=z_mask)
         if NEED_W:  # fp32 [SPLIT, T, K]
-            tl.store(gw_ptr + part * n_rows * K + tok * K, gw0, mask=row_ok)
+            tl.store(gw_ptr + part.to(tl.int64) * n_rows * K + tok * K, gw0, mask=row_ok)
             if K == 2:
-                tl.store(gw_ptr + part * n_rows * K + tok * K + 1, gw1, mask=row_ok)
+                tl.store(gw_ptr + part.to(tl.int64) * n_rows * K + tok * K + 1, gw1, mask=row_ok)
 
     @triton.jit
     def _grad_rows(s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr, order_ptr,
@@ -346,10 +346,10 @@ if triton is not None:
         tl.store(dda_ptr + a_off, acc_a.to(dda_ptr.dtype.element_ty), mask=b_mask)
 
 
-def _wide(gate: torch.Tensor, top_k: int) -> bool:
-    """Whether offsets into the k planes of [T, I] need 64 bits (the backward and weight-gradient kernels
+def _wide(*sizes: int) -> bool:
+    """Whether offsets into buffers of these sizes need 64 bits (the backward and weight-gradient kernels
     keep 32-bit row indices below that, for fewer registers)."""
-    return top_k * gate.numel() >= 2**31
+    return max(sizes) >= 2**31
 
 
 def _factors(like: torch.Tensor, lora: tuple | None) -> tuple:
@@ -405,7 +405,8 @@ def mix_backward(
         dz if dz is not None else gate, gw if gw is not None else gate, keep if keep is not None else gate,
         grouping.order, sched, n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1,
         scale, keep_scale, n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
-        NEED_W=need_w, WIDE=_wide(gate, k), PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        NEED_W=need_w, WIDE=_wide(k * gate.numel(), split * rows * k * 2 * max(rank, 1)), PREC=_precision(gate.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
     return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
             None if gw is None else gw.sum(0))
@@ -427,7 +428,7 @@ def lora_weight_grads(
         d_mixed.contiguous(), gate, up, za.contiguous(), dz_mix.contiguous(), weights.contiguous(), bg, bu, da,
         d_bg, d_bu, d_da, keep if keep is not None else gate, slots.order, slots.offs, slots.counts,
         rows, rows * n_cols, rank, num_experts, scale, keep_scale, n_cols=n_cols, K=weights.shape[1],
-        HAS_KEEP=keep is not None, WIDE=_wide(gate, weights.shape[1]), PREC=_precision(gate.dtype),
+        HAS_KEEP=keep is not None, WIDE=_wide(weights.shape[1] * gate.numel()), PREC=_precision(gate.dtype),
         INTERPRET=_INTERPRET, BLOCK_R=_block_r(rank),
     )
     return d_bg, d_bu, d_da
