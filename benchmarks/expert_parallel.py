@@ -37,6 +37,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,7 +94,8 @@ class Result:
     routing_agreement: float | None = None
     greedy_equal: bool | None = None
     greedy_note: str = ""
-    step_ms: float = 0.0
+    step_ms: float = 0.0  # mean over the timed steps (the throughput)
+    step_ms_each: list[float] = field(default_factory=list)  # each timed step, rank 0
     train_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     weights_gb: list[float] = field(default_factory=list)
@@ -257,6 +259,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_mark(device: torch.device) -> torch.cuda.Event | float:
+    """A point between two training steps: a recorded CUDA event, or the host clock on the CPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def mark_ms(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+    """ms between two ``step_mark``s (after a sync)."""
+    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else 1e3 * (end - start)
+
+
 def gradients(model: torch.nn.Module) -> dict[tuple[str, int], torch.Tensor]:
     """This rank's gradients on the CPU, keyed as the local backend names them: (name, expert), expert -1
     for a parameter that is not per expert."""
@@ -411,7 +427,8 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
     res.peak_gb = all_ranks(memory_gb(device, True))
     if mode == "speed" and args.memory and device.type == "cuda":  # after the peak: it resets the peak stats
         res.memory = memory_step(model, optimizer, tokens(shape, shape.batch, shape.seq, args.seed + 3 + rank, device))
-    log(f"[{mode}] {name}: {res.step_ms:.1f} ms/step, {res.train_tokens_per_s:.0f} tokens/s, passed={res.passed}")
+    log(f"[{mode}] {name}: {res.step_ms:.1f} ms/step (each: {spread(res.step_ms_each)}), "
+        f"{res.train_tokens_per_s:.0f} tokens/s, passed={res.passed}")
     del model, optimizer, trainable
     gc.collect()
     return res, outputs
@@ -419,18 +436,21 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
 
 def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res: Result, device: torch.device,
                   rank: int, world: int) -> None:
-    """ms per step and tokens/s (all ranks) over ``--timed_steps`` steps after two warm-up steps."""
+    """ms per step and tokens/s (all ranks) over ``--timed_steps`` steps after two warm-up steps, and each step's
+    time: CUDA events between the steps (no sync between them), so a slow step shows apart from a slow run."""
     model.train()
     log(f"{res.name}: timing {args.timed_steps} training steps of {shape.batch} x {shape.seq} tokens per rank")
     batch = tokens(shape, shape.batch, shape.seq, args.seed + 3 + rank, device)
     for _ in range(2):
         train_step(model, optimizer, batch, world)
     sync(device)
-    start = time.perf_counter()
+    marks = [step_mark(device)]
     for _ in range(args.timed_steps):
         train_step(model, optimizer, batch, world)
+        marks.append(step_mark(device))
     sync(device)
-    res.step_ms = 1e3 * (time.perf_counter() - start) / args.timed_steps
+    res.step_ms_each = [mark_ms(a, b) for a, b in zip(marks, marks[1:])]
+    res.step_ms = mark_ms(marks[0], marks[-1]) / args.timed_steps
     res.train_tokens_per_s = world * batch.numel() / (res.step_ms / 1e3)
     if args.profile:
         name = res.name.replace(" ", "_")
@@ -527,16 +547,18 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             "(relative) of the local run's; logits, routing and greedy tokens are shown, not judged (rounding flips "
             f"near-tied routes; greedy near-tie gap {env['tie_tolerance']:g}). Peak GB/GPU: generation and training, "
             "from after building; build peak: from before building (the float32 construction, cast to bf16 after). "
-            "Expert rows/GPU: token-slots each rank's experts ran in the last timed step (all layers).", "",
-            "| config | ep_size | experts/GPU | ms/step | train tokens/s | decode tokens/s | weights GB/GPU | "
-            "peak GB/GPU | build peak GB/GPU | expert rows/GPU | max loss rel diff | grad rel err | logits rel err | "
-            "routing agree | greedy | pass |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "Expert rows/GPU: token-slots each rank's experts ran in the last timed step (all layers). ms/step: the "
+            "mean over the timed steps; each step: median (min-max) of the steps, timed by CUDA events on rank 0.", "",
+            "| config | ep_size | experts/GPU | ms/step | each step ms | train tokens/s | decode tokens/s | "
+            "weights GB/GPU | peak GB/GPU | build peak GB/GPU | expert rows/GPU | max loss rel diff | grad rel err | "
+            "logits rel err | routing agree | greedy | pass |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in speed:
             rows = " / ".join(str(n) for n in r.expert_rows) if r.backend == "deepspeed" else "-"
             lines.append(
-                f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {r.step_ms:.1f} | {r.train_tokens_per_s:.0f} | "
+                f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {r.step_ms:.1f} | {spread(r.step_ms_each)} | "
+                f"{r.train_tokens_per_s:.0f} | "
                 f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {gb(r.build_peak_gb)} | "
                 f"{rows} | "
                 f"{num(r.loss_max_rel_diff, '.2e')} | {num(r.grad_rel_err, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
@@ -545,6 +567,13 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
         lines += [""] + speedups(speed) + memory_table(speed)
     lines += ["", "Per-rank memory columns list ranks in order."]
     return "\n".join(lines) + "\n"
+
+
+def spread(values: list[float]) -> str:
+    """"median (min-max)" of per-step times, or "-" without any."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def memory_table(results: list[Result]) -> list[str]:

@@ -60,6 +60,7 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
         assert exact["grad_rel_err"] < 1e-5 and exact["loss_max_rel_diff"] < 1e-5 and exact["logits_rel_err"] < 1e-5
         speed = rows[("speed", name)]
         assert speed["train_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+        assert len(speed["step_ms_each"]) == 1 and speed["step_ms_each"][0] == pytest.approx(speed["step_ms"])
     ep2 = rows[("speed", "deepspeed ep2")]
     assert ep2["experts_per_device"] == 4 and sum(ep2["expert_rows"]) == 2 * 2 * 16 * 2 * 2  # ranks*batch*seq*k*layers
     table = (tmp_path / "expert_parallel.md").read_text()
