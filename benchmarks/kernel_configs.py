@@ -19,7 +19,9 @@ import argparse
 import torch
 
 import moe_layer as bench
-from Uni_MoE.model.moe import shared_kernels, swiglu_lora_kernels
+from kernel_memcheck import KERNELS as EXPERT_KERNELS
+from kernel_memcheck import autotuned
+from Uni_MoE.model.moe import shared_kernels
 
 # (BLOCK_N, warps, stages, BLOCK_M or None, maxnreg or None) for forward, backward, weight gradients
 CANDIDATES = {
@@ -44,9 +46,7 @@ def fix_configs(choice: tuple) -> None:
 
 def autotuned_timings(layer: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """One autotuned step of ``layer``; rows (kernel, ms, config) of each kernel it tuned, fastest first."""
-    kernels = {f"{module.__name__.rsplit('.', 1)[1]}.{name}": getattr(module, name)
-               for module in (shared_kernels, swiglu_lora_kernels) for name in ("_forward_kernel", "_backward_kernel")}
-    kernels["shared_kernels._weight_grads_kernel"] = shared_kernels._weight_grads_kernel
+    kernels = {name: autotuned(name) for name in EXPERT_KERNELS}
     for kernel in kernels.values():
         kernel.configs_timings = None
     bench.layer_step(layer, x, "grouped")()

@@ -46,25 +46,19 @@ def child(name: str, index: int, rank: int, tokens: int, experts: int, small: bo
     """One layer step with config ``index`` of kernel ``name`` and the first config of the others."""
     import triton
 
-    from Uni_MoE.model.moe import MoELayer
+    import moe_layer as bench
 
     for other in KERNELS:
         kernel = autotuned(other)
         kernel.configs = [kernel.configs[index if other == name else 0]]
         kernel.cache.clear()
     device = torch.device("cpu" if small else "cuda")
-    hidden, inter, dtype = (32, 96, torch.float32) if small else (4096, 11008, torch.bfloat16)
+    shapes = bench.Shapes(32, 96, (experts,), (rank,), (tokens,), torch.float32) if small else bench.FULL
     torch.manual_seed(0)
-    layer = MoELayer(hidden, inter, experts, 2, expert_type=KERNELS[name][2], lora_r=rank, lora_alpha=16)
-    layer.to(device=device, dtype=dtype)
-    with torch.no_grad():
-        for p in layer.experts.lora_parameters():
-            p.normal_(0.0, 0.02)
-    for p in layer.experts.base_parameters():
-        p.requires_grad_(False)
-    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    layer = bench.make_layer(shapes, experts, rank, KERNELS[name][2], device)
+    x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
     try:
-        (layer(x).float().sum() + 0.01 * layer.aux_loss).backward()
+        bench.layer_step(layer, x, "grouped")()
         if device.type == "cuda":
             torch.cuda.synchronize()
     except triton.runtime.errors.OutOfResources:
