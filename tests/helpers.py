@@ -3,6 +3,7 @@ file and parameter names (v1 base + fine-tuned folders, encoder folders, the v2 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -189,6 +190,16 @@ def pope_by_hand(predictions: list[str], labels: list[str]) -> tuple[list[float]
     predicted_yes, actual_yes = said.count("yes"), labels.count("yes")
     f1 = 2 * tp / (predicted_yes + actual_yes) if predicted_yes + actual_yes else 0.0
     return hits, f1
+
+
+def load_file(name: str, path: Path):  # noqa: ANN201 (the module)
+    """The Python file at ``path`` imported as module ``name`` (registered in sys.modules, where dataclasses
+    look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_in_triton_interpreter(code: str, timeout: int) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,15 +68,8 @@ def test_check_attention_smoke() -> None:
     assert all(line.endswith("-> pass") for line in lines)
 
 
-def _kernel_memcheck():
-    spec = importlib.util.spec_from_file_location("kernel_memcheck", ROOT / "benchmarks" / "kernel_memcheck.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kernel_memcheck_reads_memchecks_verdicts() -> None:
-    verdict = _kernel_memcheck().verdict
+    verdict = load_file("kernel_memcheck", ROOT / "benchmarks" / "kernel_memcheck.py").verdict
 
     def run(code: int, out: str, err: str = "") -> str:
         return verdict(subprocess.CompletedProcess([], code, out, err))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_file
 
 from Uni_MoE.eval.distributed import free_port
 
@@ -19,11 +19,7 @@ SCRIPT = ROOT / "benchmarks" / "expert_parallel.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("expert_parallel_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_file("expert_parallel_bench", SCRIPT)
 
 
 def test_greedy_difference_passes_only_at_a_near_tie():

@@ -3,7 +3,6 @@ DeepSpeed-MoE over the expert-parallel size, the original argument names); the e
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_file
 
 from Uni_MoE.eval.__main__ import build_parser as eval_parser
 from Uni_MoE.eval.distributed import free_port
@@ -34,10 +34,7 @@ def after(line: str, marker: str) -> list[str]:
 
 
 def chat_module():
-    spec = importlib.util.spec_from_file_location("chat_expert_parallel", ROOT / "Uni_MoE_v2" / "chat_expert_parallel.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("chat_expert_parallel", ROOT / "Uni_MoE_v2" / "chat_expert_parallel.py")
 
 
 def test_there_are_three_launchers():

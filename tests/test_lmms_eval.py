@@ -3,7 +3,6 @@ its scores checked against our eval (generation) and a log-likelihood computed t
 (multiple choice)."""
 
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import load_file
 from PIL import Image
 
 from Uni_MoE.checkpoint.loader import load_model
@@ -173,9 +173,7 @@ def test_lmms_eval_cli_scores_match_our_eval(tiny, tmp_path):
 
 
 def test_task_audio_is_read_as_lmms_eval_hands_it_over():
-    spec = importlib.util.spec_from_file_location("lmms_task_utils", TASKS / "utils.py")
-    task_utils = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task_utils)
+    task_utils = load_file("lmms_task_utils", TASKS / "utils.py")
     row = _rows("sample_speech")[0]
     (audio,) = task_utils.doc_to_visual(row)
     wave, rate = sf.read(DATA / row["audio"], dtype="float32")
