@@ -9,19 +9,15 @@ them; they take no gradient.
 from __future__ import annotations
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from . import rotary_kernel
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _rotary_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class _FusedRotary(torch.autograd.Function):
