@@ -76,7 +76,7 @@ class CountsMemo:
 
 
 def _exchange_or_reuse_counts(counts: torch.Tensor, ep_size: int, group: dist.ProcessGroup,
-                     memo: CountsMemo | None) -> tuple[torch.Tensor, list[int], list[int]]:
+                              memo: CountsMemo | None) -> tuple[torch.Tensor, list[int], list[int]]:
     """``_exchange_counts``, or in a checkpoint's recompute the memo of the forward it repeats."""
     if memo is not None and in_backward():
         saved, exchange = memo.counts, memo.exchange
