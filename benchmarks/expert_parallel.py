@@ -40,11 +40,14 @@ import socket
 import statistics
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from Uni_MoE.train.gc_freeze import freeze_host_objects
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_memory import StepMemory, measure_step  # noqa: E402
@@ -53,6 +56,7 @@ TRAINABLE = re.compile(r"(router\.weight|gate\.wg\.weight|_lora_[AB])$")
 DS_EXPERT = re.compile(r"(.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
 DS_GATE = ".moe.deepspeed_moe.gate.wg.weight"
 STACKED_EXPERT = re.compile(r".*\.experts\.\w+$")
+NATIVE = "deepspeed-native"  # DeepSpeed-MoE's own layer forward (--native_deepspeed)
 
 
 @dataclass
@@ -96,6 +100,8 @@ class Result:
     greedy_note: str = ""
     step_ms: float = 0.0  # mean over the timed steps (the throughput)
     step_ms_each: list[float] = field(default_factory=list)  # each timed step, rank 0
+    gc_ms: float = 0.0  # the host's garbage-collection pauses over the timed steps, rank 0
+    gc_runs: list[int] = field(default_factory=list)  # collections of generations 0, 1, 2 in the timed steps
     train_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     weights_gb: list[float] = field(default_factory=list)
@@ -138,6 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="speed pass on GPUs: one more step's memory breakdown and host synchronisations")
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of every decoder layer (non-reentrant), in every configuration")
+    p.add_argument("--native_deepspeed", action="store_true",
+                   help="in the speed pass, also time DeepSpeed-MoE's own layer forward at ep_size 1 (its "
+                        "one-hot einsum dispatch and experts one by one): the baseline our dispatch replaced")
     p.add_argument("--skip_exact", action="store_true", help="run only the timed bf16 pass")
     p.add_argument("--skip_speed", action="store_true", help="run only the float32 comparison")
     p.add_argument("--seed", type=int, default=0)
@@ -201,18 +210,39 @@ def reference_state(shape: Shape, args: argparse.Namespace, device: torch.device
 
 def build(shape: Shape, args: argparse.Namespace, backend: str, ep_size: int, state: dict, device: torch.device):
     """The configuration's model on ``device`` with ``state`` loaded strictly (DeepSpeed layers keep their
-    experts), routers and expert LoRA trainable, everything else frozen."""
+    experts), routers and expert LoRA trainable, everything else frozen. ``deepspeed-native``: the DeepSpeed
+    backend's model with DeepSpeed-MoE's own layer forward (:func:`native_moe_forward`)."""
     from Uni_MoE.model.uni_moe import UniMoEForCausalLM
 
+    native = backend == NATIVE
     with torch.device(device):
-        model = UniMoEForCausalLM(make_config(shape, args, backend, ep_size))
+        model = UniMoEForCausalLM(make_config(shape, args, "deepspeed" if native else backend, ep_size))
     model.to(getattr(torch, shape.dtype))
     model.load_state_dict(state, strict=True)
     for name, p in model.named_parameters():
         p.requires_grad_(bool(TRAINABLE.search(name)))
+    if native:
+        for layer in model.moe_mlps():
+            layer.forward = types.MethodType(native_moe_forward, layer)
     if args.checkpointing:
         enable_checkpointing(model)
     return model
+
+
+def native_moe_forward(layer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed-MoE's own forward of a DeepSpeedMoELayer, the baseline our dispatch replaced: its top-k gate
+    (float32, capacity from the largest expert load since ``drop_tokens=False``), one-hot einsum dispatch
+    into [experts, capacity, H] buffers, all-to-all of the whole buffers, the local experts one by one and
+    the einsum combine. Keeps the layer's ``aux_loss`` (DeepSpeed's l_aux) and its top-k ``routing``."""
+    from Uni_MoE.model.moe.router import in_backward
+
+    out, l_aux, _ = layer.moe(hidden_states)
+    if not in_backward():
+        layer.aux_loss = l_aux
+        with torch.no_grad():
+            logits = layer.router_logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
+            layer.routing = logits.topk(layer.top_k, dim=-1).indices.view(*hidden_states.shape[:-1], layer.top_k)
+    return out
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -400,6 +430,7 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
         optimizer = torch.optim.SGD(trainable, lr=args.exact_lr)
     else:
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    freeze_host_objects()  # as the trainer does when training begins (Uni_MoE/train/gc_freeze.py)
     grads: dict = {}
     for step in range(args.train_steps):
         batch = tokens(shape, shape.batch, shape.seq, args.seed + 1000 * (rank + 1) + step, device)
@@ -427,11 +458,34 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
     res.peak_gb = all_ranks(memory_gb(device, True))
     if mode == "speed" and args.memory and device.type == "cuda":  # after the peak: it resets the peak stats
         res.memory = memory_step(model, optimizer, tokens(shape, shape.batch, shape.seq, args.seed + 3 + rank, device))
-    log(f"[{mode}] {name}: {res.step_ms:.1f} ms/step (each: {spread(res.step_ms_each)}), "
-        f"{res.train_tokens_per_s:.0f} tokens/s, passed={res.passed}")
+    log(f"[{mode}] {name}: {res.step_ms:.1f} ms/step (each: {spread(res.step_ms_each)}; garbage collection "
+        f"{res.gc_ms:.1f} ms in {res.gc_runs} runs), {res.train_tokens_per_s:.0f} tokens/s, passed={res.passed}")
     del model, optimizer, trainable
+    gc.unfreeze()
     gc.collect()
     return res, outputs
+
+
+class GcPauses:
+    """The garbage collector's pauses while in use (``gc.callbacks``): a host pause between two host syncs is
+    wall time in a step whose GPU waits on the host."""
+
+    def __init__(self) -> None:
+        self.ms, self.runs, self._start = 0.0, [0, 0, 0], 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += 1e3 * (time.perf_counter() - self._start)
+            self.runs[info["generation"]] += 1
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res: Result, device: torch.device,
@@ -445,10 +499,12 @@ def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res:
         train_step(model, optimizer, batch, world)
     sync(device)
     marks = [step_mark(device)]
-    for _ in range(args.timed_steps):
-        train_step(model, optimizer, batch, world)
-        marks.append(step_mark(device))
-    sync(device)
+    with GcPauses() as pauses:
+        for _ in range(args.timed_steps):
+            train_step(model, optimizer, batch, world)
+            marks.append(step_mark(device))
+        sync(device)
+    res.gc_ms, res.gc_runs = pauses.ms, pauses.runs
     res.step_ms_each = [mark_ms(a, b) for a, b in zip(marks, marks[1:])]
     res.step_ms = mark_ms(marks[0], marks[-1]) / args.timed_steps
     res.train_tokens_per_s = world * batch.numel() / (res.step_ms / 1e3)
@@ -548,17 +604,18 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             f"near-tied routes; greedy near-tie gap {env['tie_tolerance']:g}). Peak GB/GPU: generation and training, "
             "from after building; build peak: from before building (the float32 construction, cast to bf16 after). "
             "Expert rows/GPU: token-slots each rank's experts ran in the last timed step (all layers). ms/step: the "
-            "mean over the timed steps; each step: median (min-max) of the steps, timed by CUDA events on rank 0.", "",
-            "| config | ep_size | experts/GPU | ms/step | each step ms | train tokens/s | decode tokens/s | "
+            "mean over the timed steps; each step: median (min-max) of the steps, timed by CUDA events on rank 0; GC: "
+            "rank 0's garbage-collection pauses over the timed steps (collections of generations 0/1/2).", "",
+            "| config | ep_size | experts/GPU | ms/step | each step ms | GC ms (runs) | train tokens/s | decode tokens/s | "
             "weights GB/GPU | peak GB/GPU | build peak GB/GPU | expert rows/GPU | max loss rel diff | grad rel err | "
             "logits rel err | routing agree | greedy | pass |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in speed:
             rows = " / ".join(str(n) for n in r.expert_rows) if r.backend == "deepspeed" else "-"
             lines.append(
                 f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {r.step_ms:.1f} | {spread(r.step_ms_each)} | "
-                f"{r.train_tokens_per_s:.0f} | "
+                f"{r.gc_ms:.1f} ({'/'.join(map(str, r.gc_runs))}) | {r.train_tokens_per_s:.0f} | "
                 f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {gb(r.build_peak_gb)} | "
                 f"{rows} | "
                 f"{num(r.loss_max_rel_diff, '.2e')} | {num(r.grad_rel_err, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
@@ -605,7 +662,7 @@ def speedups(results: list[Result]) -> list[str]:
     for r in results:
         if r.backend != "deepspeed" or r.ep_size == 1:
             continue
-        for base_key in (("deepspeed", 1), ("local", 1)):
+        for base_key in (("deepspeed", 1), ("local", 1), (NATIVE, 1)):
             base = by_name.get(base_key)
             if base is None:
                 continue
@@ -641,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{mode}] {world} rank(s) on {env['device']}; building the reference weights ({shape.dtype})")
         state = reference_state(shape, args, device)
         reference = None
-        for name, backend, ep_size in configs:
+        native = [("deepspeed-moe native ep1", NATIVE, 1)] if mode == "speed" and args.native_deepspeed else []
+        for name, backend, ep_size in configs + native:
             result, outputs = run_config(name, mode, backend, ep_size, shape, args, state, device, rank, world,
                                          reference)
             reference = reference or outputs

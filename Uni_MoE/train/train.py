@@ -24,6 +24,7 @@ from ..processing_uni_moe import visual_token_count
 from . import stages
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from .callbacks import ExpertLoadCallback
+from .gc_freeze import GcFreezeCallback
 from .profiling import ProfileCallback
 from .data import checked_samples, estimated_length, training_dataset
 from .trainer import UniMoETrainer, last_complete_checkpoint
@@ -100,6 +101,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         lengths=[estimated_length(s, model.config, per_visual) for s in samples],
     )
     trainer.add_callback(ExpertLoadCallback(trainer.tracker))
+    trainer.add_callback(GcFreezeCallback())
     if train_args.profile_steps:
         trainer.add_callback(ProfileCallback(train_args.profile_steps, train_args.output_dir,
                                              train_args.process_index))
