@@ -606,8 +606,8 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             "Expert rows/GPU: token-slots each rank's experts ran in the last timed step (all layers). ms/step: the "
             "mean over the timed steps; each step: median (min-max) of the steps, timed by CUDA events on rank 0; GC: "
             "rank 0's garbage-collection pauses over the timed steps (collections of generations 0/1/2).", "",
-            "| config | ep_size | experts/GPU | ms/step | each step ms | GC ms (runs) | train tokens/s | decode tokens/s | "
-            "weights GB/GPU | peak GB/GPU | build peak GB/GPU | expert rows/GPU | max loss rel diff | grad rel err | "
+            "| config | ep_size | experts/GPU | ms/step | each step ms | GC ms (runs) | train tokens/s | "
+            "decode tokens/s | weights GB/GPU | peak GB/GPU | build peak GB/GPU | expert rows/GPU | max loss rel diff | grad rel err | "
             "logits rel err | routing agree | greedy | pass |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]

@@ -177,6 +177,7 @@ def measure(args: argparse.Namespace, work: Path) -> str:
                                                     args.workers, args.smoke, args.profile)
     if tables:
         shutil.copy(work / "out" / "profile" / "ops_rank0.txt", tables / "launcher_ops.txt")
+        shutil.copy(work / "out" / "profile" / "syncs_rank0.txt", tables / "launcher_syncs.txt")
     shapes = train_step.SMOKE if args.smoke else train_step.FULL
     image_tokens = shapes.image_tokens if args.smoke else 576
     train_step.SPEECH_CHUNKS = 1  # 30 s of speech: one Whisper window of QUERIES tokens
