@@ -44,20 +44,30 @@ def _package_path(file: str) -> str:
 def sync_sites(prof: profile, names: tuple[str, ...] = CUDA_SYNCS, rows: int = 30) -> str:
     """The profiled host synchronisations (events named ``names``) counted by where they were made: the
     innermost Python frame outside torch, and the innermost frame of this package when that is another one.
-    Needs a profile taken ``with_stack=True`` (its Python frames enclose the events)."""
+    Needs a profile taken ``with_stack=True``: its Python-frame events enclose the synchronisations in time
+    on their thread (CUDA runtime events have no parent in the profiler's tree, so time decides)."""
+    events = list(prof.events())
+    frames_by_thread: dict[int, list[tuple[int, int, str, str]]] = {}
+    for event in events:
+        match = _FRAME.match(event.name)
+        if match:
+            path = _package_path(match["file"])
+            if not path.startswith("torch/"):
+                frames_by_thread.setdefault(event.thread, []).append(
+                    (event.time_range.start, event.time_range.end, path, f"{path}:{match['line']} {match['func']}"))
     sites: Counter[tuple[str, str]] = Counter()
-    for event in prof.events():
+    for event in events:
         if event.name not in names:
             continue
-        frames, parent = [], event.cpu_parent
-        while parent is not None:
-            match = _FRAME.match(parent.name)
-            path = _package_path(match["file"]) if match else "torch/"
-            if not path.startswith("torch/"):
-                frames.append((path, f"{path}:{match['line']} {match['func']}"))
-            parent = parent.cpu_parent
-        site = frames[0][1] if frames else "(no Python frame recorded)"
-        ours = next((label for path, label in frames if path.startswith("Uni_MoE/")), "-")
+        start, end = event.time_range.start, event.time_range.end
+        def around(frames: list[tuple[int, int, str, str]]) -> list[tuple[int, int, str, str]]:
+            return sorted((f for f in frames if f[0] <= start and end <= f[1]), key=lambda f: f[0], reverse=True)
+
+        # innermost first; on the event's own thread, else (a runtime thread id that differs) on any
+        enclosing = around(frames_by_thread.get(event.thread, [])) or around(
+            [f for frames in frames_by_thread.values() for f in frames])
+        site = enclosing[0][3] if enclosing else "(no Python frame recorded)"
+        ours = next((label for _, _, path, label in enclosing if path.startswith("Uni_MoE/")), "-")
         sites[(site, ours if ours != site else "")] += 1
     lines = [f"{sum(sites.values())} host synchronisations ({', '.join(names)})", "",
              "| count | function (file:first line; innermost outside torch) | the innermost in Uni_MoE |",
