@@ -2,15 +2,15 @@
 the run before anything loads."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from torch.profiler import ProfilerActivity, profile
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.train.arguments import parse_args
-from Uni_MoE.train.profiling import CPU_SYNCS, parse_steps, sync_sites
+from Uni_MoE.train.profiling import parse_steps
+from Uni_MoE.train.sync_sites import SYNC_WARNING, SyncRecorder, package_path
 from Uni_MoE.train.train import run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data_sample" / "samples.json"
@@ -31,21 +31,39 @@ def test_parse_steps():
             parse_steps(bad)
 
 
-def _read_on_host(x: torch.Tensor) -> float:
-    return float(x.sum())
+def _synchronising_read() -> None:
+    warnings.warn(f"x.item() {SYNC_WARNING}")  # what torch's sync debug mode raises from a CUDA read
 
 
-def test_sync_sites_count_host_reads_by_the_function_that_made_them():
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        x = torch.arange(6.0)
+def test_sync_recorder_counts_each_synchronisation_by_the_line_that_made_it():
+    recorder = SyncRecorder()
+    shown = []
+    saved = warnings.showwarning
+    warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
+    try:
+        recorder.start()
         for _ in range(3):
-            _read_on_host(x)
-        bool(x.max() > 0)
-    table = sync_sites(prof, CPU_SYNCS)
+            _synchronising_read()
+        _synchronising_read()
+        warnings.warn("an unrelated warning")
+        recorder.stop()
+        assert warnings.showwarning is not recorder._record
+        _synchronising_read()  # after stop: not recorded
+    finally:
+        warnings.showwarning = saved
+    assert len(recorder.stacks) == 4
+    assert shown == ["an unrelated warning", f"x.item() {SYNC_WARNING}"]  # passed through, as before
+    table = recorder.table()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| count")]
     assert table.startswith("4 host synchronisations")
-    assert rows[0].startswith("| 3 | ") and "test_profiling.py:" in rows[0] and "_read_on_host | - |" in rows[0]
-    assert rows[1].startswith("| 1 | ") and "test_profiling.py:" in rows[1] and "test_sync_sites_count" in rows[1]
+    line = _synchronising_read.__code__.co_firstlineno + 1
+    assert rows == [f"| 4 | tests/test_profiling.py:{line} _synchronising_read | - |"]
+
+
+def test_package_path_drops_the_machine_prefix():
+    assert package_path("/x/lib/python3.11/site-packages/transformers/trainer.py") == "transformers/trainer.py"
+    assert package_path("/home/u/repo/Uni_MoE/model/moe/layer.py") == "Uni_MoE/model/moe/layer.py"
+    assert package_path("/home/u/repo/benchmarks/launcher_run.py") == "benchmarks/launcher_run.py"
 
 
 def test_bad_range_stops_at_parsing(tmp_path):
@@ -61,11 +79,8 @@ def test_profiled_steps_are_written(tmp_path):
     ops = (out / "profile" / "ops_rank0.txt").read_text()
     assert ops.startswith("2 profiled steps")
     assert "aten::mm" in ops or "aten::addmm" in ops  # the model's matrix products were recorded
-    syncs = (out / "profile" / "syncs_rank0.txt").read_text()
-    counts = [int(line.split("|")[1]) for line in syncs.splitlines()
-              if line.startswith("| ") and not line.startswith("| count")]
-    assert syncs.startswith("2 profiled steps") and f"{sum(counts)} host synchronisations" in syncs
-    assert "Uni_MoE/" in syncs  # the training loop's reads are traced back to this package's frames
+    syncs = (out / "profile" / "syncs_rank0.txt").read_text()  # without a GPU nothing synchronises
+    assert syncs.startswith("2 profiled steps; 0 CUDA runtime") and "0 host synchronisations reported" in syncs
     trace = json.loads((out / "profile" / "trace_rank0.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert "Optimizer.step#AdamW.step" in names or any("AdamW" in str(n) for n in names)
