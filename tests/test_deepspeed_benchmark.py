@@ -61,9 +61,10 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "expert_parallel.json").read_text())
     rows = {(r["mode"], r["name"]): r for r in report["results"]}
+    native_row = ("speed", "deepspeed-moe native ep1")
     assert set(rows) == {(mode, name) for mode in ("exact", "speed")
-                         for name in ("deepspeed ep1", "deepspeed ep2", "local")} | {("speed", "deepspeed-moe native ep1")}
-    native = rows[("speed", "deepspeed-moe native ep1")]  # DeepSpeed's own dispatch: the same function, dropless
+                         for name in ("deepspeed ep1", "deepspeed ep2", "local")} | {native_row}
+    native = rows[native_row]  # DeepSpeed's own dispatch: the same function, dropless
     assert native["passed"] and native["loss_max_rel_diff"] < 1e-3 and native["train_tokens_per_s"] > 0
     for name in ("deepspeed ep1", "deepspeed ep2"):
         exact = rows[("exact", name)]
