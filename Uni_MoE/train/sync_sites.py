@@ -2,7 +2,9 @@
 reports (``torch.cuda.set_sync_debug_mode("warn")``: ``.item()``, ``bool()`` of a tensor, a copy to the
 host, ``torch.cuda.synchronize()``, ...), recorded with its Python stack and counted by the line that made
 it. Each one empties the GPU's queue, so the kernels launched after it start only as fast as the host
-launches them; a step with many is bound by its host."""
+launches them; a step with many is bound by its host. A synchronisation made by a C++ operator inside the
+autograd engine's backward threads reaches Python when ``backward()`` returns, so it is counted at the line
+that called the backward; one made by Python code of a custom backward is counted where it is."""
 
 from __future__ import annotations
 
