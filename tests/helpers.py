@@ -202,13 +202,18 @@ def load_file(name: str, path: Path):  # noqa: ANN201 (the module)
     return module
 
 
+def interpreter_env() -> dict[str, str]:
+    """This environment for a child process that runs Triton kernels in the interpreter (on the CPU): the
+    project first on the path, offline."""
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def run_in_triton_interpreter(code: str, timeout: int) -> str:
     """Run a Python snippet in a fresh process with ``TRITON_INTERPRET=1`` (Triton kernels on the CPU) and
     the project on the path; returns its stdout, failing with its output when it exits non-zero."""
-    root = Path(__file__).resolve().parents[1]
-    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
-                            cwd=root)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=interpreter_env(),
+                            timeout=timeout, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import load_file
+from helpers import interpreter_env, load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,9 +88,8 @@ def test_kernel_memcheck_reads_memchecks_verdicts() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernel_memcheck_smoke_runs_every_kernel_in_the_interpreter() -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_memcheck.py"), "--smoke"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+                            capture_output=True, text=True, cwd=ROOT, timeout=900, env=interpreter_env())
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "config" not in line]
     assert len(rows) == 5 and all(row.endswith("| clean |") for row in rows)

@@ -4,20 +4,17 @@ data-dependent shapes, and ``auto`` picks between them by the token count."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import interpreter_env
 
 from Uni_MoE.model.moe import MoELayer, experts_reference, resolve_expert_implementation
 from Uni_MoE.model.moe.chosen import experts_chosen
 from Uni_MoE.model.moe.decode import experts_all_dense
 from Uni_MoE.model.moe.grouped import experts_grouped
-
-ROOT = Path(__file__).resolve().parents[1]
 
 H, I = 24, 40
 
@@ -133,7 +130,6 @@ for lora_r in (0, 4):
 assert len(launched) == 4, launched
 print("kernels match")
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=interpreter_env(),
+                            timeout=300)
     assert result.returncode == 0 and "kernels match" in result.stdout, result.stdout + result.stderr

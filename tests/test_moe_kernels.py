@@ -4,14 +4,13 @@ Triton's CPU interpreter against the reference loop."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_in_triton_interpreter
+from helpers import interpreter_env, run_in_triton_interpreter
 
 from Uni_MoE.model.moe.shared_kernels import combo_grouping
 from Uni_MoE.model.moe.swiglu_lora_kernels import expert_tile_ranges, tile_schedule
@@ -47,11 +46,6 @@ def test_combo_grouping_gives_each_tile_one_expert_per_slot() -> None:
 INTERPRETER = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
-def _interpreter_env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-
-
 @pytest.mark.slow
 @INTERPRETER
 def test_shared_kernels_in_the_interpreter_pass_the_grouped_tests() -> None:
@@ -59,7 +53,7 @@ def test_shared_kernels_in_the_interpreter_pass_the_grouped_tests() -> None:
     bases, checkpointing, no tokens), with the Triton kernels run by the interpreter."""
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "shared",
                              str(ROOT / "tests" / "test_moe_grouped.py")], capture_output=True, text=True,
-                            env=_interpreter_env(), timeout=900, cwd=ROOT)
+                            env=interpreter_env(), timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout
 
@@ -67,7 +61,7 @@ def test_shared_kernels_in_the_interpreter_pass_the_grouped_tests() -> None:
 @pytest.mark.slow
 @INTERPRETER
 def test_kernels_in_the_triton_interpreter_match_the_loop() -> None:
-    env = _interpreter_env()
+    env = interpreter_env()
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_moe_kernels.py"), "--small",
                              "--device", "cpu"], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
