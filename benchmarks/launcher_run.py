@@ -178,6 +178,8 @@ def measure(args: argparse.Namespace, work: Path) -> str:
     if tables:
         shutil.copy(work / "out" / "profile" / "ops_rank0.txt", tables / "launcher_ops.txt")
         shutil.copy(work / "out" / "profile" / "syncs_rank0.txt", tables / "launcher_syncs.txt")
+        if device.type == "cuda":
+            shutil.copy(work / "out" / "profile" / "gaps_rank0.txt", tables / "launcher_gaps.txt")
     shapes = train_step.SMOKE if args.smoke else train_step.FULL
     image_tokens = shapes.image_tokens if args.smoke else 576
     train_step.SPEECH_CHUNKS = 1  # 30 s of speech: one Whisper window of QUERIES tokens

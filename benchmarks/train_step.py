@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -43,6 +45,7 @@ from Uni_MoE.model.lm_loss import causal_lm_loss
 from Uni_MoE.model.moe import MoELayer
 from Uni_MoE.model.rms_norm import fuse_rms_norms
 from Uni_MoE.train.lora_linear import fuse_lora
+from Uni_MoE.train.gpu_gaps import gap_table
 from Uni_MoE.train.profiling import operator_tables
 
 TOP_K, QUERIES, SPEECH_CHUNKS = 2, 50, 2
@@ -186,14 +189,20 @@ def time_steps(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, devi
 
 def profile_step(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, device: torch.device) -> str:
     """One training step under torch.profiler: its operators by self device (CPU) time, then by self host
-    time, as tables."""
+    time, as tables; on a GPU also its idle gaps by the host operation that ended them."""
     with torch.profiler.profile() as prof:
         opt.zero_grad(set_to_none=True)
         model(**batch).backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return operator_tables(prof, rows=45)
+    tables = operator_tables(prof, rows=45)
+    if device.type != "cuda":
+        return tables
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        return f"{tables}\n\n{gap_table(trace, rows=45)}"
 
 
 def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: int, steps: int,

@@ -1,7 +1,8 @@
 """``--profile_steps A-B``: torch.profiler over optimizer steps A..B of a training run, written to
 ``<output_dir>/profile/`` as the operator table (``ops_rank<R>.txt``, by device time, then by host time), the
-host synchronisations by the Python line that made them (``syncs_rank<R>.txt``) and a Chrome / Perfetto
-trace (``trace_rank<R>.json``), so that a slow run can be taken apart where it runs."""
+host synchronisations by the Python line that made them (``syncs_rank<R>.txt``), a Chrome / Perfetto
+trace (``trace_rank<R>.json``) and, on a GPU, the device's idle time by the host operation that ended it
+(``gaps_rank<R>.txt``), so that a slow run can be taken apart where it runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .gpu_gaps import gap_table
 from .sync_sites import SyncRecorder
 
 
@@ -72,4 +74,8 @@ class ProfileCallback(TrainerCallback):
         runtime = sum(1 for e in self.prof.events() if e.name in CUDA_SYNCS)
         (self.folder / f"syncs_rank{self.rank}.txt").write_text(
             f"{steps} profiled steps; {runtime} CUDA runtime synchronisations in the profile\n\n{self.syncs.table()}")
-        self.prof.export_chrome_trace(str(self.folder / f"trace_rank{self.rank}.json"))
+        trace = self.folder / f"trace_rank{self.rank}.json"
+        self.prof.export_chrome_trace(str(trace))
+        if torch.cuda.is_available():
+            (self.folder / f"gaps_rank{self.rank}.txt").write_text(
+                f"{steps} profiled steps\n\n{gap_table(trace, steps, self.rows)}")

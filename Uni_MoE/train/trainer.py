@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint.io import check_checkpoint_folder
 from ..compat import StagedCheckpointSaving
+from .gpu_gaps import FORWARD
 from .moe_optimizer import mark_expert_parameters, with_moe_param_groups
 from .sampler import ModalityGroupedSampler
 from .tracking import RoutingTracker
@@ -101,7 +102,8 @@ class UniMoETrainer(StagedCheckpointSaving, Trainer):
         modalities = inputs.pop("modality", None)
         for key in BOOKKEEPING_KEYS[1:]:
             inputs.pop(key, None)
-        outputs = model(**inputs)
+        with torch.profiler.record_function(FORWARD):  # a phase of --profile_steps' gap table
+            outputs = model(**inputs)
         if model.training:
             routing = self.accelerator.unwrap_model(model).collect_routing()
             self.tracker.update(inputs, outputs, modalities, [r for r in routing if r is not None])
