@@ -530,9 +530,11 @@ def memory_step(model, optimizer, batch: torch.Tensor) -> list[StepMemory]:
 
 def profile_step(model, optimizer, batch: torch.Tensor, world: int, path: Path) -> None:
     """One training step under torch.profiler: its busiest operators by device time and by self CPU time,
-    as tables in ``path``, and its timeline as a gzipped Chrome trace beside it."""
+    as tables in ``path`` (on a GPU with its idle gaps by the host operation that ended them), and its
+    timeline as a gzipped Chrome trace beside it."""
     from torch.profiler import ProfilerActivity, profile
 
+    from Uni_MoE.train.gpu_gaps import gap_table
     from Uni_MoE.train.profiling import operator_tables
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch.is_cuda else [])
@@ -540,8 +542,10 @@ def profile_step(model, optimizer, batch: torch.Tensor, world: int, path: Path) 
         train_step(model, optimizer, batch, world)
         sync(batch.device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(operator_tables(prof, 30))
-    prof.export_chrome_trace(str(path.with_suffix(".json.gz")))  # torch gzips by the suffix
+    trace = path.with_suffix(".json.gz")
+    prof.export_chrome_trace(str(trace))  # torch gzips by the suffix
+    gaps = f"\n\n{gap_table(trace, rows=30)}" if batch.is_cuda else ""
+    path.write_text(operator_tables(prof, 30) + gaps)
 
 
 def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, device: torch.device) -> dict[str, Any]:

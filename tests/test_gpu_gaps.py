@@ -1,6 +1,7 @@
 """The device's idle gaps in a profiler trace, charged to the host operation whose launch ended each one,
 checked on a hand-built trace whose gaps are known."""
 
+import gzip
 import json
 
 from Uni_MoE.train.gpu_gaps import FORWARD, find_gaps, gap_table, phase
@@ -55,7 +56,11 @@ def test_gaps_are_measured_and_charged_to_the_launching_operation(tmp_path):
 
     path = tmp_path / "trace.json"
     path.write_text(json.dumps(_trace()))
+    zipped = tmp_path / "trace.json.gz"
+    with gzip.open(zipped, "wt") as f:
+        json.dump(_trace(), f)
     table = gap_table(path, steps=1)
+    assert gap_table(zipped, steps=1) == table
     assert table.startswith("device span 0.3 ms a step: busy 0.1 ms, idle in gaps of at least 5 us 0.2 ms (3 gaps")
     assert "idle ms a step by phase: forward 0.1, backward 0.1, rest 0.0" in table  # 0.075, 0.115, 0
     rows = [line for line in table.splitlines() if line.startswith("| 0.")]

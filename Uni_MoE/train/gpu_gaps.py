@@ -8,6 +8,7 @@ operations, so that the code which starves the GPU can be found by name."""
 from __future__ import annotations
 
 import bisect
+import gzip
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -72,8 +73,11 @@ class Gap:
 
 
 def _events(trace: dict | str | Path) -> list[dict]:
+    """The complete ("X") events of a trace: a dict, or a JSON file (gzipped when its name ends in .gz)."""
     if not isinstance(trace, dict):
-        trace = json.loads(Path(trace).read_text())
+        path = Path(trace)
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as f:
+            trace = json.load(f)
     return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
 
 
