@@ -14,7 +14,11 @@ workers) with ``--per_device_train_batch_size``. It reports:
 - samples/s of one data worker (``UniMoEDataset`` item = media decode + CLIP/Whisper transforms + tokens)
   and the frozen encoders' forward time per batch, which train_step does not run.
 
+The ratio moves by several per cent between runs on one machine, so ``--repeats N`` runs N launcher +
+train_step pairs back to back and reports the median pair, listing every pair.
+
     python benchmarks/launcher_run.py --out FILE            # CUDA, 8 layers, batch 8
+    python benchmarks/launcher_run.py --repeats 3 --out FILE  # three launcher + train_step pairs, the median
     python benchmarks/launcher_run.py --smoke               # the tiny preset on the CPU, 2 steps
 """
 
@@ -31,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -173,21 +177,25 @@ def measure(args: argparse.Namespace, work: Path) -> str:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    launcher, rates = launcher_tokens_per_second(work / "model", data, work / "out", args.batch, args.steps,
-                                                    args.workers, args.smoke, args.profile)
-    if tables:
-        shutil.copy(work / "out" / "profile" / "ops_rank0.txt", tables / "launcher_ops.txt")
-        shutil.copy(work / "out" / "profile" / "syncs_rank0.txt", tables / "launcher_syncs.txt")
-        if device.type == "cuda":
-            shutil.copy(work / "out" / "profile" / "gaps_rank0.txt", tables / "launcher_gaps.txt")
     shapes = train_step.SMOKE if args.smoke else train_step.FULL
     image_tokens = shapes.image_tokens if args.smoke else 576
     train_step.SPEECH_CHUNKS = 1  # 30 s of speech: one Whisper window of QUERIES tokens
     shapes = replace(shapes, layers=layers, batch=args.batch, seq=pipe["seq"], image_tokens=image_tokens,
                      checkpointing=True)
-    rows = train_step.run(shapes, ["mlp"], device, 1 if args.smoke else 2, 1 if args.smoke else 5)
-    step = next(r for r in rows if r["impl"] == "grouped")
-    return report(args, shapes, pipe, launcher, rates, step, device)
+    runs = []
+    for i in range(args.repeats):  # each launcher run next to a train_step run, so drift hits both alike
+        out = work / f"out{i}"
+        profiled = args.profile and i == args.repeats - 1
+        launcher, rates = launcher_tokens_per_second(work / "model", data, out, args.batch, args.steps,
+                                                        args.workers, args.smoke, profiled)
+        rows = train_step.run(shapes, ["mlp"], device, 1 if args.smoke else 2, 1 if args.smoke else 5)
+        runs.append(Run(launcher, rates, next(r for r in rows if r["impl"] == "grouped"), profiled))
+        if profiled and tables:
+            shutil.copy(out / "profile" / "ops_rank0.txt", tables / "launcher_ops.txt")
+            shutil.copy(out / "profile" / "syncs_rank0.txt", tables / "launcher_syncs.txt")
+            if device.type == "cuda":
+                shutil.copy(out / "profile" / "gaps_rank0.txt", tables / "launcher_gaps.txt")
+    return report(args, shapes, pipe, runs, device)
 
 
 def main() -> None:
@@ -198,8 +206,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3, help="the launcher's --dataloader_num_workers")
     parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU")
     parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="launcher + train_step.py pairs; the report is the median pair's, with every pair listed")
     parser.add_argument("--profile", action="store_true",
-                        help="operator tables of the encoders and of two launcher steps, beside --out")
+                        help="operator tables of the encoders and of two launcher steps (of the last run), beside --out")
     parser.add_argument("--work_dir", help="where the model and data go and stay (default: a temporary folder, "
                         "removed at the end); --profile tables go beside --out, else here (else the current folder)")
     args = parser.parse_args()
@@ -215,24 +225,47 @@ def main() -> None:
         Path(args.out).write_text(text)
 
 
-def report(args: argparse.Namespace, s: train_step.StepShapes, pipe: dict, launcher: float, rates: list[float],
-           step: dict, device: torch.device) -> str:
+@dataclass
+class Run:
+    """One launcher run and the train_step.py run beside it."""
+
+    launcher: float  # median tokens/s of the kept steps
+    rates: list[float]  # tokens/s of every step
+    step: dict  # train_step.py's row for the fused path
+    profiled: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.launcher / self.step["tok_s"]
+
+
+def report(args: argparse.Namespace, s: train_step.StepShapes, pipe: dict, runs: list[Run],
+           device: torch.device) -> str:
+    """The median run by launcher / train_step (the lower of the middle two for an even count), and with
+    ``--repeats`` every run's pair."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    run = sorted(runs, key=lambda r: r.ratio)[(len(runs) - 1) // 2]
+    launcher, rates, step = run.launcher, run.rates, run.step
     step_ms = s.batch * s.seq / launcher * 1e3
     needed = s.batch / (step_ms / 1e3)
+    repeats = [] if len(runs) == 1 else [
+        f"- {len(runs)} runs, each the launcher then train_step.py; the table is the median run's. Every run, "
+        "launcher / train_step tokens/s: " + "; ".join(
+            f"{r.launcher:,.0f} / {r.step['tok_s']:,.0f} = {r.ratio:.3f}" for r in runs)]
     return "\n".join([
         "# Stage-3 training through the launcher at real lengths",
         "",
         f"- device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}",
         f"- command: `python benchmarks/launcher_run.py --layers {args.layers} --batch {args.batch} "
-        f"--steps {args.steps} --workers {args.workers}`",
+        f"--steps {args.steps} --workers {args.workers}" + (f" --repeats {len(runs)}`" if len(runs) > 1 else "`"),
         f"- model: speech preset at LLaMA-7B width, {s.layers} layers, 4 full-MLP experts top-2 in every layer, "
         f"CLIP ViT-L/14-336, Whisper-small; launcher Uni_MoE/finetune_speech.sh (ZeRO-2, bf16, gradient "
         f"checkpointing, {args.workers} data workers), batch {s.batch}, accumulation 1",
         f"- samples: one 336 px image (576 tokens) + 30 s of speech (50 tokens) + text; {s.seq} tokens a "
         f"sequence; train_step.py on the same layers, batch, length and checkpointing, encoders stubbed",
         f"- launcher tokens/s per step: {', '.join(f'{r:,.0f}' for r in rates)} (median of the last "
-        f"{len(rates) - len(rates) // 3 - 2 * args.profile}{'; the last two were profiled' if args.profile else ''})",
+        f"{len(rates) - len(rates) // 3 - 2 * run.profiled}{'; the last two were profiled' if run.profiled else ''})",
+        *repeats,
         "",
         "| measure | value |",
         "|---|---|",

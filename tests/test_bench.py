@@ -14,11 +14,11 @@ from helpers import interpreter_env, load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_smoke(script: str, tmp_path: Path) -> tuple[str, str]:
+def run_smoke(script: str, tmp_path: Path, *extra: str) -> tuple[str, str]:
     out = tmp_path / "table.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *extra],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr
@@ -41,6 +41,20 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     rows = [line for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
     assert [r.split("|")[2].strip() for r in rows] == ["per-expert loop", "fused grouped"] * 2
     assert "tokens/s" in table and "device: cpu" in table
+
+
+@pytest.mark.slow
+def test_launcher_run_smoke_reports_the_median_of_repeated_pairs(tmp_path: Path) -> None:
+    """Two launcher + train_step.py pairs through finetune_speech.sh on the CPU: every pair is listed, and
+    the table is the pair with the lower-middle launcher / train_step ratio."""
+    _, table = run_smoke("launcher_run.py", tmp_path, "--repeats", "2")
+    listed = next(line for line in table.splitlines() if line.startswith("- 2 runs"))
+    pairs = [part.split("=") for part in listed.split("tokens/s: ", 1)[1].split("; ")]
+    ratios = sorted((float(ratio), rates.split("/")[0].strip()) for rates, ratio in pairs)
+    assert len(ratios) == 2 and all(r > 0 for r, _ in ratios)
+    assert f"| launcher / train_step | **{ratios[0][0]:.2f}** |" in table
+    assert f"| launcher tokens/s (median step) | {ratios[0][1]} |" in table
+    assert "--repeats 2`" in table
 
 
 @pytest.mark.slow
