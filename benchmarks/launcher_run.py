@@ -209,7 +209,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="launcher + train_step.py pairs; the report is the median pair's, with every pair listed")
     parser.add_argument("--profile", action="store_true",
-                        help="operator tables of the encoders and of two launcher steps (of the last run), beside --out")
+                        help="operator tables of the encoders and of the last run's final two launcher steps, "
+                        "beside --out")
     parser.add_argument("--work_dir", help="where the model and data go and stay (default: a temporary folder, "
                         "removed at the end); --profile tables go beside --out, else here (else the current folder)")
     args = parser.parse_args()
