@@ -294,8 +294,9 @@ def main() -> None:
     if args.smoke:
         args.device, args.steps, args.warmup = "cpu", 1, 1
     overrides = {k: v for k, v in (("layers", args.layers), ("batch", args.batch), ("experts", args.experts)) if v}
-    shapes = replace(shapes, checkpointing=args.checkpointing, chunked_loss=not args.hf_loss, fused_norm=not args.hf_norm,
-                     fused_attention=not args.hf_attention, fused_lora=not args.peft_lora, **overrides)
+    shapes = replace(shapes, checkpointing=args.checkpointing, chunked_loss=not args.hf_loss,
+                     fused_norm=not args.hf_norm, fused_attention=not args.hf_attention,
+                     fused_lora=not args.peft_lora, **overrides)
     device = torch.device(args.device)
     rows = run(shapes, args.expert_types, device, args.warmup, args.steps, args.profile)
     text = report(rows, shapes, device, args.steps)
