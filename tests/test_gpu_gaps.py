@@ -4,6 +4,7 @@ checked on a hand-built trace whose gaps are known."""
 import gzip
 import json
 
+from Uni_MoE.model.uni_moe import FEATURES_ANNOTATION
 from Uni_MoE.train.gpu_gaps import FORWARD, find_gaps, gap_table, phase
 
 
@@ -52,6 +53,7 @@ def test_gaps_are_measured_and_charged_to_the_launching_operation(tmp_path):
                              "DistinctExpertsBackward", "aten::mm"]
     assert [phase(g.chain) for g in gaps] == ["forward", "forward", "backward"]
     assert phase(["Optimizer.step#AdamW.step", "aten::_foreach_add_"]) == "rest"
+    assert phase(["step", FORWARD, f"{FEATURES_ANNOTATION}image", "aten::addmm"]) == "encoders"
     assert find_gaps(_trace(), min_gap_us=30)[0][0].length == 50  # the 25 us gap falls under the threshold
 
     path = tmp_path / "trace.json"
@@ -62,7 +64,7 @@ def test_gaps_are_measured_and_charged_to_the_launching_operation(tmp_path):
     table = gap_table(path, steps=1)
     assert gap_table(zipped, steps=1) == table
     assert table.startswith("device span 0.3 ms a step: busy 0.1 ms, idle in gaps of at least 5 us 0.2 ms (3 gaps")
-    assert "idle ms a step by phase: forward 0.1, backward 0.1, rest 0.0" in table  # 0.075, 0.115, 0
+    assert "idle ms a step by phase: encoders 0.0, forward 0.1, backward 0.1, rest 0.0" in table  # 0.075, 0.115
     rows = [line for line in table.splitlines() if line.startswith("| 0.")]
     engine = "autograd::engine::evaluate_function: DistinctExpertsBackward"
     assert rows == [

@@ -31,6 +31,8 @@ from .moe import MoEExperts, MoELayer
 from .moe.deepspeed_backend import DeepSpeedMoELayer
 from .rms_norm import fuse_rms_norms
 
+FEATURES_ANNOTATION = "uni_moe: features of "  # + modality: the profiler's name for a modality's encoder and connector
+
 
 @dataclass
 class UniMoECausalLMOutput(CausalLMOutputWithPast):
@@ -219,8 +221,9 @@ class UniMoEModel(UniMoEPreTrainedModel):
                 continue
             if getattr(self, modality.encoder) is None:
                 raise ValueError(f"{name} inputs were given but this model has no {name} encoder")
-            features = getattr(self, f"get_{name}_features")(*inputs)
-            embeds = self.splice_modality_features(input_ids, embeds, name, features, counts[name])
+            with torch.profiler.record_function(f"{FEATURES_ANNOTATION}{name}"):  # named in profiles
+                features = getattr(self, f"get_{name}_features")(*inputs)
+                embeds = self.splice_modality_features(input_ids, embeds, name, features, counts[name])
         return embeds
 
 

@@ -14,16 +14,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..model.uni_moe import FEATURES_ANNOTATION
+
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
 FORWARD = "train_step: forward"  # the trainer's annotation around the model's forward
-PHASES = (("backward", "autograd::engine::evaluate_function"), ("forward", FORWARD))  # first match wins
+PHASES = (("backward", "autograd::engine::evaluate_function"), ("encoders", FEATURES_ANNOTATION),
+          ("forward", FORWARD))  # first match wins
 
 
 def phase(chain: list[str]) -> str:
     """The step phase a gap's host operations belong to: backward (the autograd engine, recomputation of
-    checkpointed layers included), forward, or the rest (optimizer, gradient checks, the trainer)."""
+    checkpointed layers included), the forward's encoders and connectors, the rest of the forward, or the
+    rest of the step (optimizer, gradient checks, the trainer)."""
     for name, prefix in PHASES:
         if any(op.startswith(prefix) for op in chain):
             return name
@@ -126,7 +130,8 @@ def gap_table(trace: dict | str | Path, steps: int = 1, rows: int = 30, min_gap_
     lines = [f"device span {span / 1e3 / steps:.1f} ms a step: busy {busy / 1e3 / steps:.1f} ms, idle in gaps of "
              f"at least {min_gap_us:g} us {idle / 1e3 / steps:.1f} ms ({len(gaps) / steps:.0f} gaps a step)",
              "idle ms a step by phase: " + ", ".join(f"{name} {by_phase[name] / 1e3 / steps:.1f}"
-                                                      for name in ("forward", "backward", "rest")), "",
+                                                      for name in ("encoders", "forward", "backward", "rest")),
+             "",
              "| idle ms a step | gaps a step | host operation that launched the work ending the gap | within |",
              "|---|---|---|---|"]
     for (inner, outer), (total, count) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:rows]:
