@@ -90,15 +90,15 @@ def find_gaps(trace: dict | str | Path, min_gap_us: float = 5.0) -> tuple[list[G
     span µs). Work on every stream of the device counts as busy."""
     events = _events(trace)
     device = sorted((e for e in events if e.get("cat") in DEVICE_CATEGORIES), key=lambda e: e["ts"])
+    gaps: list[Gap] = []
+    if not device:
+        return gaps, 0.0, 0.0
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
     threads: dict[tuple, _Thread] = defaultdict(_Thread)
     host = sorted((e for e in events if e.get("cat") in HOST_CATEGORIES), key=lambda e: (e["ts"], -e.get("dur", 0.0)))
     for e in host:
         threads[(e.get("pid"), e.get("tid"))].add(e)
-    gaps: list[Gap] = []
-    if not device:
-        return gaps, 0.0, 0.0
     busy, end = 0.0, device[0]["ts"]
     for e in device:
         start, stop = e["ts"], e["ts"] + e.get("dur", 0.0)
@@ -119,10 +119,9 @@ def gap_table(trace: dict | str | Path, steps: int = 1, rows: int = 30, min_gap_
     gaps, busy, span = find_gaps(trace, min_gap_us)
     idle = sum(g.length for g in gaps)
     by_phase: dict[str, float] = defaultdict(float)
-    for g in gaps:
-        by_phase[phase(g.chain)] += g.length
     by_site: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     for g in gaps:
+        by_phase[phase(g.chain)] += g.length
         inner = g.chain[-1]
         outer = " < ".join(reversed(g.chain[-4:-1])) or "-"
         by_site[(inner, outer)][0] += g.length
