@@ -22,7 +22,9 @@ size), then the logits of a held-out batch; 3. (speed pass) ms per training step
 decode tokens/s, and the peak memory of every device from after the model is built (generation and training);
 with ``--memory`` (GPUs), one more step split into resident, saved-for-backward (attention, MoE, rest) and
 peak memory, with its host synchronisations (``step_memory.py``). ``--checkpointing`` runs every
-configuration with activation checkpointing of the decoder layers, as the training launchers do.
+configuration with activation checkpointing of the decoder layers, as the training launchers do;
+``--moe_recompute`` recomputes only the experts' gate/up projections in backward (``--moe_recompute``
+of training).
 ``--native_deepspeed`` adds DeepSpeed-MoE's own layer forward at ep_size 1 to the speed pass, the baseline
 our dispatch replaced. Each configuration freezes its objects out of the garbage collector before training,
 as the trainer does, and reports the collector's pauses in the timed steps.
@@ -109,6 +111,7 @@ class Result:
     decode_tokens_per_s: float = 0.0
     weights_gb: list[float] = field(default_factory=list)
     peak_gb: list[float] = field(default_factory=list)
+    timed_peak_gb: list[float] = field(default_factory=list)  # the timed steps only: warm-up's autotuning excluded
     build_peak_gb: list[float] = field(default_factory=list)
     expert_rows: list[int] = field(default_factory=list)
     memory: list[StepMemory] = field(default_factory=list)  # one per rank, with --memory
@@ -147,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="speed pass on GPUs: one more step's memory breakdown and host synchronisations")
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of every decoder layer (non-reentrant), in every configuration")
+    p.add_argument("--moe_recompute", action="store_true",
+                   help="experts keep no gate/up activations and recompute them in backward "
+                        "(moe_recompute_enable), in every configuration but DeepSpeed-MoE's own layer")
     p.add_argument("--native_deepspeed", action="store_true",
                    help="in the speed pass, also time DeepSpeed-MoE's own layer forward at ep_size 1 (its "
                         "one-hot einsum dispatch and experts one by one): the baseline our dispatch replaced")
@@ -229,6 +235,8 @@ def build(shape: Shape, args: argparse.Namespace, backend: str, ep_size: int, st
             layer.forward = types.MethodType(native_moe_forward, layer)
     if args.checkpointing:
         enable_checkpointing(model)
+    if args.moe_recompute and not native:
+        model.moe_recompute_enable()
     return model
 
 
@@ -456,9 +464,10 @@ def run_config(name: str, mode: str, backend: str, ep_size: int, shape: Shape, a
                               and res.grad_rel_err <= shape.logits_rtol)
     outputs["losses"] = res.losses
 
+    earlier_peak = 0.0
     if mode == "speed":
-        time_training(model, optimizer, shape, args, res, device, rank, world)
-    res.peak_gb = all_ranks(memory_gb(device, True))
+        earlier_peak = time_training(model, optimizer, shape, args, res, device, rank, world)
+    res.peak_gb = all_ranks(max(memory_gb(device, True), earlier_peak))
     if mode == "speed" and args.memory and device.type == "cuda":  # after the peak: it resets the peak stats
         res.memory = memory_step(model, optimizer, tokens(shape, shape.batch, shape.seq, args.seed + 3 + rank, device))
     log(f"[{mode}] {name}: {res.step_ms:.1f} ms/step (each: {spread(res.step_ms_each)}; garbage collection "
@@ -492,15 +501,19 @@ class GcPauses:
 
 
 def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res: Result, device: torch.device,
-                  rank: int, world: int) -> None:
+                  rank: int, world: int) -> float:
     """ms per step and tokens/s (all ranks) over ``--timed_steps`` steps after two warm-up steps, and each step's
-    time: CUDA events between the steps (no sync between them), so a slow step shows apart from a slow run."""
+    time: CUDA events between the steps (no sync between them), so a slow step shows apart from a slow run; the
+    peak memory of the timed steps. Returns the peak before them (GiB, this rank)."""
     model.train()
     log(f"{res.name}: timing {args.timed_steps} training steps of {shape.batch} x {shape.seq} tokens per rank")
     batch = tokens(shape, shape.batch, shape.seq, args.seed + 3 + rank, device)
     for _ in range(2):
         train_step(model, optimizer, batch, world)
     sync(device)
+    earlier_peak = memory_gb(device, True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     marks = [step_mark(device)]
     with GcPauses() as pauses:
         for _ in range(args.timed_steps):
@@ -508,6 +521,7 @@ def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res:
             marks.append(step_mark(device))
         sync(device)
     res.gc_ms, res.gc_runs = pauses.ms, pauses.runs
+    res.timed_peak_gb = all_ranks(memory_gb(device, True))
     res.step_ms_each = [mark_ms(a, b) for a, b in zip(marks, marks[1:])]
     res.step_ms = mark_ms(marks[0], marks[-1]) / args.timed_steps
     res.train_tokens_per_s = world * batch.numel() / (res.step_ms / 1e3)
@@ -515,6 +529,7 @@ def time_training(model, optimizer, shape: Shape, args: argparse.Namespace, res:
         name = res.name.replace(" ", "_")
         profile_step(model, optimizer, batch, world, Path(args.out) / f"profile_{name}_rank{rank}.txt")
     res.expert_rows = all_ranks(sum(getattr(layer, "expert_rows", 0) for layer in model.moe_mlps()))
+    return earlier_peak
 
 
 def memory_step(model, optimizer, batch: torch.Tensor) -> list[StepMemory]:
@@ -559,7 +574,7 @@ def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, 
                 lora_r=args.lora_r, shapes={mode: asdict(s) for mode, s in shapes.items()},
                 train_steps=args.train_steps, timed_steps=args.timed_steps, tie_tolerance=args.tie_tolerance,
                 exact_tie_tolerance=args.exact_tie_tolerance, exact_lr=args.exact_lr, checkpointing=args.checkpointing,
-                command=" ".join(sys.argv))
+                moe_recompute=args.moe_recompute, command=" ".join(sys.argv))
 
 
 def num(x: float | None, fmt: str) -> str:
@@ -578,7 +593,8 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
         f"{env['deepspeed']}, transformers {env['transformers']}. Command: `{env['command']}`.",
         f"Model: {env['layers']} layers (all MoE), {env['experts']} experts top-{env['top_k']}, expert LoRA "
         f"r {env['lora_r']}, random init. Activation checkpointing of the decoder layers: "
-        f"{'on (non-reentrant), in every configuration' if env['checkpointing'] else 'off'}.",
+        f"{'on (non-reentrant), in every configuration' if env['checkpointing'] else 'off'}. Expert gate/up "
+        f"recomputed in backward: {'on, in every configuration but DeepSpeed-MoE' if env['moe_recompute'] else 'off'}.",
     ]
     exact = [r for r in results if r.mode == "exact"]
     if exact:
@@ -609,21 +625,23 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             f"(prefill included), tokens/s summed over ranks. Pass: every step's loss within {s['loss_rtol']:g} "
             "(relative) of the local run's; logits, routing and greedy tokens are shown, not judged (rounding flips "
             f"near-tied routes; greedy near-tie gap {env['tie_tolerance']:g}). Peak GB/GPU: generation and training, "
-            "from after building; build peak: from before building (the float32 construction, cast to bf16 after). "
+            "from after building; timed peak: the timed steps only (no generation, no first-step autotuning); build peak: "
+            "from before building (the float32 construction, cast to bf16 after). "
             "Expert rows/GPU: token-slots each rank's experts ran in the last timed step (all layers). ms/step: the "
             "mean over the timed steps; each step: median (min-max) of the steps, timed by CUDA events on rank 0; GC: "
             "rank 0's garbage-collection pauses over the timed steps (collections of generations 0/1/2).", "",
             "| config | ep_size | experts/GPU | ms/step | each step ms | GC ms (runs) | train tokens/s | "
-            "decode tokens/s | weights GB/GPU | peak GB/GPU | build peak GB/GPU | expert rows/GPU | "
+            "decode tokens/s | weights GB/GPU | peak GB/GPU | timed peak GB/GPU | build peak GB/GPU | expert rows/GPU | "
             "max loss rel diff | grad rel err | logits rel err | routing agree | greedy | pass |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in speed:
             rows = " / ".join(str(n) for n in r.expert_rows) if r.backend == "deepspeed" else "-"
             lines.append(
                 f"| {r.name} | {r.ep_size} | {r.experts_per_device} | {r.step_ms:.1f} | {spread(r.step_ms_each)} | "
                 f"{r.gc_ms:.1f} ({'/'.join(map(str, r.gc_runs))}) | {r.train_tokens_per_s:.0f} | "
-                f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {gb(r.build_peak_gb)} | "
+                f"{r.decode_tokens_per_s:.1f} | {gb(r.weights_gb)} | {gb(r.peak_gb)} | {gb(r.timed_peak_gb)} | "
+                f"{gb(r.build_peak_gb)} | "
                 f"{rows} | "
                 f"{num(r.loss_max_rel_diff, '.2e')} | {num(r.grad_rel_err, '.2e')} | {num(r.logits_rel_err, '.2e')} | "
                 f"{num(r.routing_agreement, '.4f')} | {'-' if r.greedy_equal is None else r.greedy_note} | "
@@ -673,10 +691,14 @@ def speedups(results: list[Result]) -> list[str]:
             base = by_name.get(base_key)
             if base is None:
                 continue
-            memory = max(r.peak_gb) / max(base.peak_gb) if all(x == x for x in r.peak_gb + base.peak_gb) else None
+            memory = [max(mine) / max(theirs) for mine, theirs in ((r.peak_gb, base.peak_gb),
+                                                                   (r.timed_peak_gb, base.timed_peak_gb))
+                      if mine and theirs and all(x == x for x in mine + theirs)]
             lines.append(f"{r.name} / {base.name}: training {r.train_tokens_per_s / base.train_tokens_per_s:.2f}x "
                          f"tokens/s, decode {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x tokens/s"
-                         + (f", peak memory {memory:.2f}x (largest rank)." if memory is not None else "."))
+                         + (f", peak memory {memory[0]:.2f}x" if memory else "")
+                         + (f" (timed steps {memory[1]:.2f}x)" if len(memory) > 1 else "")
+                         + (" (largest rank)." if memory else "."))
     return lines
 
 

@@ -229,6 +229,38 @@ def test_checkpointed_step_leaves_no_activations_alive(dist_world, make_config, 
     assert all(a is not None and a.grad_fn is None and torch.isfinite(a) for a in aux)
 
 
+@pytest.mark.parametrize("backend", ["local", "deepspeed"])
+def test_moe_recompute_reaches_every_expert_block_and_keeps_the_gradients(dist_world, make_config, backend):
+    """``moe_recompute_enable`` reaches the experts of either backend (the DeepSpeed layer's packed view
+    too): each MoE layer keeps two I-wide activations fewer for backward, and the loss and every gradient
+    are unchanged."""
+    config = make_config(expert_lora_r=4, expert_lora_alpha=8, moe_backend=backend)
+    model = UniMoEForCausalLM(config).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() == 3:  # LoRA B starts at zero: make every LoRA path count
+                p.normal_(0.0, 0.1)
+    ids = torch.randint(3, 290, (2, 13))
+    width = config.text_config.intermediate_size
+
+    def step() -> tuple[dict[str, torch.Tensor], int]:
+        model.zero_grad(set_to_none=True)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        wide = sum(t.is_floating_point() and t.dim() == 2 and t.shape[1] == width for t in kept)
+        return {"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}, wide
+
+    keeping, wide_keeping = step()
+    model.moe_recompute_enable()
+    recomputing, wide_recomputing = step()
+    assert wide_recomputing == wide_keeping - 2 * len(model.moe_mlps())
+    assert recomputing.keys() == keeping.keys() and len(keeping) > 1
+    for name, value in keeping.items():
+        torch.testing.assert_close(recomputing[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_model_checkpoints_load_in_either_backend(dist_world, make_config, tmp_path):
     from Uni_MoE.checkpoint.loader import load_checkpoint
     from Uni_MoE.checkpoint.v2_experts import from_pretrained_expert_parallel

@@ -81,19 +81,22 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
 
 
 @pytest.mark.slow
-def test_smoke_exact_pass_with_activation_checkpointing(tmp_path):
+@pytest.mark.parametrize("recompute", ["--checkpointing", "--moe_recompute"])
+def test_smoke_exact_pass_with_activation_checkpointing(tmp_path, recompute):
     """--checkpointing: every configuration recomputes its decoder layers in the backward (ep_size 2 its row
-    exchanges too), and the float32 comparison still holds to rounding."""
+    exchanges too); --moe_recompute: only the experts' gate/up projections. The float32 comparison still holds
+    to rounding."""
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2", "--skip_speed",
-           "--checkpointing"]
+           recompute]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "expert_parallel.json").read_text())
-    assert report["checkpointing"] is True
+    assert (report["checkpointing"], report["moe_recompute"]) == (recompute == "--checkpointing",
+                                                                   recompute == "--moe_recompute")
     rows = {r["name"]: r for r in report["results"]}
     assert sorted(rows) == ["deepspeed ep1", "deepspeed ep2", "local"]
     for name in ("deepspeed ep1", "deepspeed ep2"):

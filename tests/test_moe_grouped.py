@@ -218,3 +218,41 @@ def test_no_tokens(expert_type: str) -> None:
     out = run_layer(layer, torch.rand(1, 0, H), "grouped")
     assert out["y"].shape == (1, 0, H) and out["dx"].shape == (1, 0, H)
     assert float(out["experts.gate_lora_B"].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("expert_type", ["mlp", "shared"])
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.3])
+@pytest.mark.parametrize("train_down_base", [False, True])
+def test_recompute_projections_keeps_no_gate_up_and_gives_the_same_gradients(
+    expert_type: str, lora_dropout: float, train_down_base: bool
+) -> None:
+    """``recompute_projections``: no [slots or tokens, I] float tensor is kept for backward (the dropout mask on
+    the down LoRA's input stays), and output and every gradient equal the keeping block's bit for bit, with
+    the dropout masks and with a trainable down base (whose gradient reads the activation again)."""
+    torch.manual_seed(3)
+    layer = MoELayer(H, I, 4, 2, expert_type=expert_type, lora_r=4, lora_dropout=lora_dropout).train()
+    with torch.no_grad():
+        for p in layer.experts.lora_parameters():
+            p.normal_(0.0, 0.1)
+    for p in layer.experts.base_parameters():
+        p.requires_grad_(False)
+    layer.experts.down_proj.requires_grad_(train_down_base)
+    x = torch.rand(2, T // 2, H)
+
+    def run(recompute: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        layer.experts.recompute_projections = recompute
+        kept: list[torch.Tensor] = []
+        torch.manual_seed(4)  # the same dropout masks in both runs
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = run_layer(layer, x, "grouped")
+        return out, kept
+
+    keeping, kept_keeping = run(False)
+    recomputing, kept_recomputing = run(True)
+    for name, value in keeping.items():
+        assert torch.equal(recomputing[name], value), name
+
+    def wide(kept: list[torch.Tensor]) -> int:
+        return sum(t.is_floating_point() and t.dim() == 2 and t.shape[1] == I for t in kept)
+
+    assert wide(kept_keeping) >= 2 and wide(kept_recomputing) == wide(kept_keeping) - 2

@@ -50,8 +50,11 @@ INTERPRETER = pytest.mark.skipif(importlib.util.find_spec("triton") is None, rea
 @INTERPRETER
 def test_shared_kernels_in_the_interpreter_pass_the_grouped_tests() -> None:
     """The float32 CPU tests of the shared-base block (top-1/top-2, empty and uneven experts, trainable
-    bases, checkpointing, no tokens), with the Triton kernels run by the interpreter."""
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "shared",
+    bases, checkpointing, no tokens), and those of recomputed projections for both kinds (the distinct
+    block's backward kernel then writes its gradients over gate and up), with the Triton kernels run by the
+    interpreter."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                             "shared or recompute_projections",
                              str(ROOT / "tests" / "test_moe_grouped.py")], capture_output=True, text=True,
                             env=interpreter_env(), timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr

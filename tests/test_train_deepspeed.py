@@ -64,9 +64,11 @@ def test_zero2_with_deepspeed_moe_experts_trains_and_exports_the_local_layout(tm
 @pytest.mark.timeout(900)
 def test_zero2_expert_parallel_over_two_processes_exports_every_expert(tmp_path):
     """ep_size 2 on two gloo ranks, two of four experts each: both ranks' experts train, and the export gathers
-    them all into the local layout. (Three steps of the tiny model can leave a rarely routed expert without a
-    token, so the check is per rank, not per expert.)"""
-    out = _train_stage3(tmp_path, "--enable_deepspeed_moe", "True", "--ep_size", "2", processes=2, experts=4)
+    them all into the local layout; ``--moe_recompute`` (gate/up recomputed in backward) trains alike. (Three
+    steps of the tiny model can leave a rarely routed expert without a token, so the check is per rank, not per
+    expert.)"""
+    out = _train_stage3(tmp_path, "--enable_deepspeed_moe", "True", "--ep_size", "2", "--moe_recompute", "True",
+                        processes=2, experts=4)
     files = {p.name for p in (out / "checkpoint-3" / "global_step3").glob("layer_0_expert_*")}
     assert files == {f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)}
     model = UniMoEForCausalLM.from_pretrained(out)

@@ -271,6 +271,14 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
         """The mixture-of-experts MLP modules, in layer order."""
         return self.model.moe_mlps()
 
+    def moe_recompute_enable(self, enabled: bool = True) -> None:
+        """Let the batched expert blocks keep no gate/up activations in training and recompute them in
+        backward: 2 x token-slots x intermediate values less per MoE layer for one more pass of the gate/up
+        projections (checkpointing recomputes the whole layer instead). Gradients are unchanged."""
+        for module in self.modules():
+            if isinstance(module, MoEExperts):
+                module.recompute_projections = enabled
+
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """Media inputs enter on the prefill step only (later steps hold no placeholders); without a
         cache every step re-reads them. Older transformers did not drop the audio inputs themselves.

@@ -98,6 +98,12 @@ class TrainingArguments(transformers.TrainingArguments):
     report_to: None | str | list[str] = "tensorboard"
     remove_unused_columns: bool = False
     activation_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
+    moe_recompute: bool = field(
+        default=False,
+        metadata={"help": "MoE layers keep no expert gate/up activations and recompute them in backward (less "
+                  "memory for one more pass of those projections; unlike --gradient_checkpointing, nothing else "
+                  "is recomputed)"},
+    )
     profile_steps: str = field(
         default="", metadata={"help": "A-B: profile optimizer steps A..B into output_dir/profile (tables, trace)"}
     )

@@ -6,7 +6,7 @@ elsewhere), the down projection, a weighted sum over each token's k slots (slot_
 LoRA-B products of all slots as one dense [T, E*r] x [E*r, H] GEMM into the token outputs (half the rows of
 an update of the slot outputs; backward likewise reads dy once for the down LoRA). Only gate/up
 ([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
-recomputed in backward, frozen bases get no weight gradient, and LoRA weight gradients are exact
+recomputed in backward (with ``recompute``, gate/up too, from x), frozen bases get no weight gradient, and LoRA weight gradients are exact
 per-expert grouped products (at small ranks on CUDA: per-tile sums from the SwiGLU backward kernel).
 """
 
@@ -60,6 +60,7 @@ class DistinctExperts(torch.autograd.Function):
         down_b: torch.Tensor | None,
         g: SlotGrouping,
         lora: LoRASettings,
+        recompute: bool = False,
     ) -> torch.Tensor:
         num_experts = gate_w.shape[0]
         xs = x[g.token]  # [S, H]
@@ -82,6 +83,8 @@ class DistinctExperts(torch.autograd.Function):
             zd_mix = mix_slots(zd_slots, weights, _slot_experts(g, weights), num_experts)  # [T, E*r]
             out.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
         ys = ys if ctx.needs_input_grad[1] else None
+        if recompute:  # backward computes them again from x
+            gate = up = None
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
         ctx.save_for_backward(x, weights, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
                               gate, up, zg, zu, zd_slots, zd_mix, keep, ys)
@@ -100,6 +103,8 @@ class DistinctExperts(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         dys, grad_w = slot_grads(grad_out, ys, g, weights)  # [S, H], [T, k] or None (the down bases' part)
         dh = segment_mm(dys, down_w, g)  # [S, I]
+        if not need[5]:
+            dys = None  # only a trainable down base reads it again: freed before the [S, I] work below
         grads_lora: list[torch.Tensor | None] = [None] * 4
         dzd = None
         if has_lora:
@@ -108,8 +113,15 @@ class DistinctExperts(torch.autograd.Function):
             grads_lora[3] = unstack_b(zd_mix.t() @ grad_out, num_experts) * s  # [E, H, r]
             if grad_w is not None:
                 grad_w = (grad_w.float() + s * (zd_slots.float() * own.float()).sum(-1)).to(weights.dtype)
+        in_place = False
+        if gate is None:  # recompute_projections: the forward's gate and up again, bit for bit
+            xs = x[g.token]
+            gate, up = act.kept(segment_mm(xs, gate_w.transpose(1, 2), g), segment_mm(xs, up_w.transpose(1, 2), g),
+                                factors)
+            del xs
+            in_place = not (need[5] and keep is not None)  # else the down base's gradient reads them again
         d_gate, d_up, h_dropped, dzg, dzu, wgrads = act.backward(
-            dh, dzd, gate, up, factors, keep, ctx.keep_scale, need[5] and keep is None
+            dh, dzd, gate, up, factors, keep, ctx.keep_scale, need[5] and keep is None, in_place
         )
         del dh
         grad_za = None
@@ -131,4 +143,4 @@ class DistinctExperts(torch.autograd.Function):
             h = h_dropped if keep is None else act.activation(gate, up, factors)
             grads_base = [segment_mm_tn(d, a, g) if n else None
                           for d, a, n in ((d_gate, xs, need[3]), (d_up, xs, need[4]), (dys, h, need[5]))]
-        return grad_x, grad_w, grad_za, *grads_base, *grads_lora, None, None
+        return grad_x, grad_w, grad_za, *grads_base, *grads_lora, None, None, None

@@ -47,6 +47,8 @@ class MoEExperts(nn.Module):
         self.lora_r = lora_r
         self.lora_scaling = lora_alpha / lora_r if lora_r > 0 else 0.0
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # training memory: the batched blocks keep no gate/up activations and recompute them in backward
+        self.recompute_projections = False
         b, e, h, i = self.num_bases, num_experts, hidden_size, intermediate_size
         self.gate_proj = nn.Parameter(torch.empty(b, i, h))
         self.up_proj = nn.Parameter(torch.empty(b, i, h))

@@ -6,7 +6,8 @@ terms (``shared.py``). The gate/up LoRA-A products of all experts are one dense 
 the fused block, so LoRA dropout on the expert input and the A gradients are plain autograd; dropout on
 the down LoRA's input is drawn inside. The input dropout mask is drawn once per token and shared by the
 token's k slots (the reference loop draws one per slot); without dropout both compute the same function.
-Activations other than SiLU run the reference loop. Under autocast the block computes in autocast's
+Activations other than SiLU run the reference loop. With ``recompute_projections`` the blocks keep no gate/up
+activations for backward and compute them again there. Under autocast the block computes in autocast's
 dtype, with explicit (differentiable) casts of its inputs and parameters.
 """
 
@@ -70,8 +71,10 @@ def _fused(
     lora = [cast(getattr(experts, name, None)) for name in ("gate_lora_B", "up_lora_B", "down_lora_A", "down_lora_B")]
     bases = [cast(p) for p in experts.base_parameters()]
     za = _lora_input_acts(x, experts, dtype)
+    recompute = experts.recompute_projections
     if experts.expert_type == "shared":
-        return SharedBaseExperts.apply(x, weights, indices, za, *(b[0] for b in bases), *lora, _lora_settings(experts))
+        return SharedBaseExperts.apply(x, weights, indices, za, *(b[0] for b in bases), *lora, _lora_settings(experts),
+                                       recompute)
     grouping = group_slots(indices, experts.num_experts)
-    return DistinctExperts.apply(x, weights, za, *bases, *lora, grouping, _lora_settings(experts))
+    return DistinctExperts.apply(x, weights, za, *bases, *lora, grouping, _lora_settings(experts), recompute)
 

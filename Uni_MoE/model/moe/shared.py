@@ -66,6 +66,7 @@ class SharedBaseExperts(torch.autograd.Function):
         down_a: torch.Tensor | None,
         down_b: torch.Tensor | None,
         lora: LoRASettings,
+        recompute: bool = False,
     ) -> torch.Tensor:
         gate, up = x @ gate_w.t(), x @ up_w.t()  # [T, I], once per token
         num_experts = gate_b.shape[0] if za is not None else 1
@@ -76,6 +77,8 @@ class SharedBaseExperts(torch.autograd.Function):
         y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
         if za is not None:
             y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
+        if recompute:  # backward computes them again from x
+            gate = up = None
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
         ctx.save_for_backward(x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
                               gate, up, zd_mix, mixed if ctx.needs_input_grad[6] else None, *kept)
@@ -88,6 +91,8 @@ class SharedBaseExperts(torch.autograd.Function):
         need, s = ctx.needs_input_grad, ctx.lora.scale
         dy = grad_out.contiguous()
         d_mixed = dy @ down_w  # [T, I]
+        if gate is None:  # recompute_projections
+            gate, up = x @ gate_w.t(), x @ up_w.t()
         grads_lora: list[torch.Tensor | None] = [None] * 4
         dz_mix = None
         if za is not None:
@@ -106,7 +111,7 @@ class SharedBaseExperts(torch.autograd.Function):
             dy.t() @ mixed if need[6] else None,
         ]
         grad_w = grad_w.to(weights.dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, grad_za, *grads_base, *grads_lora, None
+        return grad_x, grad_w, None, grad_za, *grads_base, *grads_lora, None, None
 
 
 def _fused_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora):

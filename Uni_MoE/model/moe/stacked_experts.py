@@ -82,4 +82,5 @@ class StackedExperts:
         for name in self.names:
             setattr(self.template, name, stacked_tensor([getattr(e, name) for e in experts]))
         self.template.training = training
+        self.template.recompute_projections = experts[0].recompute_projections
         return self.template

@@ -37,15 +37,21 @@ class SwiGLULoRA:
             h, zd = kernels.swiglu_lora_forward(gate, up, lora, keep, keep_scale, self.scale, self.sched)
             return h, zd, gate, up
         zd = None
-        if lora is not None:
-            zg, zu, gate_b, up_b, _ = lora
-            num_experts = gate_b.shape[0]
-            gate.addmm_(spread(zg, self.g.expert, num_experts), stack_b(gate_b), alpha=self.scale)
-            up.addmm_(spread(zu, self.g.expert, num_experts), stack_b(up_b), alpha=self.scale)
+        gate, up = self.kept(gate, up, lora)
         h, h_dropped, _ = swiglu_forward(gate, up, None, None, keep, keep_scale, None, None)
         if lora is not None:
             zd = segment_mm(h if keep is None else h_dropped, lora[4].transpose(1, 2), self.g)
         return h, zd, gate, up
+
+    def kept(self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base projections gate, up [S, I] -> what ``forward`` keeps for backward: the same tensors for the
+        kernels; with the LoRA deltas added in place on the PyTorch path."""
+        if not self.fused and lora is not None:
+            zg, zu, gate_b, up_b, _ = lora
+            num_experts = gate_b.shape[0]
+            gate.addmm_(spread(zg, self.g.expert, num_experts), stack_b(gate_b), alpha=self.scale)
+            up.addmm_(spread(zu, self.g.expert, num_experts), stack_b(up_b), alpha=self.scale)
+        return gate, up
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None) -> torch.Tensor:
         """h without dropout from the kept gate and up (for a trainable down base under dropout)."""
@@ -55,15 +61,17 @@ class SwiGLULoRA:
 
     def backward(
         self, dh: torch.Tensor, dzd: Maybe, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None,
-        keep: Maybe, keep_scale: float, need_h: bool,
+        keep: Maybe, keep_scale: float, need_h: bool, in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, Maybe, Maybe, Maybe, tuple | None]:
         """(d_gate, d_up, dropout(h) when ``need_h`` or LoRA without the weight gradients, d zg, d zu, the LoRA
-        weight gradients (s d Bg, s d Bu, d Ad) when the kernel computes them). dzd [S, r] comes scaled."""
+        weight gradients (s d Bg, s d Bu, d Ad) when the kernel computes them). dzd [S, r] comes scaled.
+        ``in_place``: the kernels may write d_gate, d_up over gate, up (which the caller then no longer reads)."""
         if self.fused:
             wgrad = lora is not None and kernels.fuses_weight_grads(lora[0].shape[1])
             return kernels.swiglu_lora_backward(dh, gate, up, lora, dzd, keep, keep_scale, self.scale, self.sched,
                                                 need_h or (lora is not None and not wgrad),
-                                                kernels.expert_tile_ranges(self.g.counts) if wgrad else None)
+                                                kernels.expert_tile_ranges(self.g.counts) if wgrad else None,
+                                                in_place)
         extra = None
         if lora is not None:
             down_a = lora[4]

@@ -168,11 +168,8 @@ if triton is not None:
         if HAS_LORA:  # this chunk's partial sum, fp32 [SPLIT, S, r]
             tl.store(zd_ptr + part * n_rows * rank + z_off, zd, mask=z_mask)
 
-    @triton.autotune(configs=_CONFIGS,
-                     key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H", "WGRAD"],
-                     prune_configs_by=_PRUNE)
     @triton.jit
-    def _backward_kernel(
+    def _backward_body(
         dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, dzd_ptr, da_ptr,
         dzg_ptr, dzu_ptr, keep_ptr, sched_ptr, part_ptr,
         n_tiles, n_rows, rank, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
@@ -253,6 +250,12 @@ if triton is not None:
             tl.store(dzu_ptr + part * n_rows * rank + z_off, dzu * scale, mask=z_mask)
 
 
+    _BACKWARD_KEY = ["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H", "WGRAD"]
+    _backward_kernel = triton.autotune(configs=_CONFIGS, key=_BACKWARD_KEY, prune_configs_by=_PRUNE)(_backward_body)
+    # writing d_gate, d_up over gate, up: autotuning restores them after each trial run
+    _backward_kernel_in_place = triton.autotune(configs=_CONFIGS, key=_BACKWARD_KEY, prune_configs_by=_PRUNE,
+                                                restore_value=["gate_ptr", "up_ptr"])(_backward_body)
+
     @triton.jit
     def _tile_sum_kernel(part_ptr, out_ptr, ranges_ptr, n_tiles, n_experts, width, INTERPRET: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -323,14 +326,17 @@ def _tile_sums(part: torch.Tensor, ranges: torch.Tensor, n_cols: int, scale: flo
 def swiglu_lora_backward(
     dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, dzd: torch.Tensor | None,
     keep: torch.Tensor | None, keep_scale: float, scale: float, sched: torch.Tensor, store_h: bool,
-    ranges: torch.Tensor | None = None,
+    ranges: torch.Tensor | None = None, in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple | None]:
     """(d_gate, d_up [S, I], dropout(h) or None, dzg, dzu [S, r] or None, the LoRA weight gradients or None):
     gradients through the fused forward, given dh [S, I] from the down base and dzd [S, r] (already scaled)
     from the down LoRA. With ``ranges`` (``expert_tile_ranges``; LoRA of rank <= WGRAD_MAX_RANK) the kernel
-    also gives (s d Bg, s d Bu [E, I, r], d Ad [E, r, I])."""
+    also gives (s d Bg, s d Bu [E, I, r], d Ad [E, r, I]). ``in_place``: d_gate and d_up are written over
+    gate and up (each program reads its tile before writing it), which must be contiguous."""
     rows, n_cols = gate.shape
-    d_gate, d_up = torch.empty_like(gate), torch.empty_like(gate)
+    if in_place and not (gate.is_contiguous() and up.is_contiguous()):
+        raise ValueError("in-place SwiGLU backward needs contiguous gate and up")
+    d_gate, d_up = (gate, up) if in_place else (torch.empty_like(gate), torch.empty_like(gate))
     h = torch.empty_like(gate) if store_h else None
     zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
     n_tiles = sched.shape[1]
@@ -338,7 +344,8 @@ def swiglu_lora_backward(
     dzs = gate.new_empty(2, split, rows, rank, dtype=torch.float32) if lora is not None else None
     wgrad = ranges is not None and lora is not None
     part = gate.new_empty(3, n_tiles, n_cols * rank, dtype=torch.float32) if wgrad else None
-    _backward_kernel[(n_tiles, split)](
+    kernel = _backward_kernel_in_place if in_place else _backward_kernel
+    kernel[(n_tiles, split)](
         dh.contiguous(), gate, up, d_gate, d_up, h if h is not None else gate, zg, zu, bg, bu,
         dzd.contiguous() if dzd is not None else gate, da, dzs[0] if dzs is not None else gate,
         dzs[1] if dzs is not None else gate, keep if keep is not None else gate, sched,
