@@ -423,6 +423,7 @@ def _ep2_worker() -> None:
     _compare_with_local(local, ds, x, rank, LORA_NAMES)  # an expert's gradient sums both ranks' tokens
     torch.testing.assert_close(ds.router.weight.grad, local.router.weight.grad)  # through the routing weights
     _ep2_checkpointed(ds, x)
+    _ep2_recompute(ds, x)
     _ep2_uneven(rank, local, ds)
     _ep2_padded_inbox(rank, local, ds)
     _ep2_no_rows_for_one_rank(rank)
@@ -436,6 +437,53 @@ def _ep2_worker() -> None:
     _ep2_v2_experts(rank, Path(os.environ["OUT_DIR"]))
     (Path(os.environ["OUT_DIR"]) / f"ok{rank}").write_text("ok")
     dist.barrier()
+
+
+def _ep2_recompute(ds, x: torch.Tensor) -> None:
+    """``recompute_projections``: the experts keep no inbox (it is received again in backward, once) and
+    outputs and gradients are bit-identical to keeping it; under checkpointing the layer keeps nothing anyway
+    and receives nothing again."""
+    import weakref
+    from unittest.mock import patch
+
+    from torch.utils.checkpoint import checkpoint
+
+    from Uni_MoE.model.moe import ep_merged
+
+    dispatch_rows = ep_merged.dispatch_rows
+    made: list = []
+
+    def recording(*args):
+        inbox = dispatch_rows(*args)
+        made.append(weakref.ref(inbox))
+        return inbox
+
+    def run(recompute: bool, checkpointed: bool = False) -> tuple[list[torch.Tensor], bool, int]:
+        for expert in ds.local_experts():
+            expert.recompute_projections = recompute
+        ds.zero_grad(set_to_none=True)
+        made.clear()
+        xg = x.clone().requires_grad_()
+        with patch.object(ep_merged, "dispatch_rows", recording):
+            out = checkpoint(ds, xg, use_reentrant=False) if checkpointed else ds(xg)
+            kept = made[0]() is not None  # the forward's inbox, alive only if saved for backward
+            out.square().sum().backward()
+        experts = ds.local_experts()[1]
+        grads = [out.detach(), xg.grad, ds.router.weight.grad] + [getattr(experts, n).grad for n in LORA_NAMES]
+        return grads, kept, len(made)
+
+    plain, kept, exchanges = run(False)
+    assert kept and exchanges == 1
+    recomputed, kept, exchanges = run(True)
+    assert not kept and exchanges == 2  # the forward's, and the backward's again
+    for i, (got, want) in enumerate(zip(recomputed, plain)):
+        assert torch.equal(got, want), f"tensor {i}"
+    checkpointed, kept, exchanges = run(True, checkpointed=True)
+    assert not kept and exchanges == 2  # the forward's and the checkpoint's recompute, no refetch
+    for i, (got, want) in enumerate(zip(checkpointed, plain)):
+        torch.testing.assert_close(got, want, msg=lambda m: f"checkpointed, tensor {i}: {m}")
+    for expert in ds.local_experts():
+        expert.recompute_projections = False
 
 
 def _ep2_checkpointed(ds, x: torch.Tensor) -> None:

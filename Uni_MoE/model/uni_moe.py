@@ -274,7 +274,8 @@ class UniMoEForCausalLM(UniMoEPreTrainedModel, GenerationMixin):
     def moe_recompute_enable(self, enabled: bool = True) -> None:
         """Let the batched expert blocks keep no gate/up activations in training and recompute them in
         backward: 2 x token-slots x intermediate values less per MoE layer for one more pass of the gate/up
-        projections (checkpointing recomputes the whole layer instead). Gradients are unchanged."""
+        projections (checkpointing recomputes the whole layer instead); under expert parallelism the experts
+        also keep no copy of the rows they received, which backward receives again. Gradients are unchanged."""
         for module in self.modules():
             if isinstance(module, MoEExperts):
                 module.recompute_projections = enabled

@@ -101,8 +101,8 @@ class TrainingArguments(transformers.TrainingArguments):
     moe_recompute: bool = field(
         default=False,
         metadata={"help": "MoE layers keep no expert gate/up activations and recompute them in backward (less "
-                  "memory for one more pass of those projections; unlike --gradient_checkpointing, nothing else "
-                  "is recomputed)"},
+                  "memory for one more pass of those projections, and with expert parallelism one more exchange of "
+                  "the received rows; unlike --gradient_checkpointing, nothing else is recomputed)"},
     )
     profile_steps: str = field(
         default="", metadata={"help": "A-B: profile optimizer steps A..B into output_dir/profile (tables, trace)"}

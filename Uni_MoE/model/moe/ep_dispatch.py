@@ -7,17 +7,19 @@ of that rank's experts (one small all-to-all of counts, then one host sync for t
 sends only the rows for other ranks' experts, gathering its own rows meanwhile; its experts run once on
 both (``ep_merged``), and the outputs come back the same way. The routing weights are applied back on the
 token's own rank, so only hidden-size rows cross. No capacity, no padding, no dropped token: the function
-is the local layer's for any routing.
+is the local layer's for any routing. With ``recompute_projections`` the experts keep no copy of the received
+rows for backward (``ep_merged.Refetch``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .ep_merged import Dispatch, ExchangePlan, Return, padded_rows, take
+from .ep_merged import Dispatch, ExchangePlan, Refetch, Return, padded_rows, take
 from .experts import MoEExperts
 from .implementations import ExpertFn
 from .router import in_backward
@@ -113,6 +115,17 @@ def _plan(g: SlotGrouping, received: torch.Tensor, sent: list[int], got: list[in
     return ExchangePlan(group, own, send, send_sizes, recv_sizes, ids, top_k)
 
 
+def _refetch(x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan, experts: MoEExperts) -> Refetch | None:
+    """With ``recompute_projections`` in a training forward: the inbox is not kept for backward but received
+    again there (``Refetch``). Not under other saved-tensor hooks (activation checkpointing keeps nothing of
+    the layer anyway), and not for an empty inbox."""
+    if not (experts.recompute_projections and torch.is_grad_enabled() and plan.rows > 0):
+        return None
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None
+    return Refetch(x, g, plan)
+
+
 def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: MoEExperts,
                         implementation: ExpertFn, ep_size: int, group: dist.ProcessGroup | None,
                         memo: CountsMemo | None = None) -> tuple[torch.Tensor, int]:
@@ -130,9 +143,11 @@ def expert_parallel_mix(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
     g = group_slots(indices, ep_size * num_local)  # slots by global expert, hence by destination rank
     received, sent, got = _exchange_or_reuse_counts(g.counts, ep_size, group, memo)  # the host sync, once per step
     plan = _plan(g, received, sent, got, dist.get_rank(group), num_local, top_k, group)
-    inbox = Dispatch.apply(x, g, plan)
-    out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), plan.ids[:, None], experts)
+    refetch = _refetch(x, g, plan, experts)
+    inbox = Dispatch.apply(x, g, plan, refetch)
+    with refetch.hooks() if refetch is not None else contextlib.nullcontext():
+        out = implementation(inbox, inbox.new_ones(inbox.shape[0], 1), plan.ids[:, None], experts)
     if torch.is_grad_enabled() and (inbox.shape[0] == 0 or not out.requires_grad):
         out = out + _zero_link(inbox, experts)  # every rank must run the backward's exchanges
-    ys = Return.apply(out, g, plan)
+    ys = Return.apply(out, g, plan, refetch)
     return _MixSlots.apply(ys, weights, g), sum(got)

@@ -6,7 +6,8 @@ activation checkpointing recomputes the layer once, like any other op): ``Dispat
 other ranks' experts (an asynchronous all-to-all straight into the inbox's tail) while it gathers the own
 rows into its head; ``Return`` sends the outputs of the received rows home (into their places among the
 sorted slots) while it copies the own outputs into theirs. Their backwards are the same exchanges of
-gradients, the other way round.
+gradients, the other way round. With a ``Refetch`` the experts keep no copy of the inbox for backward:
+``Return``'s backward receives its rows once more.
 """
 
 from __future__ import annotations
@@ -85,31 +86,78 @@ class Transfer:
                 start += s.stop - s.start
 
 
+def dispatch_rows(x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
+    """The inbox [own + received rows, H] of ``x`` [T, H]: the own sorted slot rows, then what the other ranks
+    sent (grouped by source rank, then local expert), then zero padding. A collective over ``plan.group``."""
+    inbox = x.new_empty(plan.rows, x.shape[1])
+    send = Transfer(x[take(g.token, plan.send)], plan.recv_sizes, plan.send_sizes, plan.group,
+                    inbox, [plan.arrived])
+    torch.index_select(x, 0, g.token[plan.own], out=inbox[:plan.n_own])
+    inbox[plan.arrived.stop :].zero_()
+    send.wait()
+    return inbox
+
+
+_REFETCHED = object()  # what the saved-tensor hook keeps instead of the inbox
+
+
+def _signature(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
+
+
+class Refetch:
+    """Saved-tensor hooks (:meth:`hooks`) for the expert block of one layer: the inbox itself (not a view,
+    not a cast) is kept as a marker, and backward hands out the rows received again by :meth:`fetch`, which
+    ``Return``'s backward calls on every rank (it precedes the experts' backward), until ``Dispatch``'s
+    backward releases them. Costs one more exchange of the inbox rows in backward, saves [rows, H]."""
+
+    def __init__(self, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> None:
+        self.x, self.g, self.plan = x.detach(), g, plan
+        self.key: tuple | None = None
+        self.inbox: torch.Tensor | None = None
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> object:
+        return _REFETCHED if self.key is not None and _signature(t) == self.key else t
+
+    def _unpack(self, packed: object) -> torch.Tensor:
+        if packed is not _REFETCHED:
+            return packed
+        if self.inbox is None:
+            raise RuntimeError("the expert-parallel inbox was read in backward outside its layer's exchange "
+                               "(between Return's and Dispatch's backward)")
+        return self.inbox
+
+    def fetch(self) -> None:
+        self.inbox = dispatch_rows(self.x, self.g, self.plan)
+
+
 class Dispatch(torch.autograd.Function):
-    """x [T, H] -> inbox [own + received rows, H]: the own sorted slot rows, then what the other ranks sent
-    (grouped by source rank, then local expert)."""
+    """x [T, H] -> inbox [own + received rows, H] (``dispatch_rows``); ``refetch`` learns which tensor the
+    inbox is, and its refetched rows are released once this backward has run."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
-        inbox = x.new_empty(plan.rows, x.shape[1])
-        send = Transfer(x[take(g.token, plan.send)], plan.recv_sizes, plan.send_sizes, plan.group,
-                        inbox, [plan.arrived])
-        torch.index_select(x, 0, g.token[plan.own], out=inbox[:plan.n_own])
-        inbox[plan.arrived.stop :].zero_()
-        send.wait()
-        ctx.grouping, ctx.plan = g, plan
+    def forward(ctx, x: torch.Tensor, g: SlotGrouping, plan: ExchangePlan, refetch: Refetch | None) -> torch.Tensor:
+        inbox = dispatch_rows(x, g, plan)
+        if refetch is not None:
+            refetch.key = _signature(inbox)
+        ctx.grouping, ctx.plan, ctx.refetch = g, plan, refetch
         return inbox
 
     @staticmethod
-    def backward(ctx, grad_inbox: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad_inbox: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         g, plan = ctx.grouping, ctx.plan
+        if ctx.refetch is not None:
+            ctx.refetch.inbox = None
         grad_inbox = grad_inbox.contiguous()
         grad_rows = grad_inbox.new_empty(g.token.numel(), grad_inbox.shape[1])
         back = Transfer(grad_inbox[plan.arrived], plan.send_sizes, plan.recv_sizes, plan.group, grad_rows,
                         plan.send)
         grad_rows[plan.own] = grad_inbox[:plan.n_own]
         back.wait()
-        return token_sum(grad_rows, None, g, plan.top_k), None, None
+        return token_sum(grad_rows, None, g, plan.top_k), None, None, None
 
 
 class Return(torch.autograd.Function):
@@ -117,16 +165,16 @@ class Return(torch.autograd.Function):
     [S, H] (``g``'s order)."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, g: SlotGrouping, plan: ExchangePlan) -> torch.Tensor:
+    def forward(ctx, out: torch.Tensor, g: SlotGrouping, plan: ExchangePlan, refetch: Refetch | None) -> torch.Tensor:
         ys = out.new_empty(g.token.numel(), out.shape[1])
         back = Transfer(out[plan.arrived], plan.send_sizes, plan.recv_sizes, plan.group, ys, plan.send)
         ys[plan.own] = out[:plan.n_own]
         back.wait()
-        ctx.plan = plan
+        ctx.plan, ctx.refetch = plan, refetch
         return ys
 
     @staticmethod
-    def backward(ctx, grad_ys: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad_ys: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         plan = ctx.plan
         grad_ys = grad_ys.contiguous()
         grad_out = grad_ys.new_empty(plan.rows, grad_ys.shape[1])
@@ -134,5 +182,7 @@ class Return(torch.autograd.Function):
                         [plan.arrived])
         grad_out[:plan.n_own] = grad_ys[plan.own]
         grad_out[plan.arrived.stop :].zero_()
+        if ctx.refetch is not None:
+            ctx.refetch.fetch()  # queued behind the gradients' exchange
         send.wait()
-        return grad_out, None, None
+        return grad_out, None, None, None
