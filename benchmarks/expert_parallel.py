@@ -625,14 +625,14 @@ def markdown(env: dict[str, Any], results: list[Result]) -> str:
             f"(prefill included), tokens/s summed over ranks. Pass: every step's loss within {s['loss_rtol']:g} "
             "(relative) of the local run's; logits, routing and greedy tokens are shown, not judged (rounding flips "
             f"near-tied routes; greedy near-tie gap {env['tie_tolerance']:g}). Peak GB/GPU: generation and training, "
-            "from after building; timed peak: the timed steps only (no generation, no first-step autotuning); build peak: "
-            "from before building (the float32 construction, cast to bf16 after). "
+            "from after building; timed peak: the timed steps only (no generation, no first-step autotuning); "
+            "build peak: from before building (the float32 construction, cast to bf16 after). "
             "Expert rows/GPU: token-slots each rank's experts ran in the last timed step (all layers). ms/step: the "
             "mean over the timed steps; each step: median (min-max) of the steps, timed by CUDA events on rank 0; GC: "
             "rank 0's garbage-collection pauses over the timed steps (collections of generations 0/1/2).", "",
             "| config | ep_size | experts/GPU | ms/step | each step ms | GC ms (runs) | train tokens/s | "
-            "decode tokens/s | weights GB/GPU | peak GB/GPU | timed peak GB/GPU | build peak GB/GPU | expert rows/GPU | "
-            "max loss rel diff | grad rel err | logits rel err | routing agree | greedy | pass |",
+            "decode tokens/s | weights GB/GPU | peak GB/GPU | timed peak GB/GPU | build peak GB/GPU | "
+            "expert rows/GPU | max loss rel diff | grad rel err | logits rel err | routing agree | greedy | pass |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in speed:

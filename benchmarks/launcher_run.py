@@ -184,6 +184,8 @@ def measure(args: argparse.Namespace, work: Path) -> str:
                      checkpointing=True)
     runs = []
     for i in range(args.repeats):  # each launcher run next to a train_step run, so drift hits both alike
+        if i:  # the previous run's checkpoint: tens of GB at real width, and nothing more is read from it
+            shutil.rmtree(work / f"out{i - 1}", ignore_errors=True)
         out = work / f"out{i}"
         profiled = args.profile and i == args.repeats - 1
         launcher, rates = launcher_tokens_per_second(work / "model", data, out, args.batch, args.steps,

@@ -46,8 +46,11 @@ def test_train_step_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_launcher_run_smoke_reports_the_median_of_repeated_pairs(tmp_path: Path) -> None:
     """Two launcher + train_step.py pairs through finetune_speech.sh on the CPU: every pair is listed, and
-    the table is the pair with the lower-middle launcher / train_step ratio."""
-    _, table = run_smoke("launcher_run.py", tmp_path, "--repeats", "2")
+    the table is the pair with the lower-middle launcher / train_step ratio; only the last run's output folder
+    is kept."""
+    work = tmp_path / "work"
+    _, table = run_smoke("launcher_run.py", tmp_path, "--repeats", "2", "--work_dir", str(work))
+    assert not (work / "out0").exists() and (work / "out1" / "checkpoint-3").is_dir()
     listed = next(line for line in table.splitlines() if line.startswith("- 2 runs"))
     pairs = [part.split("=") for part in listed.split("tokens/s: ", 1)[1].split("; ")]
     ratios = sorted((float(ratio), rates.split("/")[0].strip()) for rates, ratio in pairs)

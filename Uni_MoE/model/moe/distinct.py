@@ -6,8 +6,9 @@ elsewhere), the down projection, a weighted sum over each token's k slots (slot_
 LoRA-B products of all slots as one dense [T, E*r] x [E*r, H] GEMM into the token outputs (half the rows of
 an update of the slot outputs; backward likewise reads dy once for the down LoRA). Only gate/up
 ([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
-recomputed in backward (with ``recompute``, gate/up too, from x), frozen bases get no weight gradient, and LoRA weight gradients are exact
-per-expert grouped products (at small ranks on CUDA: per-tile sums from the SwiGLU backward kernel).
+recomputed in backward (with ``recompute`` gate/up too, from x, and the kernel writes their gradients over
+them), frozen bases get no weight gradient, and LoRA weight gradients are exact per-expert grouped products
+(at small ranks on CUDA: per-tile sums from the SwiGLU backward kernel).
 """
 
 from __future__ import annotations
