@@ -182,3 +182,15 @@ def test_stage1_connector_files_load_into_a_fresh_model(tmp_path, make_config):
         assert torch.equal(param, own[name] if name.startswith(prefixes) else before[name]), name
     with pytest.raises(KeyError, match="mm_projector.safetensors: keys do not fit.*speech_aligner"):
         stages.load_connector_weights(fresh, str(tmp_path / "mm_projector.safetensors"), "mm_audio_aligner")
+
+
+def test_moe_recompute_reaches_the_experts_except_under_gradient_checkpointing(tmp_path, make_config, caplog):
+    argv = ["--data_path", "x.json", "--output_dir", str(tmp_path)]
+    cases = (([], False), (["--moe_recompute", "True"], True),
+             (["--moe_recompute", "True", "--gradient_checkpointing", "True"], False))
+    for extra, expected in cases:
+        model = UniMoEForCausalLM(make_config(expert_lora_r=4, expert_lora_alpha=8))
+        train_args = parse_args(argv + extra)[2]
+        assert stages.apply_moe_recompute(model, train_args) is expected
+        assert {layer.experts.recompute_projections for layer in model.moe_mlps()} == {expected}
+    assert "--moe_recompute is ignored under --gradient_checkpointing" in caplog.text

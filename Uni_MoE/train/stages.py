@@ -119,6 +119,18 @@ def make_recipe(model: UniMoEForCausalLM, model_args: ModelArguments, train_args
     return Recipe(stage, groups, llm_linear_names(model) if lora else [])
 
 
+def apply_moe_recompute(model: UniMoEForCausalLM, train_args: TrainingArguments) -> bool:
+    """``--moe_recompute``: the experts recompute their gate/up activations in backward; ignored (with a
+    warning) under gradient checkpointing, which recomputes every layer anyway. Returns whether it is on."""
+    if not train_args.moe_recompute:
+        return False
+    if train_args.gradient_checkpointing:
+        logger.warning("--moe_recompute is ignored under --gradient_checkpointing, which recomputes every layer")
+        return False
+    model.moe_recompute_enable()
+    return True
+
+
 def apply_recipe(model: UniMoEForCausalLM, recipe: Recipe, train_args: TrainingArguments) -> list[str]:
     """Inject PEFT LoRA (if the recipe has targets) and set ``requires_grad`` by name; returns the trained names."""
     model.requires_grad_(False)

@@ -84,10 +84,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         stages.load_connector_weights(model, model_args.pretrain_audio_aligner, "mm_audio_aligner")
     if data_args.image_aspect_ratio is not None:
         model.config.image_aspect_ratio = data_args.image_aspect_ratio
-    if train_args.moe_recompute and train_args.gradient_checkpointing:
-        logger.warning("--moe_recompute is ignored under --gradient_checkpointing, which recomputes every layer")
-    elif train_args.moe_recompute:
-        model.moe_recompute_enable()
+    stages.apply_moe_recompute(model, train_args)
     recipe = stages.make_recipe(model, model_args, train_args)
     stages.apply_recipe(model, recipe, train_args)
 
