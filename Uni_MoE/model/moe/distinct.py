@@ -43,6 +43,14 @@ def _own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tup
     return own[:, 0].contiguous(), own[:, 1].contiguous()
 
 
+def _base_projections(x: torch.Tensor, g: SlotGrouping, gate_w: torch.Tensor,
+                      up_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen bases' gate and up of every sorted slot [S, I] each: the forward's, and with ``recompute``
+    the backward's again, by the same GEMMs."""
+    xs = x[g.token]  # [S, H]
+    return segment_mm(xs, gate_w.transpose(1, 2), g), segment_mm(xs, up_w.transpose(1, 2), g)
+
+
 class DistinctExperts(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * expert_{e(t,j)}(x[t]) for experts with their own bases and LoRA."""
 
@@ -64,10 +72,7 @@ class DistinctExperts(torch.autograd.Function):
         recompute: bool = False,
     ) -> torch.Tensor:
         num_experts = gate_w.shape[0]
-        xs = x[g.token]  # [S, H]
-        gate = segment_mm(xs, gate_w.transpose(1, 2), g)  # [S, I]
-        up = segment_mm(xs, up_w.transpose(1, 2), g)  # [S, I]
-        del xs
+        gate, up = _base_projections(x, g, gate_w, up_w)
         zg = zu = None
         keep, keep_scale = dropout_mask(gate, lora.down_dropout) if za is not None else (None, 1.0)
         if za is not None:
@@ -116,10 +121,7 @@ class DistinctExperts(torch.autograd.Function):
                 grad_w = (grad_w.float() + s * (zd_slots.float() * own.float()).sum(-1)).to(weights.dtype)
         in_place = False
         if gate is None:  # recompute_projections: the forward's gate and up again, bit for bit
-            xs = x[g.token]
-            gate, up = act.kept(segment_mm(xs, gate_w.transpose(1, 2), g), segment_mm(xs, up_w.transpose(1, 2), g),
-                                factors)
-            del xs
+            gate, up = act.kept(*_base_projections(x, g, gate_w, up_w), factors)
             in_place = not (need[5] and keep is not None)  # else the down base's gradient reads them again
         d_gate, d_up, h_dropped, dzg, dzu, wgrads = act.backward(
             dh, dzd, gate, up, factors, keep, ctx.keep_scale, need[5] and keep is None, in_place
