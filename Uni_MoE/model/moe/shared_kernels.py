@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .segments import SlotGrouping, group_slots
-from .swiglu_lora_kernels import _INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule, triton
+from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _split, available, b_rows, tile_schedule,
+                                  triton)
 
 MAX_COMBOS = 1024  # E**k tile groups; beyond that the schedule's spare tiles outweigh the work
 
@@ -53,14 +54,9 @@ if triton is not None:
                             capped=((32, 4, 1, 64), (32, 4, 2, 64), (32, 4, 1, 32)))
 
     @triton.jit
-    def _b_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
-        """B[e]^T tile [R, N] of a LoRA-B factor [E, I, r]."""
-        return tl.load(ptr + e * n_cols * rank + cols[None, :] * rank + rk[:, None],
-                       mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-
-    @triton.jit
-    def _a_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
-        """A[e] tile [R, N] of a LoRA-A factor [E, r, I]."""
+    def _r_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
+        """[R, N] tile of expert e's r-wide factor stored [E, r, I]: LoRA-A as it is, LoRA-B as ``b_rows`` gives it
+        (B[e]^T)."""
         return tl.load(ptr + e * rank * n_cols + rk[:, None] * n_cols + cols[None, :],
                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
 
@@ -74,8 +70,8 @@ if triton is not None:
                   n_cols: tl.constexpr, HAS_LORA: tl.constexpr, PREC: tl.constexpr):
         """The slot's gate and up (fp32) with its LoRA deltas added."""
         if HAS_LORA:
-            g += scale * tl.dot(zg, _b_tile(bg_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
-            u += scale * tl.dot(zu, _b_tile(bu_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
+            g += scale * tl.dot(zg, _r_tile(bg_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
+            u += scale * tl.dot(zu, _r_tile(bu_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
         return g, u
 
     @triton.jit
@@ -95,7 +91,7 @@ if triton is not None:
         h = g * tl.sigmoid(g) * u
         if HAS_LORA:
             hd = _dropped(h.to(da_ptr.dtype.element_ty).to(tl.float32), keep_ptr, off, mask, keep_scale, HAS_KEEP)
-            da = tl.trans(_a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols))  # [N, R]
+            da = tl.trans(_r_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols))  # [N, R]
             zd += tl.dot(hd.to(da_ptr.dtype.element_ty), da, input_precision=PREC)
         return w[:, None] * h, zd
 
@@ -104,8 +100,8 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(
         gate_ptr, up_ptr, mixed_ptr, za_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, zd_ptr, keep_ptr, perm_ptr, sched_ptr,
-        n_tiles, n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
+        n_tiles, n_rows, plane, rank: tl.constexpr, n_experts: tl.constexpr, scale, keep_scale, n_cols: tl.constexpr,
+        K: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -163,7 +159,7 @@ if triton is not None:
         g, u = _slot_pre(g, u, zg, zu, e, bg_ptr, bu_ptr, cols, col_ok, rk, r_ok, rank, scale, n_cols, HAS_LORA, PREC)
         dh = dm
         if HAS_LORA:
-            extra = tl.dot(dzo, _a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
+            extra = tl.dot(dzo, _r_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols), input_precision=PREC)
             dh += _dropped(extra, keep_ptr, off, mask, keep_scale, HAS_KEEP)
         dh = dh * w[:, None]
         sig = tl.sigmoid(g)
@@ -180,8 +176,8 @@ if triton is not None:
     def _backward_kernel(
         dm_ptr, gate_ptr, up_ptr, sg_ptr, su_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dz_ptr, gw_ptr,
         keep_ptr, perm_ptr, sched_ptr,
-        n_tiles, n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, NEED_W: tl.constexpr,
+        n_tiles, n_rows, plane, rank: tl.constexpr, n_experts: tl.constexpr, scale, keep_scale, n_cols: tl.constexpr,
+        K: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, NEED_W: tl.constexpr,
         WIDE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -230,9 +226,9 @@ if triton is not None:
                                        cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols, HAS_LORA, HAS_KEEP,
                                        PREC)
             if HAS_LORA:
-                dzg0 += tl.dot(sg.to(low), tl.trans(_b_tile(bg_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
+                dzg0 += tl.dot(sg.to(low), tl.trans(_r_tile(bg_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
                                input_precision=PREC)
-                dzu0 += tl.dot(su.to(low), tl.trans(_b_tile(bu_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
+                dzu0 += tl.dot(su.to(low), tl.trans(_r_tile(bu_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
                                input_precision=PREC)
             if NEED_W:
                 gw0 += tl.sum(h * dm, 1)
@@ -241,9 +237,9 @@ if triton is not None:
                                            bu_ptr, da_ptr, cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols,
                                            HAS_LORA, HAS_KEEP, PREC)
                 if HAS_LORA:
-                    dzg1 += tl.dot(dg.to(low), tl.trans(_b_tile(bg_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
+                    dzg1 += tl.dot(dg.to(low), tl.trans(_r_tile(bg_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
                                    input_precision=PREC)
-                    dzu1 += tl.dot(du.to(low), tl.trans(_b_tile(bu_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
+                    dzu1 += tl.dot(du.to(low), tl.trans(_r_tile(bu_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
                                    input_precision=PREC)
                 if NEED_W:
                     gw1 += tl.sum(h * dm, 1)
@@ -307,9 +303,9 @@ if triton is not None:
     def _weight_grads_kernel(
         dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dbg_ptr, dbu_ptr, dda_ptr,
         keep_ptr, order_ptr, offs_ptr, counts_ptr,
-        n_rows, plane, rank, n_experts, scale, keep_scale, n_cols: tl.constexpr, K: tl.constexpr,
-        HAS_KEEP: tl.constexpr, WIDE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+        n_rows, plane, rank: tl.constexpr, n_experts: tl.constexpr, scale, keep_scale, n_cols: tl.constexpr,
+        K: tl.constexpr, HAS_KEEP: tl.constexpr, WIDE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         e = tl.program_id(0).to(tl.int64)
         end = tl.load(offs_ptr + e)
@@ -318,9 +314,9 @@ if triton is not None:
         col_ok = cols < n_cols
         rk = tl.arange(0, BLOCK_R)
         r_ok = rk < rank
-        bg = _b_tile(bg_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
-        bu = _b_tile(bu_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
-        da = _a_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
+        bg = _r_tile(bg_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
+        bu = _r_tile(bu_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
+        da = _r_tile(da_ptr, e, cols, col_ok, rk, r_ok, rank, n_cols)
         acc_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         acc_a = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)  # transposed, like the others
@@ -353,11 +349,11 @@ def _wide(*sizes: int) -> bool:
 
 
 def _factors(like: torch.Tensor, lora: tuple | None) -> tuple:
-    """(Bg, Bu, Ad, rank) made contiguous, or dummies without LoRA."""
+    """(Bg, Bu as [E, r, I], Ad, rank) made contiguous, or dummies without LoRA."""
     if lora is None:
         return like, like, like, 0
-    gate_b, up_b, down_a = (t.contiguous() for t in lora)
-    return gate_b, up_b, down_a, gate_b.shape[-1]
+    gate_b, up_b, down_a = lora
+    return b_rows(gate_b), b_rows(up_b), down_a.contiguous(), gate_b.shape[-1]
 
 
 def mix_forward(
@@ -422,7 +418,8 @@ def lora_weight_grads(
     rows, n_cols = gate.shape
     bg, bu, da, rank = _factors(gate, lora)
     num_experts = bg.shape[0]
-    d_bg, d_bu, d_da = torch.empty_like(bg), torch.empty_like(bu), torch.empty_like(da)
+    d_bg, d_bu = (bg.new_empty(num_experts, n_cols, rank) for _ in range(2))  # [E, I, r], as the parameters
+    d_da = torch.empty_like(da)
     grid = lambda meta: (num_experts, triton.cdiv(n_cols, meta["BLOCK_N"]))  # noqa: E731
     _weight_grads_kernel[grid](
         d_mixed.contiguous(), gate, up, za.contiguous(), dz_mix.contiguous(), weights.contiguous(), bg, bu, da,

@@ -117,7 +117,7 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(
         gate_ptr, up_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, da_ptr, zd_ptr, keep_ptr, sched_ptr,
-        n_tiles, n_rows, rank, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
+        n_tiles, n_rows, rank: tl.constexpr, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
         HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -149,7 +149,7 @@ if triton is not None:
             u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
             if HAS_LORA:
                 b_mask = r_ok[:, None] & col_ok[None, :]
-                b_off = e * n_cols * rank + cols[None, :] * rank + rk[:, None]  # B[e]^T tile [R, N]
+                b_off = e * rank * n_cols + rk[:, None] * n_cols + cols[None, :]  # [R, N] tile of B[e] as [r, I]
                 bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)
                 bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
                 g += scale * tl.dot(zg, bg, input_precision=PREC)
@@ -172,7 +172,7 @@ if triton is not None:
     def _backward_body(
         dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, dzd_ptr, da_ptr,
         dzg_ptr, dzu_ptr, keep_ptr, sched_ptr, part_ptr,
-        n_tiles, n_rows, rank, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
+        n_tiles, n_rows, rank: tl.constexpr, scale, keep_scale, n_cols: tl.constexpr, SPLIT: tl.constexpr,
         HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_H: tl.constexpr, WGRAD: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -209,13 +209,12 @@ if triton is not None:
                 kp = tl.load(keep_ptr + off, mask=mask, other=0)
             if HAS_LORA:
                 b_mask = r_ok[:, None] & col_ok[None, :]
-                b_off = e * n_cols * rank + cols[None, :] * rank + rk[:, None]  # B[e]^T tile [R, N]
+                b_off = e * rank * n_cols + rk[:, None] * n_cols + cols[None, :]  # [R, N] tile of B[e] as [r, I]
                 bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)
                 bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
                 g += scale * tl.dot(zg, bg, input_precision=PREC)
                 u += scale * tl.dot(zu, bu, input_precision=PREC)
-                a_off = e * rank * n_cols + rk[:, None] * n_cols + cols[None, :]  # A[e] tile [R, N]
-                da = tl.load(da_ptr + a_off, mask=b_mask, other=0.0)
+                da = tl.load(da_ptr + b_off, mask=b_mask, other=0.0)  # A[e] tile [R, N], same layout
                 extra = tl.dot(dzd, da, input_precision=PREC)
                 if HAS_KEEP:
                     extra = tl.where(kp != 0, extra * keep_scale, 0.0)
@@ -279,12 +278,18 @@ if triton is not None:
         tl.store(out_ptr + (f * n_experts + e) * width + cols, acc, mask=ok)
 
 
+def b_rows(b: torch.Tensor) -> torch.Tensor:
+    """A LoRA-B factor [E, I, r] stored as [E, r, I], like LoRA-A: a kernel's [R, N] tile of it is then whole
+    16-byte vectors, which Triton prefetches a few column steps ahead instead of waiting on r-strided loads."""
+    return b.transpose(1, 2).contiguous()
+
+
 def _lora_args(gate: torch.Tensor, lora: tuple | None) -> tuple:
-    """(zg, zu, Bg, Bu, Ad, rank) made contiguous, or dummies without LoRA."""
+    """(zg, zu, Bg, Bu as [E, r, I], Ad, rank) made contiguous, or dummies without LoRA."""
     if lora is None:
         return (gate,) * 5 + (0,)
-    zg, zu, gate_b, up_b, down_a = (t.contiguous() for t in lora)
-    return zg, zu, gate_b, up_b, down_a, zg.shape[1]
+    zg, zu, gate_b, up_b, down_a = lora
+    return zg.contiguous(), zu.contiguous(), b_rows(gate_b), b_rows(up_b), down_a.contiguous(), zg.shape[1]
 
 
 def swiglu_lora_forward(
