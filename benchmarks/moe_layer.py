@@ -10,6 +10,7 @@ in a one-process torch.distributed world.
 
     python benchmarks/moe_layer.py --out moe_layer.md          # LLaMA-7B MLP shapes, bf16, CUDA
     python benchmarks/moe_layer.py --back-to-back --out FILE   # repetitions without a sync between them
+    python benchmarks/moe_layer.py --profile mlp --tokens 8192 # host vs GPU time a step, and the kernel table
     python benchmarks/moe_layer.py --smoke                     # tiny CPU run of every path
 """
 
@@ -259,22 +260,57 @@ def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int, ba
     return "\n".join(lines)
 
 
-def profile(shapes: Shapes, device: torch.device, expert_type: str) -> str:
-    """Kernel time table of a few fused forward+backward steps at the largest E and smallest r and T."""
-    torch.manual_seed(0)
-    x = torch.randn(shapes.tokens[0], shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
-    layer = make_layer(shapes, shapes.experts[-1], shapes.ranks[0], expert_type, device)
-    step = layer_step(layer, x, "grouped")
+def host_and_wall_ms(step: Callable[[], None], device: torch.device, reps: int = 5) -> tuple[float, float]:
+    """(host ms a step, wall ms a step) of ``reps`` steps queued back to back after a sync: the host's time is
+    what it takes to enqueue a step; when it is the smaller, the GPU never waits for the host."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    t1 = time.perf_counter()
+    sync()
+    return (t1 - t0) / reps * 1e3, (time.perf_counter() - t0) / reps * 1e3
+
+
+def profiled(step: Callable[[], None], device: torch.device, reps: int = 3) -> torch.profiler.profile:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(3):
+        for _ in range(reps):
             step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return prof
+
+
+def step_summary(name: str, step: Callable[[], None], device: torch.device,
+                 reps: int = 3) -> tuple[str, torch.profiler.profile]:
+    """One line: host and wall ms a step (``host_and_wall_ms``), and the GPU kernels' summed time and count a
+    step (on the CPU: none); and the profile it read them from."""
+    host, wall = host_and_wall_ms(step, device)
+    prof = profiled(step, device, reps)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3 / reps
+    return (f"{name}: host {host:.2f} ms a step, back-to-back wall {wall:.2f} ms a step, GPU kernels "
+            f"{busy:.2f} ms in {len(kernels) / reps:.0f} launches a step"), prof
+
+
+def profile(shapes: Shapes, device: torch.device, expert_type: str) -> str:
+    """Where a fused forward+backward step goes, at the largest E and smallest r and T: host against GPU time for
+    the dense baseline and the layer, then the layer's kernel table."""
+    torch.manual_seed(0)
+    x = torch.randn(shapes.tokens[0], shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
+    experts, rank = shapes.experts[-1], shapes.ranks[0]
+    dense_line, _ = step_summary(f"dense MLP T={x.shape[0]}", dense_step(x, shapes), device)
+    layer = make_layer(shapes, experts, rank, expert_type, device)
+    line, prof = step_summary(f"{expert_type} E={experts} r={rank} T={x.shape[0]}", layer_step(layer, x, "grouped"),
+                              device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=30)
+    return "\n".join([dense_line, line, "", prof.key_averages().table(sort_by=sort, row_limit=30)])
 
 
 def main() -> None:

@@ -36,6 +36,20 @@ def test_moe_layer_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_moe_layer_profile_splits_host_from_wall_time() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--smoke", "--profile", "mlp"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if "a step" in line}
+    assert set(lines) == {"dense MLP T=64", "mlp E=4 r=8 T=64"}
+    for line in lines.values():
+        host, wall = (float(line.split(f"{kind} ")[1].split(" ms")[0]) for kind in ("host", "wall"))
+        assert 0 < host <= wall  # on the CPU the host's time is the step's
+    assert "DistinctExpertsBackward" in result.stdout  # the layer's operator table follows
+
+
+@pytest.mark.slow
 def test_train_step_smoke(tmp_path: Path) -> None:
     _, table = run_smoke("train_step.py", tmp_path)
     rows = [line for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
@@ -110,3 +124,21 @@ def test_kernel_memcheck_smoke_runs_every_kernel_in_the_interpreter() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "config" not in line]
     assert len(rows) == 5 and all(row.endswith("| clean |") for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernel_ptx_smoke_compiles_every_expert_kernel_for_sm90() -> None:
+    env = {k: v for k, v in interpreter_env().items() if k != "TRITON_INTERPRET"}  # a real compile, no GPU
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ptx.py"), "--smoke"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = result.stdout.split("| kernel |")[1]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:] if line}
+    assert set(rows) == {"distinct forward", "distinct backward", "shared forward", "shared backward",
+                         "shared weight gradients"}
+    for name, cells in rows.items():
+        registers, async_copies, b16_loads = int(cells[3]), int(cells[5]), int(cells[6])
+        assert 0 < registers <= 255 and async_copies > 0  # the three-stage configs prefetch their tiles
+        if name.startswith("distinct"):
+            assert b16_loads == 0  # every tile, the LoRA factors too, is read as whole vectors

@@ -1,0 +1,123 @@
+"""Compile the MoE expert kernels for SM90 without a GPU and report, per autotuning config, what limits them.
+
+Each config of the five expert kernels (swiglu_lora_kernels.py, shared_kernels.py) is compiled by Triton for
+sm_90a at LLaMA-7B width (I=11008), bf16, E experts and LoRA rank r, and its output read:
+
+- registers a thread and spilled bytes (``ptxas -v``): above 128 registers a SM holds fewer than four programs
+  of four warps, and fewer programs hide less memory latency;
+- async copies: global tiles Triton prefetches a few loop steps ahead into shared memory (``cp.async``);
+- 16-bit global loads: loads of single bf16 elements, which Triton cannot prefetch, so each loop step waits for
+  them; a tile read along a runtime-strided axis compiles to these;
+- 128-bit global loads: whole 16-byte vectors read directly.
+
+    python benchmarks/kernel_ptx.py --ranks 8 64 --out FILE   # needs Triton (no GPU)
+    python benchmarks/kernel_ptx.py --smoke                    # the first config of each kernel at r=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KERNELS = {  # name -> (module, attribute)
+    "distinct forward": ("swiglu_lora_kernels", "_forward_kernel"),
+    "distinct backward": ("swiglu_lora_kernels", "_backward_kernel"),
+    "shared forward": ("shared_kernels", "_forward_kernel"),
+    "shared backward": ("shared_kernels", "_backward_kernel"),
+    "shared weight gradients": ("shared_kernels", "_weight_grads_kernel"),
+}
+POINTERS = {  # argument -> element type, where it is not bf16
+    "zd_ptr": "fp32", "dzg_ptr": "fp32", "dzu_ptr": "fp32", "part_ptr": "fp32", "dz_ptr": "fp32", "gw_ptr": "fp32",
+    "keep_ptr": "i8", "sched_ptr": "i32", "order_ptr": "i32", "perm_ptr": "i32", "offs_ptr": "i32",
+    "counts_ptr": "i64",
+}
+FLOATS = ("scale", "keep_scale")
+N_COLS = 11008
+HEADER = ("| kernel | r | config | registers | spilled bytes | async copies | 16-bit global loads "
+          "| 128-bit global loads |\n|---|---|---|---|---|---|---|---|")
+
+
+def constants(names: list[str], rank: int, experts: int, config_kwargs: dict) -> dict:
+    """Values of a kernel's compile-time (``tl.constexpr``) arguments ``names`` at these shapes (LoRA on, no
+    dropout, fused weight gradients where the rank allows them). Other integers stay runtime arguments."""
+    from Uni_MoE.model.moe.swiglu_lora_kernels import BLOCK_M, _block_r, fuses_weight_grads
+
+    values = dict(n_cols=N_COLS, rank=rank, n_experts=experts, K=2, SPLIT=8, HAS_LORA=True, HAS_KEEP=False,
+                  STORE_H=False, WGRAD=fuses_weight_grads(rank), NEED_W=True, WIDE=False, PREC="tf32",
+                  INTERPRET=False, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank))
+    values.update(config_kwargs)
+    return {name: values[name] for name in names if name in values}
+
+
+def compile_stats(kernel: object, config: object, rank: int, experts: int) -> dict:
+    """Compile one config of an autotuned kernel for sm_90a and count what its PTX and TTGIR hold."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    names = list(fn.arg_names)
+    consts = constants([p.name for p in fn.params if p.is_constexpr], rank, experts, config.kwargs)
+    signature = {n: "constexpr" if n in consts else "fp32" if n in FLOATS
+                 else f"*{POINTERS.get(n, 'bf16')}" if n.endswith("_ptr") else "i32" for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    with tempfile.TemporaryDirectory() as folder:
+        ptx_file = Path(folder) / "kernel.ptx"
+        ptx_file.write_text(ptx)
+        info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx_file), "-o", "/dev/null"],
+                              capture_output=True, text=True, check=True).stderr
+    return dict(
+        registers=int(re.search(r"Used (\d+) registers", info).group(1)),
+        spilled=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+        async_copies=ttgir.count("async_copy_global_to_local"),
+        b16_loads=len(re.findall(r"ld\.global\S*\.b16\b", ptx)),
+        v4_loads=len(re.findall(r"ld\.global\S*\.v4\.", ptx)),
+    )
+
+
+def describe(config: object) -> str:
+    parts = [f"{k} {v}" for k, v in config.kwargs.items()] + [f"{config.num_warps} warps",
+                                                              f"{config.num_stages} stages"]
+    return ", ".join(parts + ([f"max {config.maxnreg} registers"] if config.maxnreg else []))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--out", help="also write the markdown table here")
+    parser.add_argument("--smoke", action="store_true", help="the first config of each kernel at r=8")
+    args = parser.parse_args()
+    import importlib
+
+    rows = []
+    for rank in [8] if args.smoke else args.ranks:
+        for name, (module, attribute) in KERNELS.items():
+            kernel = getattr(importlib.import_module(f"Uni_MoE.model.moe.{module}"), attribute)
+            for config in kernel.configs[:1] if args.smoke else kernel.configs:
+                s = compile_stats(kernel, config, rank, args.experts)
+                rows.append(f"| {name} | {rank} | {describe(config)} | {s['registers']} | {s['spilled']} "
+                            f"| {s['async_copies']} | {s['b16_loads']} | {s['v4_loads']} |")
+                print(rows[-1], flush=True)
+    text = "\n".join([f"SM90 compile, I={N_COLS}, E={args.experts}, bf16", "", HEADER, *rows, ""])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
