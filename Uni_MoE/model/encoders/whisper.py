@@ -1,4 +1,4 @@
-"""Whisper's encoder with its hidden states stored token-major from the start.
+"""Whisper's encoder with its hidden states stored token-major from the start, and attention without copies.
 
 transformers' ``WhisperEncoder`` turns the second convolution's [B, d, frames] output into [B, frames, d]
 by ``permute``, a view, so every layer after it inherits the transposed strides: each residual add and
@@ -7,18 +7,61 @@ Whisper-small, about a third of the encoder's GPU time). ``store_states_token_ma
 convolution's output [B, d, frames] with token-major memory (one copy of one tensor), so the permute
 yields a contiguous tensor and the encoder runs as if written for it. The values are the same up to the
 rounding of GEMMs that now see a different input layout.
+
+transformers' ``WhisperAttention`` then copies q, k and v into contiguous [B, heads, frames, head_dim] tensors
+and the attention output back: four copies of a [B, frames, d] tensor a layer. ``TokenMajorWhisperAttention``
+hands the attention function [B, heads, frames, head_dim] views of the projections' own memory instead, as
+``FusedLlamaAttention`` does for the language model.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.whisper.modeling_whisper import WhisperAttention, eager_attention_forward
+
+from ..retype import retype_modules
+
+_CACHES = ("past_key_values", "past_key_value")  # older names of ``cache``
 
 
 def _token_major(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+class TokenMajorWhisperAttention(WhisperAttention):
+    """``WhisperAttention`` with the same parameters and keys; self-attention without a cache (the encoder's) on
+    views of the projections, anything else through transformers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
+                cache: Any = None, attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if key_value_states is not None or cache is not None or any(kwargs.get(k) is not None for k in _CACHES):
+            if cache is not None:
+                kwargs["cache"] = cache
+            return super().forward(hidden_states, key_value_states=key_value_states, attention_mask=attention_mask,
+                                   output_attentions=output_attentions, **kwargs)
+        for name in _CACHES:
+            kwargs.pop(name, None)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = (self.q_proj(hidden_states) * self.scaling).view(shape)  # scaled before the product, as transformers
+        key = self.k_proj(hidden_states).view(shape)
+        value = self.v_proj(hidden_states).view(shape)
+        impl = self.config._attn_implementation
+        attend = eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+        out, weights = attend(
+            self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
+            dropout=self.dropout if self.training else 0.0, scaling=1.0, output_attentions=output_attentions,
+            **kwargs,
+        )
+        return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
+
+
 def store_states_token_major(encoder: nn.Module) -> None:
-    """Give ``encoder.conv2`` (a Whisper encoder's last convolution) token-major output memory."""
+    """Give ``encoder.conv2`` (a Whisper encoder's last convolution) token-major output memory, and its attention
+    layers ``TokenMajorWhisperAttention``'s forward."""
     encoder.conv2.register_forward_hook(_token_major)
+    retype_modules(encoder, WhisperAttention, TokenMajorWhisperAttention)
