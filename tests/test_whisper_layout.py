@@ -1,6 +1,7 @@
 """The Whisper encoder keeps its outputs when its hidden states are stored token-major and its attention reads
 views of the projections, its layers then see contiguous states (transformers' permute otherwise hands them
-transposed strides), and its attention makes no copies of q, k, v or its output."""
+transposed strides), and its attention makes no copies of q, k, v or its output; likewise the speech aligner's
+Whisper decoder."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
-from Uni_MoE.model.encoders.whisper import TokenMajorWhisperAttention, store_states_token_major
+from Uni_MoE.model.encoders.whisper import TokenMajorWhisperAttention, attend_without_copies, store_states_token_major
 
 COPIES = (torch.ops.aten.clone.default, torch.ops.aten.copy_.default)
 
@@ -64,12 +65,24 @@ def test_token_major_states_keep_outputs_and_are_contiguous(implementation: str)
         assert copies["plain"] >= 1 + 3 * len(plain.layers)  # transformers copies q, k and v in every layer
 
 
-def test_cross_attention_and_caches_take_transformers_forward() -> None:
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_aligner_decoder_keeps_outputs_without_copies(use_cache: bool) -> None:
+    """The speech aligner's Whisper decoder (causal self-attention over the queries, cross-attention to the
+    encoder states) gives transformers' outputs; without a cache, as the aligner runs it, on views, and with
+    one through transformers' forward."""
     torch.manual_seed(0)
-    config = WhisperConfig(d_model=32, encoder_attention_heads=4)
-    plain = WhisperAttention(32, 4, config=config).eval()
+    config = WhisperConfig(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                           max_target_positions=16, attn_implementation="sdpa")
+    plain = WhisperDecoder(config).eval()
     fixed = copy.deepcopy(plain)
-    fixed.__class__ = TokenMajorWhisperAttention
+    assert attend_without_copies(fixed) == 4  # two layers: self- and cross-attention
     queries, states = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
-    torch.testing.assert_close(fixed(queries, key_value_states=states)[0], plain(queries, key_value_states=states)[0],
-                               rtol=0, atol=0)
+    outputs, copies = [], []
+    for model in (plain, fixed):
+        with torch.no_grad(), CountCopies() as counter:
+            outputs.append(model(inputs_embeds=queries, encoder_hidden_states=states,
+                                 use_cache=use_cache).last_hidden_state)
+        copies.append(counter.count)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    if not use_cache:
+        assert copies[1] + 4 * 3 <= copies[0]  # q, k and v of every attention are no longer copied

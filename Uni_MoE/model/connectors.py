@@ -16,6 +16,8 @@ from torch import nn
 from transformers import Blip2QFormerModel, PreTrainedConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder
 
+from .encoders.whisper import attend_without_copies
+
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """``linear`` | ``identity`` | ``mlp{N}x_gelu`` (N linear layers with GELU between)."""
@@ -43,6 +45,7 @@ class SpeechAligner(nn.Module):
         d = speech_config.d_model
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, d))
         self.decoder = WhisperDecoder(speech_config)
+        attend_without_copies(self.decoder)
         # The queries are fed as embeddings; the decoder's 51865-token table would be dead weight.
         self.decoder.embed_tokens = None
         self.projector = build_projector(projector, d, out_dim)

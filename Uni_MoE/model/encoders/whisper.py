@@ -9,8 +9,9 @@ yields a contiguous tensor and the encoder runs as if written for it. The values
 rounding of GEMMs that now see a different input layout.
 
 transformers' ``WhisperAttention`` then copies q, k and v into contiguous [B, heads, frames, head_dim] tensors
-and the attention output back: four copies of a [B, frames, d] tensor a layer. ``TokenMajorWhisperAttention``
-hands the attention function [B, heads, frames, head_dim] views of the projections' own memory instead, as
+and the attention output back: four copies a layer, in the encoder and in the speech aligner's decoder (whose
+cross-attention copies keys and values of the encoder's length). ``TokenMajorWhisperAttention`` hands the
+attention function [B, heads, frames, head_dim] views of the projections' own memory instead, as
 ``FusedLlamaAttention`` does for the language model.
 """
 
@@ -33,23 +34,24 @@ def _token_major(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch
 
 
 class TokenMajorWhisperAttention(WhisperAttention):
-    """``WhisperAttention`` with the same parameters and keys; self-attention without a cache (the encoder's) on
-    views of the projections, anything else through transformers' forward."""
+    """``WhisperAttention`` with the same parameters and keys; self- and cross-attention without a cache (the
+    encoder's, and the speech aligner's decoder, which runs without one) on views of the projections; with a
+    cache, transformers' forward."""
 
     def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
                 cache: Any = None, attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if key_value_states is not None or cache is not None or any(kwargs.get(k) is not None for k in _CACHES):
-            if cache is not None:
-                kwargs["cache"] = cache
-            return super().forward(hidden_states, key_value_states=key_value_states, attention_mask=attention_mask,
-                                   output_attentions=output_attentions, **kwargs)
+        if cache is not None or any(kwargs.get(k) is not None for k in _CACHES):
+            return super().forward(hidden_states, key_value_states=key_value_states, cache=cache,
+                                   attention_mask=attention_mask, output_attentions=output_attentions, **kwargs)
         for name in _CACHES:
             kwargs.pop(name, None)
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = (self.q_proj(hidden_states) * self.scaling).view(shape)  # scaled before the product, as transformers
-        key = self.k_proj(hidden_states).view(shape)
-        value = self.v_proj(hidden_states).view(shape)
+        states = hidden_states if key_value_states is None else key_value_states
+        # keys and values take the queries' batch size, as in transformers (a broadcast batch joins the sequence)
+        kv_shape = (hidden_states.shape[0], -1, self.num_heads, self.head_dim)
+        query = (self.q_proj(hidden_states) * self.scaling).view(*hidden_states.shape[:-1], -1, self.head_dim)
+        key = self.k_proj(states).view(kv_shape)
+        value = self.v_proj(states).view(kv_shape)
         impl = self.config._attn_implementation
         attend = eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
         out, weights = attend(
@@ -60,8 +62,13 @@ class TokenMajorWhisperAttention(WhisperAttention):
         return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
 
 
+def attend_without_copies(module: nn.Module) -> int:
+    """Give every ``WhisperAttention`` inside ``module`` ``TokenMajorWhisperAttention``'s forward; returns how many."""
+    return retype_modules(module, WhisperAttention, TokenMajorWhisperAttention)
+
+
 def store_states_token_major(encoder: nn.Module) -> None:
     """Give ``encoder.conv2`` (a Whisper encoder's last convolution) token-major output memory, and its attention
     layers ``TokenMajorWhisperAttention``'s forward."""
     encoder.conv2.register_forward_hook(_token_major)
-    retype_modules(encoder, WhisperAttention, TokenMajorWhisperAttention)
+    attend_without_copies(encoder)
