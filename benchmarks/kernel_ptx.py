@@ -17,6 +17,7 @@ sm_90a at LLaMA-7B width (I=11008), bf16, E experts and LoRA rank r, and its out
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import subprocess
 import sys
@@ -102,8 +103,6 @@ def main() -> None:
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--smoke", action="store_true", help="the first config of each kernel at r=8")
     args = parser.parse_args()
-    import importlib
-
     rows = []
     for rank in [8] if args.smoke else args.ranks:
         for name, (module, attribute) in KERNELS.items():

@@ -10,7 +10,7 @@ cache is given (generation), transformers' forward runs unchanged. Parameters an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,7 +20,13 @@ from transformers.models.llama.modeling_llama import LlamaAttention, eager_atten
 from .retype import retype_modules
 from .rotary import apply_rotary
 
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the names a KV cache is passed by
+
+
+def attention_function(config: Any, eager: Callable) -> Callable:
+    """The attention function ``config`` asks for: transformers' registered one, or the model's own ``eager``."""
+    impl = config._attn_implementation
+    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
 
 class FusedLlamaAttention(LlamaAttention):
@@ -29,18 +35,16 @@ class FusedLlamaAttention(LlamaAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if args or position_embeddings is None or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        if args or position_embeddings is None or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
             return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        for name in _CACHE_KWARGS:
+        for name in CACHE_KWARGS:
             kwargs.pop(name, None)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)
         key = self.k_proj(hidden_states).view(shape)
         value = self.v_proj(hidden_states).view(shape)
         query, key = apply_rotary(query, key, *position_embeddings)
-        impl = self.config._attn_implementation
-        attend = eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
-        out, weights = attend(
+        out, weights = attention_function(self.config, eager_attention_forward)(
             self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )

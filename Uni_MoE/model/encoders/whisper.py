@@ -21,12 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.whisper.modeling_whisper import WhisperAttention, eager_attention_forward
 
+from ..attention import CACHE_KWARGS, attention_function
 from ..retype import retype_modules
-
-_CACHES = ("past_key_values", "past_key_value")  # older names of ``cache``
 
 
 def _token_major(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -41,10 +39,10 @@ class TokenMajorWhisperAttention(WhisperAttention):
     def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
                 cache: Any = None, attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None or any(kwargs.get(k) is not None for k in _CACHES):
+        if cache is not None or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
             return super().forward(hidden_states, key_value_states=key_value_states, cache=cache,
                                    attention_mask=attention_mask, output_attentions=output_attentions, **kwargs)
-        for name in _CACHES:
+        for name in CACHE_KWARGS:
             kwargs.pop(name, None)
         states = hidden_states if key_value_states is None else key_value_states
         # keys and values take the queries' batch size, as in transformers (a broadcast batch joins the sequence)
@@ -52,9 +50,7 @@ class TokenMajorWhisperAttention(WhisperAttention):
         query = (self.q_proj(hidden_states) * self.scaling).view(*hidden_states.shape[:-1], -1, self.head_dim)
         key = self.k_proj(states).view(kv_shape)
         value = self.v_proj(states).view(kv_shape)
-        impl = self.config._attn_implementation
-        attend = eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
-        out, weights = attend(
+        out, weights = attention_function(self.config, eager_attention_forward)(
             self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
             dropout=self.dropout if self.training else 0.0, scaling=1.0, output_attentions=output_attentions,
             **kwargs,
