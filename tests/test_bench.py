@@ -35,6 +35,15 @@ def test_moe_layer_smoke(tmp_path: Path) -> None:
     assert errors and max(errors) < 1e-5  # fused and loop agree in float32
 
 
+def test_speech_encoder_smoke_times_both_paths_on_equal_outputs(tmp_path: Path) -> None:
+    stdout, table = run_smoke("speech_encoder.py", tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith("| ") and "**" in line)
+    base_ms, ours_ms, ratio, difference = (float(cell.strip(" *")) for cell in row.strip("|").split("|"))
+    assert base_ms > 0 and ours_ms > 0 and abs(ratio / (ours_ms / base_ms) - 1) < 0.03  # ms rounded to 0.01
+    assert difference < 1e-5  # float32: the model's attention and layout compute transformers' function
+    assert row in stdout
+
+
 @pytest.mark.slow
 def test_moe_layer_profile_splits_host_from_wall_time() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
