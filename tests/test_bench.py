@@ -44,6 +44,16 @@ def test_speech_encoder_smoke_times_both_paths_on_equal_outputs(tmp_path: Path) 
     assert row in stdout
 
 
+def test_expert_gemm_smoke_times_both_ways_on_equal_products(tmp_path: Path) -> None:
+    stdout, table = run_smoke("expert_gemm.py", tmp_path)
+    rows = [line for line in table.splitlines() if line.startswith("| 64 | 4 |")]
+    assert len(rows) == 4 and all(row in stdout for row in rows)
+    for row in rows:
+        grouped_ms, loop_ms, ratio, difference = (float(c.strip(" *")) for c in row.strip("|").split("|")[3:])
+        assert grouped_ms > 0 and loop_ms > 0 and ratio > 0
+        assert difference < 1e-5  # float32: one GEMM per expert computes the grouped product
+
+
 @pytest.mark.slow
 def test_moe_layer_profile_splits_host_from_wall_time() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}

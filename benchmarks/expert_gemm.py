@@ -1,0 +1,132 @@
+"""The distinct-expert block's frozen-base GEMMs: one grouped GEMM per product (what the block runs,
+``segments.segment_mm``) against one cuBLAS GEMM per expert on its row slice, one process.
+
+The per-expert way needs every expert's row count on the host, so it pays one device-to-host copy (a
+synchronisation) per call; the grouped GEMM needs none. For each product of a step (forward gate + up, the
+down projection; backward d h, and the input gradient of gate + up, summed in the per-expert way by an
+accumulating GEMM), the two are timed alternately (the best of five medians), with slot rows spread evenly
+over the experts as a balanced router gives them.
+
+    python benchmarks/expert_gemm.py --out FILE                 # CUDA, LLaMA-7B MLP shapes, bf16
+    python benchmarks/expert_gemm.py --tokens 8192 --experts 8  # one shape
+    python benchmarks/expert_gemm.py --smoke                    # tiny shapes on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generation import median_ms  # noqa: E402
+
+from Uni_MoE.model.moe.segments import group_slots, segment_mm  # noqa: E402
+
+TOP_K = 2
+
+
+def per_expert(pairs: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor, width: int) -> torch.Tensor:
+    """sum_i a_i[rows of e] @ b_i[e] for every expert e, written into one [S, width] tensor."""
+    out = pairs[0][0].new_empty(pairs[0][0].shape[0], width)
+    start = 0
+    for e, n in enumerate(counts.tolist()):  # the host synchronisation
+        rows = slice(start, start + n)
+        torch.mm(pairs[0][0][rows], pairs[0][1][e], out=out[rows])
+        for a, b in pairs[1:]:
+            out[rows].addmm_(a[rows], b[e])
+        start += n
+    return out
+
+
+def products(tokens: int, experts: int, hidden: int, inter: int, device: torch.device,
+             dtype: torch.dtype) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """(grouped, per-expert) closures for each product of one forward and backward."""
+    rows = tokens * TOP_K
+    indices = (torch.arange(tokens, device=device)[:, None] * TOP_K + torch.arange(TOP_K, device=device)) % experts
+    g = group_slots(indices, experts)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype) * scale
+
+    xs, hs, dys = rand(rows, hidden), rand(rows, inter, scale=0.1), rand(rows, hidden, scale=0.01)
+    dg, du = rand(rows, inter, scale=0.01), rand(rows, inter, scale=0.01)
+    gate_w, up_w = rand(experts, inter, hidden, scale=0.02), rand(experts, inter, hidden, scale=0.02)
+    down_w = rand(experts, hidden, inter, scale=0.02)
+    gate_t, up_t, down_t = (w.transpose(1, 2) for w in (gate_w, up_w, down_w))
+    c = g.counts
+    return {
+        "forward gate + up": (lambda: (segment_mm(xs, gate_t, g), segment_mm(xs, up_t, g)),
+                              lambda: (per_expert([(xs, gate_t)], c, inter), per_expert([(xs, up_t)], c, inter))),
+        "forward down": (lambda: segment_mm(hs, down_t, g), lambda: per_expert([(hs, down_t)], c, hidden)),
+        "backward d h": (lambda: segment_mm(dys, down_w, g), lambda: per_expert([(dys, down_w)], c, inter)),
+        "backward d x (gate + up)": (lambda: segment_mm(dg, gate_w, g).add_(segment_mm(du, up_w, g)),
+                                     lambda: per_expert([(dg, gate_w), (du, up_w)], c, hidden)),
+    }
+
+
+def relative_difference(a: object, b: object) -> float:
+    """max |a - b| / max |a| over the outputs (a tensor or a tuple of them)."""
+    pairs = list(zip(a, b)) if isinstance(a, tuple) else [(a, b)]
+    return max(((x.float() - y.float()).abs().max() / x.float().abs().max()).item() for x, y in pairs)
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[str]:
+    rows = []
+    for tokens in args.tokens:
+        for experts in args.experts:
+            for name, (grouped, loop) in products(tokens, experts, args.hidden, args.intermediate, device,
+                                                 dtype).items():
+                difference = relative_difference(grouped(), loop())  # also the warm-up
+                times: dict[str, list[float]] = {"grouped": [], "loop": []}
+                for _ in range(5):
+                    times["grouped"].append(median_ms(grouped, device, args.reps))
+                    times["loop"].append(median_ms(loop, device, args.reps))
+                a, b = min(times["grouped"]), min(times["loop"])
+                rows.append(f"| {tokens} | {experts} | {name} | {a:.3f} | {b:.3f} | **{b / a:.3f}** "
+                            f"| {difference:.1e} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--out", help="write the markdown table here")
+    args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.experts, args.hidden, args.intermediate, args.reps = [64], [4], 32, 48, 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = run(args, device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    text = "\n".join([
+        "# Frozen-base GEMMs of the distinct-expert block: grouped GEMM against one GEMM per expert",
+        "",
+        f"- device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}",
+        f"- H={args.hidden}, I={args.intermediate}, top-{TOP_K}, slot rows = {TOP_K} x tokens spread evenly over the "
+        f"experts, {str(dtype).removeprefix('torch.')}; ms: the best of five alternating medians of {args.reps} "
+        "synchronised calls; per expert includes its host synchronisation",
+        "",
+        "| tokens | E | product | grouped ms | per expert ms | per expert / grouped | max difference / max |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
