@@ -11,6 +11,8 @@ in a one-process torch.distributed world.
     python benchmarks/moe_layer.py --out moe_layer.md          # LLaMA-7B MLP shapes, bf16, CUDA
     python benchmarks/moe_layer.py --back-to-back --out FILE   # repetitions without a sync between them
     python benchmarks/moe_layer.py --profile mlp --tokens 8192 # host vs GPU time a step, and the kernel table
+    ncu --profile-from-start off -k regex:_kernel python benchmarks/moe_layer.py --ncu-step shared --tokens 8192
+        # Nsight Compute over one warmed-up layer step (the largest E and smallest r given, as --profile)
     python benchmarks/moe_layer.py --smoke                     # tiny CPU run of every path
 """
 
@@ -299,18 +301,41 @@ def step_summary(name: str, step: Callable[[], None], device: torch.device,
             f"{busy:.2f} ms in {len(kernels) / reps:.0f} launches a step"), prof
 
 
-def profile(shapes: Shapes, device: torch.device, expert_type: str) -> str:
-    """Where a fused forward+backward step goes, at the largest E and smallest r and T: host against GPU time for
-    the dense baseline and the layer, then the layer's kernel table."""
+def profile_step(shapes: Shapes, device: torch.device,
+                 expert_type: str) -> tuple[torch.Tensor, str, Callable[[], None]]:
+    """(input, name, fused forward+backward step) of a layer at the largest E and smallest r and T given."""
     torch.manual_seed(0)
     x = torch.randn(shapes.tokens[0], shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
     experts, rank = shapes.experts[-1], shapes.ranks[0]
-    dense_line, _ = step_summary(f"dense MLP T={x.shape[0]}", dense_step(x, shapes), device)
     layer = make_layer(shapes, experts, rank, expert_type, device)
-    line, prof = step_summary(f"{expert_type} E={experts} r={rank} T={x.shape[0]}", layer_step(layer, x, "grouped"),
-                              device)
+    return x, f"{expert_type} E={experts} r={rank} T={x.shape[0]}", layer_step(layer, x, "grouped")
+
+
+def profile(shapes: Shapes, device: torch.device, expert_type: str) -> str:
+    """Where a fused forward+backward step goes, at the largest E and smallest r and T: host against GPU time for
+    the dense baseline and the layer, then the layer's kernel table."""
+    x, name, step = profile_step(shapes, device, expert_type)
+    dense_line, _ = step_summary(f"dense MLP T={x.shape[0]}", dense_step(x, shapes), device)
+    line, prof = step_summary(name, step, device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     return "\n".join([dense_line, line, "", prof.key_averages().table(sort_by=sort, row_limit=30)])
+
+
+def ncu_step(shapes: Shapes, device: torch.device, expert_type: str) -> None:
+    """One fused forward+backward step, after three that autotune and warm up, between cudaProfilerStart and
+    cudaProfilerStop: under ``ncu --profile-from-start off`` only its kernels are measured."""
+    _, name, step = profile_step(shapes, device, expert_type)
+    for _ in range(3):
+        step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+    print(f"one step in the CUDA profiler range: {name}")
 
 
 def main() -> None:
@@ -323,6 +348,8 @@ def main() -> None:
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to run (default 8192 32768)")
     parser.add_argument("--profile", choices=["mlp", "shared"], help="print a kernel profile of one kind instead")
+    parser.add_argument("--ncu-step", choices=["mlp", "shared"],
+                        help="run one step of one kind in a CUDA profiler range instead (for ncu)")
     parser.add_argument("--experts", type=int, nargs="+", help="expert counts to run (default 4 8)")
     parser.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks to run (default 8 64)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE column")
@@ -338,6 +365,9 @@ def main() -> None:
             shapes = replace(shapes, **{field: tuple(getattr(args, field))})
     if args.profile:
         print(profile(shapes, device, args.profile))
+        return
+    if args.ncu_step:
+        ncu_step(shapes, device, args.ncu_step)
         return
     rows = run(shapes, device, args.warmup, args.reps, not args.no_deepspeed and init_world(device),
                args.back_to_back)

@@ -54,6 +54,14 @@ def test_expert_gemm_smoke_times_both_ways_on_equal_products(tmp_path: Path) -> 
         assert difference < 1e-5  # float32: one GEMM per expert computes the grouped product
 
 
+def test_moe_layer_ncu_step_runs_one_warmed_up_step() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--smoke", "--ncu-step",
+                             "shared"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "one step in the CUDA profiler range: shared E=4 r=8 T=64" in result.stdout
+
+
 @pytest.mark.slow
 def test_moe_layer_profile_splits_host_from_wall_time() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
