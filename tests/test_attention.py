@@ -14,6 +14,7 @@ from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from helpers import run_in_triton_interpreter
+from Uni_MoE.compat import CACHE_ARG
 from Uni_MoE.model import attention
 from Uni_MoE.model.attention import FusedLlamaAttention, fuse_attention
 from Uni_MoE.model.retype import retype_modules
@@ -58,8 +59,9 @@ def test_a_cache_runs_transformers_forward(monkeypatch: pytest.MonkeyPatch) -> N
     out = fused(input_ids=ids[:, :5], use_cache=True)
     ref = model(input_ids=ids[:, :5], use_cache=True)
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
-    step = fused(input_ids=ids[:, 5:], past_key_values=out.past_key_values).last_hidden_state
-    torch.testing.assert_close(step, model(input_ids=ids[:, 5:], past_key_values=ref.past_key_values).last_hidden_state)
+    step = fused(input_ids=ids[:, 5:], **{CACHE_ARG: getattr(out, CACHE_ARG)}).last_hidden_state
+    expected = model(input_ids=ids[:, 5:], **{CACHE_ARG: getattr(ref, CACHE_ARG)}).last_hidden_state
+    torch.testing.assert_close(step, expected)
     assert isinstance(fused.layers[0].self_attn, FusedLlamaAttention)
 
 
