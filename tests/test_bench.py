@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,17 @@ def test_kernel_ptx_smoke_compiles_every_expert_kernel_for_sm90() -> None:
         assert 0 < registers <= 255 and async_copies > 0  # the three-stage configs prefetch their tiles
         if name.startswith("distinct"):
             assert b16_loads == 0  # every tile, the LoRA factors too, is read as whole vectors
+
+
+def test_docs_list_every_benchmark_script_and_its_results_file() -> None:
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    scripts = [p for p in sorted((ROOT / "benchmarks").iterdir())
+               if p.suffix == ".sh" or (p.suffix == ".py" and '__name__ == "__main__"' in p.read_text())]
+    assert len(scripts) > 10
+    missing = [p.name for p in scripts if f"`{p.name}`" not in doc]
+    assert not missing, f"docs/benchmarks.md does not describe {missing}"
+    commands = re.findall(r"benchmarks/[\w./]+\.(?:py|sh)", doc)
+    results = re.findall(r"`(\w+_(?:h200|sm90)\w*\.md)`", doc)
+    assert commands and results
+    for path in [ROOT / c for c in commands] + [ROOT / "benchmarks" / "results" / r for r in results]:
+        assert path.exists(), f"docs/benchmarks.md names {path.relative_to(ROOT)}, which does not exist"
