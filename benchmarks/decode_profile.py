@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from generation import FULL, SMOKE, Shapes, batches, build, median_ms, ours, prompts, time_split
+from generation import FULL, SMOKE, Shapes, batches, build, device_name, median_ms, ours, prompts, time_split
 from Uni_MoE.model.moe import experts_reference, gemv_kernels
 from Uni_MoE.model.moe.chosen import experts_chosen
 from Uni_MoE.model.moe.decode import experts_all_dense
@@ -120,7 +120,7 @@ def main() -> None:
     shapes = SMOKE if args.smoke else FULL
     model, tokenizer = build(shapes, device)
     items = prompts(model, tokenizer, max(shapes.batch_sizes))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     text = [f"# Decoding profile ({name}, {datetime.date.today().isoformat()}, {shapes.new_tokens} new tokens)", ""]
     for part in tqdm(("generation", "layer", "profile"), desc="profile"):
         if part == "generation":

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import median_ms  # noqa: E402
+from generation import device_name, emit_table, median_ms  # noqa: E402
 
 from Uni_MoE.model.moe.segments import group_slots, segment_mm  # noqa: E402
 
@@ -108,7 +108,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = run(args, device, dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = device_name(device)
     text = "\n".join([
         "# Frozen-base GEMMs of the distinct-expert block: grouped GEMM against one GEMM per expert",
         "",
@@ -122,10 +122,7 @@ def main() -> None:
         *rows,
         "",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit_table(text, args.out)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,19 @@ def tie_gap(got: list[list[int]], reference: list[list[int]], top2: list[list[to
     return max(gaps) if gaps else None
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a results table, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def emit_table(text: str, out: str | None) -> None:
+    """Print a results table and, given ``--out``, write it there (UTF-8: the tables hold "×" and "≤")."""
+    print(text, flush=True)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median wall milliseconds of ``fn`` (synchronised around each call)."""
     times = []
@@ -349,7 +362,7 @@ def split_table(splits: list[dict]) -> list[str]:
 def report(rows: list[dict], splits: list[dict], shapes: Shapes, model: UniMoEForCausalLM, device: torch.device,
            lengths: list[int], command: str) -> str:
     tc, vc = model.config.text_config, model.config.vision_config
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     prompt_lens = f"{min(lengths)}-{max(lengths)} tokens, {(vc.image_size // vc.patch_size) ** 2} of them image"
     lines = [
         "# Generation throughput",
@@ -409,10 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/generation.py " + shlex.join(a for a in (argv if argv is not None else sys.argv[1:])
                                                               if a != args.out and a != "--out")
     text = report(rows, splits, shapes, model, device, lengths, command.strip())
-    print(text, flush=True)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    emit_table(text, args.out)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import train_step  # noqa: E402
-from generation import median_ms  # noqa: E402
+from generation import device_name, emit_table, median_ms  # noqa: E402
 
 from Uni_MoE import presets  # noqa: E402
 from Uni_MoE.checkpoint.tiny import WORDS, build_tiny, tokenizer_corpus  # noqa: E402
@@ -223,9 +223,7 @@ def main() -> None:
     else:  # the model, its checkpoints and the data take tens of GB at real width: removed afterwards
         with tempfile.TemporaryDirectory(prefix="launcher_run_") as tmp:
             text = measure(args, Path(tmp))
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit_table(text, args.out)
 
 
 @dataclass
@@ -246,7 +244,7 @@ def report(args: argparse.Namespace, s: train_step.StepShapes, pipe: dict, runs:
            device: torch.device) -> str:
     """The median run by launcher / train_step (the lower of the middle two for an even count), and with
     ``--repeats`` every run's pair."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     run = sorted(runs, key=lambda r: r.ratio)[(len(runs) - 1) // 2]
     launcher, rates, step = run.launcher, run.rates, run.step
     step_ms = s.batch * s.seq / launcher * 1e3

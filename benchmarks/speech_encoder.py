@@ -27,7 +27,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import median_ms  # noqa: E402
+from generation import device_name, emit_table, median_ms  # noqa: E402
 
 from Uni_MoE.model.encoders.whisper import attend_without_copies, store_states_token_major  # noqa: E402
 
@@ -111,7 +111,7 @@ def main() -> None:
                     torch.float32 if args.smoke else torch.bfloat16)
     device = torch.device(args.device)
     r = run(shapes, device, args.reps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = device_name(device)
     c = shapes.config
     text = "\n".join([
         "# Speech path forward: transformers' Whisper attention and layout against the model's",
@@ -127,10 +127,7 @@ def main() -> None:
         f"| {r['transformers_ms']:.2f} | {r['ours_ms']:.2f} | **{r['ratio']:.3f}** | {r['difference']:.1e} |",
         "",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit_table(text, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,14 @@ from transformers.models.llama.modeling_llama import LlamaAttention, eager_atten
 from .retype import retype_modules
 from .rotary import apply_rotary
 
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the names a KV cache is passed by
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the names a KV cache is passed by
+
+
+def without_cache(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``kwargs`` less its empty KV-cache keywords, or None when one of them holds a cache."""
+    if any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return None
+    return {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
 
 
 def attention_function(config: Any, eager: Callable) -> Callable:
@@ -35,10 +42,9 @@ class FusedLlamaAttention(LlamaAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if args or position_embeddings is None or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+        rest = without_cache(kwargs)
+        if args or position_embeddings is None or rest is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        for name in CACHE_KWARGS:
-            kwargs.pop(name, None)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)
         key = self.k_proj(hidden_states).view(shape)
@@ -46,7 +52,7 @@ class FusedLlamaAttention(LlamaAttention):
         query, key = apply_rotary(query, key, *position_embeddings)
         out, weights = attention_function(self.config, eager_attention_forward)(
             self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **rest,
         )
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
 

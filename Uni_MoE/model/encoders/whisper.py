@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention, eager_attention_forward
 
-from ..attention import CACHE_KWARGS, attention_function
+from ..attention import attention_function, without_cache
 from ..retype import retype_modules
 
 
@@ -39,11 +39,10 @@ class TokenMajorWhisperAttention(WhisperAttention):
     def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
                 cache: Any = None, attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+        rest = without_cache(kwargs)
+        if cache is not None or rest is None:
             return super().forward(hidden_states, key_value_states=key_value_states, cache=cache,
                                    attention_mask=attention_mask, output_attentions=output_attentions, **kwargs)
-        for name in CACHE_KWARGS:
-            kwargs.pop(name, None)
         states = hidden_states if key_value_states is None else key_value_states
         # keys and values take the queries' batch size, as in transformers (a broadcast batch joins the sequence)
         kv_shape = (hidden_states.shape[0], -1, self.num_heads, self.head_dim)
@@ -53,7 +52,7 @@ class TokenMajorWhisperAttention(WhisperAttention):
         out, weights = attention_function(self.config, eager_attention_forward)(
             self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
             dropout=self.dropout if self.training else 0.0, scaling=1.0, output_attentions=output_attentions,
-            **kwargs,
+            **rest,
         )
         return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
 
