@@ -37,7 +37,7 @@ KERNELS = {  # name -> (module, attribute)
 POINTERS = {  # argument -> element type, where it is not bf16
     "zd_ptr": "fp32", "dzg_ptr": "fp32", "dzu_ptr": "fp32", "part_ptr": "fp32", "dz_ptr": "fp32", "gw_ptr": "fp32",
     "keep_ptr": "i8", "sched_ptr": "i32", "order_ptr": "i32", "perm_ptr": "i32", "offs_ptr": "i32",
-    "counts_ptr": "i64",
+    "counts_ptr": "i64", "row_ptr": "i64",
 }
 FLOATS = ("scale", "keep_scale")
 N_COLS = 11008
@@ -47,12 +47,14 @@ HEADER = ("| kernel | r | config | registers | spilled bytes | async copies | 16
 
 def constants(names: list[str], rank: int, experts: int, config_kwargs: dict) -> dict:
     """Values of a kernel's compile-time (``tl.constexpr``) arguments ``names`` at these shapes (LoRA on, no
-    dropout, fused weight gradients where the rank allows them). Other integers stay runtime arguments."""
+    dropout, fused weight gradients or stored slot rows as the rank decides). Other integers stay runtime
+    arguments."""
+    from Uni_MoE.model.moe.shared_kernels import slot_rows_pay
     from Uni_MoE.model.moe.swiglu_lora_kernels import BLOCK_M, _block_r, fuses_weight_grads
 
     values = dict(n_cols=N_COLS, rank=rank, n_experts=experts, K=2, SPLIT=8, HAS_LORA=True, HAS_KEEP=False,
-                  STORE_H=False, WGRAD=fuses_weight_grads(rank), NEED_W=True, WIDE=False, PREC="tf32",
-                  INTERPRET=False, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank))
+                  STORE_H=False, WGRAD=fuses_weight_grads(rank), NEED_W=True, SLOT_ROWS=slot_rows_pay(rank),
+                  WIDE=False, PREC="tf32", INTERPRET=False, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank))
     values.update(config_kwargs)
     return {name: values[name] for name in names if name in values}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_blocks import mix_slots, own_blocks, spread, stack_b, unstack_b
+from .lora_blocks import mix_slots, own_blocks, own_lora_inputs, spread, stack_b, unstack_b
 from .segments import SlotGrouping, segment_mm, segment_mm_tn
 from .slot_kernels import combine, slot_grads, token_sum
 from .swiglu import dropout_mask
@@ -35,12 +35,6 @@ class LoRASettings:
 def _slot_experts(g: SlotGrouping, weights: torch.Tensor) -> torch.Tensor:
     """The [T, k] expert choices back from the grouping."""
     return g.expert[g.inverse].view(weights.shape)
-
-
-def _own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate and up LoRA-A activations of every expert [T, 2*E*r] -> each sorted slot's own [S, r] pair."""
-    own = za.view(za.shape[0], 2, num_experts, za.shape[1] // (2 * num_experts))[g.token, :, g.expert]  # [S, 2, r]
-    return own[:, 0].contiguous(), own[:, 1].contiguous()
 
 
 def _base_projections(x: torch.Tensor, g: SlotGrouping, gate_w: torch.Tensor,
@@ -76,7 +70,7 @@ class DistinctExperts(torch.autograd.Function):
         zg = zu = None
         keep, keep_scale = dropout_mask(gate, lora.down_dropout) if za is not None else (None, 1.0)
         if za is not None:
-            zg, zu = _own_lora_inputs(za, g, num_experts)  # [S, r] each
+            zg, zu = own_lora_inputs(za, g, num_experts)  # [S, r] each
         act = SwiGLULoRA(gate, g, lora.scale)
         factors = (zg, zu, gate_b, up_b, down_a) if za is not None else None
         h, zd, gate, up = act.forward(gate, up, factors, keep, keep_scale)  # h [S, I], zd [S, r]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .segments import SlotGrouping
+
 
 def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """F.one_hot without its host-synchronising range check; any dtype."""
@@ -54,3 +56,9 @@ def own_blocks(z_all: torch.Tensor, indices: torch.Tensor, num_experts: int) -> 
     """[T, E*r] r-wide terms of every expert -> [T, k, r], each slot's own expert block."""
     blocks = _blocks(z_all, num_experts)
     return blocks.gather(1, indices[:, :, None].expand(*indices.shape, blocks.shape[2]))
+
+
+def own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up LoRA-A activations of every expert [T, 2*E*r] -> each sorted slot's own [S, r] pair."""
+    own = za.view(za.shape[0], 2, num_experts, za.shape[1] // (2 * num_experts))[g.token, :, g.expert]  # [S, 2, r]
+    return own[:, 0].contiguous(), own[:, 1].contiguous()

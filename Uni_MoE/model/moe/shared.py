@@ -4,7 +4,8 @@ With a shared base, gate and up base projections are computed once per token, an
 projection is linear, sum_j w_j h_j W_down = (sum_j w_j h_j) W_down: the frozen work is exactly one
 dense MLP. Per slot remain the r-wide LoRA terms and one SwiGLU pass with the slot's LoRA deltas added.
 On CUDA (top-1/top-2) the Triton kernels of shared_kernels.py do all slots in one pass over [T, I] per
-direction, with the LoRA-B products on registers, plus one pass for the LoRA weight gradients; elsewhere
+direction, with the LoRA-B products on registers, plus one pass for the LoRA weight gradients (from rank
+``SLOT_ROWS_MIN_RANK`` instead grouped GEMMs over per-slot rows the backward kernel stores); elsewhere
 PyTorch does one fused SwiGLU pass per slot with block-masked LoRA products. Backward recomputes the
 per-slot activations from the saved base gate/up, so saved memory is that of a dense MLP plus r-wide terms.
 """
@@ -15,8 +16,8 @@ import torch
 
 from .distinct import LoRASettings
 from . import shared_kernels as kernels
-from .lora_blocks import keep_block, mix_slots, own_blocks, spread, stack_b, unstack_b
-from .segments import group_slots
+from .lora_blocks import keep_block, mix_slots, own_blocks, own_lora_inputs, spread, stack_b, unstack_b
+from .segments import SlotGrouping, group_slots, segment_mm_tn
 from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
 
 
@@ -133,17 +134,35 @@ def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, do
     and down-A LoRA grads)."""
     s, has_lora = ctx.lora.scale, za is not None
     factors = (gate_b, up_b, down_a) if has_lora else None
-    sum_gate, sum_up, dz, grad_w = kernels.mix_backward(
-        d_mixed, gate, up, za, dz_mix, weights, factors, keep, ctx.keep_scale, s, ctx.combos, need[1])
+    slots = group_slots(indices, down_a.shape[0]) if has_lora else None
+    store = slots if has_lora and kernels.slot_rows_pay(down_a.shape[1]) else None
+    sum_gate, sum_up, dz, grad_w, slot_rows = kernels.mix_backward(
+        d_mixed, gate, up, za, dz_mix, weights, factors, keep, ctx.keep_scale, s, ctx.combos, need[1], store)
     grad_za, grads_lora = None, [None] * 3
     if has_lora:
         num_experts = down_a.shape[0]
-        grads_lora = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
-                                               ctx.keep_scale, s, group_slots(indices, num_experts))
+        if slot_rows is not None:
+            grads_lora = _grouped_weight_grads(slot_rows, za, dz_mix, weights, slots, s)
+        else:
+            grads_lora = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
+                                                   ctx.keep_scale, s, slots)
         grad_za = _to_blocks(dz, indices, num_experts)
         if need[1]:
             grad_w = grad_w + (zd.float() * own_blocks(dz_mix, indices, num_experts).float()).sum(-1)
     return sum_gate, sum_up, grad_w, grad_za, list(grads_lora)
+
+
+def _grouped_weight_grads(slot_rows: tuple, za: torch.Tensor, dz_mix: torch.Tensor, weights: torch.Tensor,
+                          slots: SlotGrouping, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate-B, up-B [E, I, r] and down-A [E, r, I] LoRA gradients as grouped GEMMs over each slot's d gate,
+    d up and dropout(h) [S, I] (rows sorted by expert, as the backward kernel stored them)."""
+    d_gate, d_up, h_dropped = slot_rows
+    num_experts = slots.counts.numel()
+    zg, zu = own_lora_inputs(za, slots, num_experts)  # [S, r] each
+    dzo = dz_mix.view(dz_mix.shape[0], num_experts, -1)[slots.token, slots.expert]  # [S, r]: s dy Bd of its expert
+    dzd = (dzo.float() * weights.reshape(-1)[slots.order, None].float()).to(h_dropped.dtype)
+    return (segment_mm_tn(d_gate, zg, slots) * scale, segment_mm_tn(d_up, zu, slots) * scale,
+            segment_mm_tn(dzd, h_dropped, slots))
 
 
 def _torch_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora):

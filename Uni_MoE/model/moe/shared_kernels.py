@@ -9,9 +9,11 @@ need no gathered copy.
 - ``mix_forward``: h_j = silu(gate + s zg_j Bg^T) * (up + s zu_j Bu^T) for each slot j, ``mixed`` =
   sum_j w_j h_j (one [T, I] write, for the single down GEMM) and zd_j = dropout(h_j) Ad^T;
 - ``mix_backward``: sum_j d gate_j and sum_j d up_j (for the base input gradient), the gate/up LoRA
-  input gradients s dg_j Bg and s du_j Bu, and <h_j, d mixed> for the routing-weight gradient;
-- ``lora_weight_grads``: per expert and block of I columns, over that expert's slots (sorted by expert),
-  the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory.
+  input gradients s dg_j Bg and s du_j Bu, and <h_j, d mixed> for the routing-weight gradient; from rank
+  SLOT_ROWS_MIN_RANK it also stores each slot's d gate, d up and dropout(h) in expert order, and the LoRA
+  weight gradients are grouped GEMMs over them (shared.py);
+- ``lora_weight_grads`` (lower ranks): per expert and block of I columns, over that expert's slots (sorted by
+  expert), the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory.
 
 Top-1 and top-2 only (``supported``); the PyTorch path in shared.py covers the rest and the CPU.
 """
@@ -25,11 +27,20 @@ from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _sp
                                   triton)
 
 MAX_COMBOS = 1024  # E**k tile groups; beyond that the schedule's spare tiles outweigh the work
+# From this rank the backward kernel stores each slot's rows for grouped weight-gradient GEMMs: 4-7 % faster
+# steps at r = 64, 3-11 % slower at r = 8-32, for a peak that grows by 3 [S, I] (moe_layer_h200.md).
+SLOT_ROWS_MIN_RANK = 64
 
 
 def supported(x: torch.Tensor, top_k: int, num_experts: int) -> bool:
     """Whether the kernels run this block: CUDA (or the interpreter), top-1/top-2, a bounded E**k, tokens."""
     return available(x) and top_k in (1, 2) and num_experts**top_k <= MAX_COMBOS and x.shape[0] > 0
+
+
+def slot_rows_pay(rank: int) -> bool:
+    """Whether the LoRA weight gradients at this rank come from grouped GEMMs over rows the backward kernel
+    stores per slot (3 [S, I] tensors more in memory), rather than from the kernel that recomputes them."""
+    return rank >= SLOT_ROWS_MIN_RANK
 
 
 def combo_grouping(indices: torch.Tensor, num_experts: int) -> tuple[SlotGrouping, torch.Tensor]:
@@ -169,16 +180,28 @@ if triton is not None:
         du = (dh * silu).to(low).to(tl.float32)
         return dg, du, silu * u
 
+    @triton.jit
+    def _store_slot_row(rg_ptr, ru_ptr, rh_ptr, row, dg, du, h, keep_ptr, off, mask, cols, keep_scale,
+                        n_cols: tl.constexpr, HAS_KEEP: tl.constexpr):
+        """A slot's d gate, d up and dropout(h) at its sorted row, for the grouped LoRA weight-gradient GEMMs."""
+        low = rh_ptr.dtype.element_ty
+        dst = row[:, None] * n_cols + cols[None, :]
+        tl.store(rg_ptr + dst, dg.to(low), mask=mask)
+        tl.store(ru_ptr + dst, du.to(low), mask=mask)
+        tl.store(rh_ptr + dst, _dropped(h.to(low).to(tl.float32), keep_ptr, off, mask, keep_scale, HAS_KEEP).to(low),
+                 mask=mask)
+
     @triton.autotune(configs=_BACKWARD_CONFIGS,
-                     key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP", "NEED_W"],
+                     key=["n_cols", "rank", "K", "SPLIT", "HAS_LORA", "HAS_KEEP", "NEED_W", "SLOT_ROWS"],
                      prune_configs_by=_PRUNE)
     @triton.jit
     def _backward_kernel(
         dm_ptr, gate_ptr, up_ptr, sg_ptr, su_ptr, za_ptr, dzo_ptr, w_ptr, bg_ptr, bu_ptr, da_ptr, dz_ptr, gw_ptr,
-        keep_ptr, perm_ptr, sched_ptr,
+        keep_ptr, perm_ptr, sched_ptr, row_ptr, rg_ptr, ru_ptr, rh_ptr,
         n_tiles, n_rows, plane, rank: tl.constexpr, n_experts: tl.constexpr, scale, keep_scale, n_cols: tl.constexpr,
         K: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, NEED_W: tl.constexpr,
-        WIDE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        SLOT_ROWS: tl.constexpr, WIDE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
         combo = tl.load(sched_ptr + pid).to(tl.int64)
@@ -211,6 +234,9 @@ if triton is not None:
         dzu1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         gw0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         gw1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if SLOT_ROWS:  # each slot's row in the expert-sorted [S, I] outputs
+            row0 = tl.load(row_ptr + tok * K, mask=row_ok, other=0).to(tok.dtype)
+            row1 = tl.load(row_ptr + tok * K + (K - 1), mask=row_ok, other=0).to(tok.dtype)
         chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
         part = tl.program_id(1)
         low = da_ptr.dtype.element_ty
@@ -232,6 +258,9 @@ if triton is not None:
                                input_precision=PREC)
             if NEED_W:
                 gw0 += tl.sum(h * dm, 1)
+            if SLOT_ROWS:
+                _store_slot_row(rg_ptr, ru_ptr, rh_ptr, row0, sg, su, h, keep_ptr, off, mask, cols, keep_scale,
+                                n_cols, HAS_KEEP)
             if K == 2:
                 dg, du, h = _backward_slot(dm, g, u, zg1, zu1, dzo1, e1, w1, keep_ptr + plane, off, mask, bg_ptr,
                                            bu_ptr, da_ptr, cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols,
@@ -243,6 +272,9 @@ if triton is not None:
                                    input_precision=PREC)
                 if NEED_W:
                     gw1 += tl.sum(h * dm, 1)
+                if SLOT_ROWS:
+                    _store_slot_row(rg_ptr, ru_ptr, rh_ptr, row1, dg, du, h, keep_ptr + plane, off, mask, cols,
+                                    keep_scale, n_cols, HAS_KEEP)
                 sg += dg
                 su += du
             tl.store(sg_ptr + off, sg.to(sg_ptr.dtype.element_ty), mask=mask)
@@ -382,10 +414,12 @@ def mix_forward(
 def mix_backward(
     d_mixed: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, za: torch.Tensor | None, dz_mix: torch.Tensor | None,
     weights: torch.Tensor, lora: tuple | None, keep: torch.Tensor | None, keep_scale: float, scale: float,
-    combos: tuple[SlotGrouping, torch.Tensor], need_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    combos: tuple[SlotGrouping, torch.Tensor], need_w: bool, slots: SlotGrouping | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple | None]:
     """(sum_j d gate_j, sum_j d up_j [T, I], the gate/up LoRA input gradients [T, k, 2, r] or None,
-    sum over I of h_j * d_mixed [T, k] fp32 or None). dz_mix [T, E*r] is s dy Bd of every expert."""
+    sum over I of h_j * d_mixed [T, k] fp32 or None, and with ``slots`` (the [T, k] choices sorted by expert)
+    each slot's d gate, d up and dropout(h) [S, I] in that order, else None). dz_mix [T, E*r] is s dy Bd of
+    every expert."""
     rows, n_cols = gate.shape
     k = weights.shape[1]
     bg, bu, da, rank = _factors(gate, lora)
@@ -395,17 +429,19 @@ def mix_backward(
     sum_gate, sum_up = torch.empty_like(gate), torch.empty_like(gate)
     dz = gate.new_empty(split, rows, k, 2, rank, dtype=torch.float32) if lora is not None else None
     gw = gate.new_empty(split, rows, k, dtype=torch.float32) if need_w else None
+    slot_rows = tuple(bg.new_empty(rows * k, n_cols) for _ in range(3)) if slots is not None else (gate,) * 3
     _backward_kernel[(n_tiles, split)](
         d_mixed.contiguous(), gate, up, sum_gate, sum_up, za if za is not None else gate,
         dz_mix.contiguous() if dz_mix is not None else gate, weights.contiguous(), bg, bu, da,
         dz if dz is not None else gate, gw if gw is not None else gate, keep if keep is not None else gate,
-        grouping.order, sched, n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1,
+        grouping.order, sched, slots.inverse if slots is not None else grouping.order, *slot_rows,
+        n_tiles, rows, rows * n_cols, max(rank, 1), bg.shape[0] if lora is not None else 1,
         scale, keep_scale, n_cols=n_cols, K=k, SPLIT=split, HAS_LORA=lora is not None, HAS_KEEP=keep is not None,
-        NEED_W=need_w, WIDE=_wide(k * gate.numel(), split * rows * k * 2 * max(rank, 1)), PREC=_precision(gate.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        NEED_W=need_w, SLOT_ROWS=slots is not None, WIDE=_wide(k * gate.numel(), split * rows * k * 2 * max(rank, 1)),
+        PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
     return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
-            None if gw is None else gw.sum(0))
+            None if gw is None else gw.sum(0), slot_rows if slots is not None else None)
 
 
 def lora_weight_grads(
