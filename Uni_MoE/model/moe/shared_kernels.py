@@ -27,8 +27,8 @@ from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _sp
                                   triton)
 
 MAX_COMBOS = 1024  # E**k tile groups; beyond that the schedule's spare tiles outweigh the work
-# From this rank the backward kernel stores each slot's rows for grouped weight-gradient GEMMs: 4-7 % faster
-# steps at r = 64, 3-11 % slower at r = 8-32, for a peak that grows by 3 [S, I] (moe_layer_h200.md).
+# From this rank the backward kernel stores each slot's rows for grouped weight-gradient GEMMs: 4-6 % faster
+# steps at r = 64, 4-12 % slower at r = 8-32, for a peak that grows by 3 [S, I] (shared_wgrad_h200.md).
 SLOT_ROWS_MIN_RANK = 64
 
 
