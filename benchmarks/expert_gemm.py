@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import device_name, emit_table, median_ms  # noqa: E402
+from generation import device_name, emit_table, median_ms, relative_difference  # noqa: E402
 
 from Uni_MoE.model.moe.segments import group_slots, segment_mm  # noqa: E402
 
@@ -67,12 +67,6 @@ def products(tokens: int, experts: int, hidden: int, inter: int, device: torch.d
         "backward d x (gate + up)": (lambda: segment_mm(dg, gate_w, g).add_(segment_mm(du, up_w, g)),
                                      lambda: per_expert([(dg, gate_w), (du, up_w)], c, hidden)),
     }
-
-
-def relative_difference(a: object, b: object) -> float:
-    """max |a - b| / max |a| over the outputs (a tensor or a tuple of them)."""
-    pairs = list(zip(a, b)) if isinstance(a, tuple) else [(a, b)]
-    return max(((x.float() - y.float()).abs().max() / x.float().abs().max()).item() for x, y in pairs)
 
 
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[str]:

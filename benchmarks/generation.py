@@ -202,6 +202,13 @@ def emit_table(text: str, out: str | None) -> None:
             f.write(text)
 
 
+def relative_difference(reference: object, other: object) -> float:
+    """max |other - reference| / max |reference| in float32, over one tensor or the pairs of two sequences of them."""
+    pairs = list(zip(reference, other)) if isinstance(reference, (tuple, list)) else [(reference, other)]
+    return max(((y.float() - x.float()).abs().max() / x.float().abs().max().clamp_min(1e-30)).item()
+               for x, y in pairs)
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median wall milliseconds of ``fn`` (synchronised around each call)."""
     times = []

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_layer as bench  # noqa: E402
-from generation import device_name, emit_table  # noqa: E402
+from generation import device_name, emit_table, relative_difference  # noqa: E402
 
 from Uni_MoE.model.moe import shared_kernels  # noqa: E402
 
@@ -47,8 +47,7 @@ def measure(tokens: int, experts: int, rank: int, hidden: int, inter: int, dtype
         for name, min_rank in WAYS.items():
             shared_kernels.SLOT_ROWS_MIN_RANK = min_rank
             runs[name].append(bench.time_ms(step, device, 3, reps, True))
-    diff = max((a.float() - b.float()).abs().max().item() / max(a.float().abs().max().item(), 1e-30)
-               for a, b in zip(*(gradients(layer, x, m) for m in WAYS.values())))
+    diff = relative_difference(*(gradients(layer, x, m) for m in WAYS.values()))
     ms = {name: min(t for t, _ in r) for name, r in runs.items()}
     gb = {name: max(g for _, g in r) for name, r in runs.items()}
     return (f"| {tokens} | {experts} | {rank} | {dense:.2f} | {ms['kernel']:.2f} | {ms['rows']:.2f} | "

@@ -27,7 +27,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import device_name, emit_table, median_ms  # noqa: E402
+from generation import device_name, emit_table, median_ms, relative_difference  # noqa: E402
 
 from Uni_MoE.model.encoders.whisper import attend_without_copies, store_states_token_major  # noqa: E402
 
@@ -86,7 +86,7 @@ def run(shapes: Shapes, device: torch.device, reps: int) -> dict[str, float]:
     features = torch.randn(shapes.batch, c.num_mel_bins, frames, device=device, dtype=shapes.dtype)
     with torch.no_grad():
         reference, result = baseline(features).float(), ours(features).float()
-        difference = ((result - reference).abs().max() / reference.abs().max()).item()
+        difference = relative_difference(reference, result)
         baseline(features), ours(features)  # warm-up
         results = {"transformers": [], "ours": []}
         for _ in range(3):  # alternate, so a drift of the clock weighs on both
