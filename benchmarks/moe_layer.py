@@ -6,7 +6,9 @@ x.requires_grad; loss = y.float().sum() + 0.01 * aux. Ratios: distinct experts (
 dense frozen MLP (the floor for k distinct experts per token), shared base against 1 x dense.
 DeepSpeed-MoE (distinct experts only): ``deepspeed.moe.layer.MoE(ep_size=1, capacity_factor=1.5,
 drop_tokens=False)`` over the same LoRA-integrated experts (its own expert loop and einsum dispatch),
-in a one-process torch.distributed world.
+in a one-process torch.distributed world. Every timing follows ``--settle`` seconds of the same step: an H200
+training at full load runs at its power limit, where its clock follows the work of the last fraction of a second,
+so an unsettled timing inherits the clock of whatever ran before it.
 
     python benchmarks/moe_layer.py --out moe_layer.md          # LLaMA-7B MLP shapes, bf16, CUDA
     python benchmarks/moe_layer.py --back-to-back --out FILE   # repetitions without a sync between them
@@ -21,8 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import socket
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -50,14 +54,23 @@ SMALL = Shapes(64, 128, (4,), (8,), (64,), torch.float32)
 
 
 def time_ms(step: Callable[[], None], device: torch.device, warmup: int, reps: int,
-            back_to_back: bool = False) -> tuple[float, float]:
+            back_to_back: bool = False, settle_s: float = 0.0) -> tuple[float, float]:
     """Median ms of ``step`` (CUDA events on GPU) and the peak memory it allocates beyond what it found, GB.
 
     Each repetition starts on an idle GPU, so the host's launches before the first kernel count.
     With ``back_to_back`` the repetitions run without a synchronisation between them and the result is their
-    mean, as layers run inside a model: the host enqueues one while the GPU still works on the one before."""
+    mean, as layers run inside a model: the host enqueues one while the GPU still works on the one before.
+    ``settle_s``: after the warm-up, keep running the step for this many seconds first. A GPU at its power
+    limit sets its clock by the work of the last fraction of a second, so without settling a step is timed at
+    the clock that the step before it left."""
     for _ in range(warmup):
         step()
+    if device.type == "cuda" and settle_s > 0:
+        torch.cuda.synchronize()
+        end = time.perf_counter() + settle_s
+        while time.perf_counter() < end:
+            step()
+            torch.cuda.synchronize()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,6 +99,19 @@ def time_ms(step: Callable[[], None], device: torch.device, warmup: int, reps: i
             times.append((time.perf_counter() - t0) * 1e3)
         peak = float("nan")
     return statistics.median(times), peak
+
+
+def gpu_clock(device: torch.device) -> str:
+    """The GPU's current SM clock and power draw ("1410 MHz 680 W") from nvidia-smi; "—" without one."""
+    if device.type != "cuda" or shutil.which("nvidia-smi") is None:
+        return "—"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    query = subprocess.run(["nvidia-smi", "-i", str(index), "--query-gpu=clocks.sm,power.draw",
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    fields = [f.strip() for f in query.stdout.strip().split(",")]
+    if query.returncode != 0 or len(fields) != 2 or not all(f.replace(".", "").isdigit() for f in fields):
+        return "—"
+    return f"{fields[0]} MHz {float(fields[1]):.0f} W"
 
 
 def dense_step(x: torch.Tensor, shapes: Shapes) -> Callable[[], None]:
@@ -185,28 +211,34 @@ def relative_error(layer: MoELayer, x: torch.Tensor) -> float:
 
 
 def run(shapes: Shapes, device: torch.device, warmup: int, reps: int, with_deepspeed: bool,
-        back_to_back: bool = False) -> list[dict]:
+        back_to_back: bool = False, settle_s: float = 0.0) -> list[dict]:
+    """One row per (kind, E, r, T). The dense step is timed again right before each layer, so that a row's
+    baseline ran in the same minute and, with ``settle_s``, at the steady clock of its own work."""
     rows = []
     for tokens in shapes.tokens:
         torch.manual_seed(0)
         x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
-        dense_ms, dense_gb = time_ms(dense_step(x, shapes), device, warmup, reps, back_to_back)
+        dense = dense_step(x, shapes)
         for expert_type in ("mlp", "shared"):
             for experts in shapes.experts:
                 for rank in shapes.ranks:
                     layer = make_layer(shapes, experts, rank, expert_type, device)
-                    naive_ms, naive_gb = time_ms(layer_step(layer, x, "reference"), device, warmup, reps, back_to_back)
-                    ours_ms, ours_gb = time_ms(layer_step(layer, x, "grouped"), device, warmup, reps, back_to_back)
+                    timing = dict(warmup=warmup, reps=reps, back_to_back=back_to_back, settle_s=settle_s)
+                    naive_ms, naive_gb = time_ms(layer_step(layer, x, "reference"), device, **timing)
+                    dense_ms, dense_gb = time_ms(dense, device, **timing)
+                    dense_clock = gpu_clock(device)
+                    ours_ms, ours_gb = time_ms(layer_step(layer, x, "grouped"), device, **timing)
+                    ours_clock = gpu_clock(device)
                     ds_ms = ds_gb = float("nan")
                     if with_deepspeed and expert_type == "mlp":
                         moe = make_deepspeed_layer(layer)
-                        ds_ms, ds_gb = time_ms(deepspeed_step(moe, x), device, warmup, reps, back_to_back)
+                        ds_ms, ds_gb = time_ms(deepspeed_step(moe, x), device, **timing)
                         del moe
                     floor = dense_ms * (TOP_K if expert_type == "mlp" else 1)
                     rows.append(dict(
                         type=expert_type, E=experts, r=rank, T=tokens, dense=dense_ms, floor=floor,
                         naive=naive_ms, ours=ours_ms, ds=ds_ms, naive_gb=naive_gb, ours_gb=ours_gb, ds_gb=ds_gb,
-                        dense_gb=dense_gb, err=relative_error(layer, x),
+                        dense_gb=dense_gb, err=relative_error(layer, x), clocks=f"{dense_clock} / {ours_clock}",
                     ))
                     print(format_row(rows[-1]), flush=True)
                     del layer
@@ -218,7 +250,7 @@ def run(shapes: Shapes, device: torch.device, warmup: int, reps: int, with_deeps
 HEADER = (
     "| experts | E | r | T | dense ms | baseline ms | naive loop ms | DeepSpeed ms | ours ms | naive / base "
     "| DeepSpeed / base | ours / base | DeepSpeed / ours | peak GB dense / naive / DeepSpeed / ours "
-    "| rel. err vs loop |\n|" + "---|" * 15
+    "| rel. err vs loop | SM clock, power after dense / ours |\n|" + "---|" * 16
 )
 
 
@@ -233,11 +265,13 @@ def format_row(r: dict) -> str:
         f"| {r['type']} ({base}) | {r['E']} | {r['r']} | {r['T']} | {r['dense']:.2f} | {r['floor']:.2f} "
         f"| {r['naive']:.2f} | {ds} | {r['ours']:.2f} | {r['naive'] / r['floor']:.3f} | {ds_base} "
         f"| **{r['ours'] / r['floor']:.3f}** | {ds_ours} "
-        f"| {r['dense_gb']:.2f} / {r['naive_gb']:.2f} / {ds_gb} / {r['ours_gb']:.2f} | {r['err']:.1e} |"
+        f"| {r['dense_gb']:.2f} / {r['naive_gb']:.2f} / {ds_gb} / {r['ours_gb']:.2f} | {r['err']:.1e} "
+        f"| {r['clocks']} |"
     )
 
 
-def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int, back_to_back: bool = False) -> str:
+def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int, back_to_back: bool = False,
+           settle_s: float = 0.0) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [
         "# MoE layer forward+backward",
@@ -247,11 +281,12 @@ def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int, ba
         f" {str(shapes.dtype).removeprefix('torch.')};"
         f" router random (near-uniform); "
         + (f"mean of {reps} back-to-back repetitions" if back_to_back else f"median of {reps}, each from an idle GPU")
-        + " after warm-up, CUDA events",
+        + " after warm-up, CUDA events"
+        + (f", each after {settle_s:g} s of the same step (the steady clock of its own work)" if settle_s else ""),
         "- trainable: LoRA A/B on gate, up, down (alpha 16) and router; bases frozen; x.requires_grad;"
         " loss = y.float().sum() + 0.01 aux",
-        "- baseline: k × dense frozen MLP (no LoRA) for distinct experts, 1 × dense for the shared base;"
-        " peak GB = max allocated beyond weights and inputs",
+        "- baseline: k × dense frozen MLP (no LoRA) for distinct experts, 1 × dense for the shared base, the"
+        " dense step timed right before each row's layer; peak GB = max allocated beyond weights and inputs",
         "- DeepSpeed: deepspeed.moe.layer.MoE(ep_size=1, k=2, capacity_factor=1.5, drop_tokens=False,"
         " top2_2nd_expert_sampling=False) with the same LoRA experts (distinct experts only)",
         "",
@@ -353,6 +388,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", help="expert counts to run (default 4 8)")
     parser.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks to run (default 8 64)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE column")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds to run each step before timing it, so a power-capped GPU settles at that "
+                             "step's clock (CUDA only; 0: none)")
     parser.add_argument("--back-to-back", action="store_true",
                         help="time the repetitions in one stretch, without a sync between them (as in a model)")
     args = parser.parse_args()
@@ -370,8 +408,8 @@ def main() -> None:
         ncu_step(shapes, device, args.ncu_step)
         return
     rows = run(shapes, device, args.warmup, args.reps, not args.no_deepspeed and init_world(device),
-               args.back_to_back)
-    text = report(rows, shapes, device, args.reps, args.back_to_back)
+               args.back_to_back, args.settle)
+    text = report(rows, shapes, device, args.reps, args.back_to_back, args.settle)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
