@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_blocks import mix_slots, own_blocks, own_lora_inputs, spread, stack_b, unstack_b
+from .lora_blocks import mix_slots, own_blocks, own_lora_inputs, stack_b, unstack_b, za_blocks
 from .segments import SlotGrouping, segment_mm, segment_mm_tn
 from .slot_kernels import combine, slot_grads, token_sum
 from .swiglu import dropout_mask
@@ -107,8 +107,9 @@ class DistinctExperts(torch.autograd.Function):
             dys = None  # only a trainable down base reads it again: freed before the [S, I] work below
         grads_lora: list[torch.Tensor | None] = [None] * 4
         dzd = None
+        experts = _slot_experts(g, weights) if has_lora else None
         if has_lora:
-            own = own_blocks(grad_out @ stack_b(down_b).t(), _slot_experts(g, weights), num_experts)  # [T, k, r]
+            own = own_blocks(grad_out @ stack_b(down_b).t(), experts, num_experts)  # [T, k, r]
             dzd = (own * (weights[:, :, None] * s)).view(-1, own.shape[2])[g.order]  # [S, r]: s w dy Bd
             grads_lora[3] = unstack_b(zd_mix.t() @ grad_out, num_experts) * s  # [E, H, r]
             if grad_w is not None:
@@ -127,10 +128,10 @@ class DistinctExperts(torch.autograd.Function):
                 grads_lora[:3] = wgrads
             else:
                 grads_lora[2] = segment_mm_tn(dzd, h_dropped, g)  # [E, r, I]
-                grads_lora[0] = segment_mm_tn(d_gate, zg, g) * s  # [E, I, r]
-                grads_lora[1] = segment_mm_tn(d_up, zu, g) * s
-            dz = torch.cat([spread(d, g.expert, num_experts) for d in (dzg, dzu)], dim=1)  # [S, 2*E*r]
-            grad_za = token_sum(dz, None, g, k)
+                grads_lora[0] = segment_mm_tn(d_gate, zg * s, g)  # [E, I, r]
+                grads_lora[1] = segment_mm_tn(d_up, zu * s, g)
+            dz = torch.stack([dzg, dzu], 1)[g.inverse].view(*weights.shape, 2, dzg.shape[1])  # [T, k, 2, r]
+            grad_za = za_blocks(dz, experts, num_experts)
         grad_x = None
         if need[0]:
             grad_x = token_sum(segment_mm(d_gate, gate_w, g), segment_mm(d_up, up_w, g), g, k)

@@ -62,3 +62,12 @@ def own_lora_inputs(za: torch.Tensor, g: SlotGrouping, num_experts: int) -> tupl
     """Gate and up LoRA-A activations of every expert [T, 2*E*r] -> each sorted slot's own [S, r] pair."""
     own = za.view(za.shape[0], 2, num_experts, za.shape[1] // (2 * num_experts))[g.token, :, g.expert]  # [S, 2, r]
     return own[:, 0].contiguous(), own[:, 1].contiguous()
+
+
+def za_blocks(dz: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-slot gate/up LoRA input gradients dz [T, k, 2, r] -> [T, 2*E*r] in the layout of the LoRA-A
+    activations of every expert (each slot's pair in its expert's blocks, zeros elsewhere)."""
+    t, k, _, r = dz.shape
+    out = dz.new_zeros(t, 2, num_experts, r)
+    out.scatter_add_(2, indices[:, None, :, None].expand(t, 2, k, r), dz.permute(0, 2, 1, 3))
+    return out.view(t, 2 * num_experts * r)

@@ -16,9 +16,10 @@ import torch
 
 from .distinct import LoRASettings
 from . import shared_kernels as kernels
-from .lora_blocks import keep_block, mix_slots, own_blocks, own_lora_inputs, spread, stack_b, unstack_b
+from .lora_blocks import keep_block, mix_slots, own_blocks, own_lora_inputs, stack_b, unstack_b, za_blocks
 from .segments import SlotGrouping, group_slots, segment_mm_tn
 from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
+from .swiglu_lora_kernels import kernel_factors
 
 
 def _slot_deltas(
@@ -30,14 +31,6 @@ def _slot_deltas(
     num_experts = gate_b.shape[0]
     z = [keep_block(part, slot_experts, num_experts) * scale for part in za.chunk(2, dim=1)]  # [T, E*r] each
     return z[0] @ stack_b(gate_b), z[1] @ stack_b(up_b), z
-
-
-def _to_blocks(dz: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Per-slot gate/up LoRA input gradients dz [T, k, 2, r] -> [T, 2*E*r] in the layout of za."""
-    t, k, _, r = dz.shape
-    out = dz.new_zeros(t, 2, num_experts, r)
-    out.scatter_add_(2, indices[:, None, :, None].expand(t, 2, k, r), dz.permute(0, 2, 1, 3))
-    return out.view(t, -1)
 
 
 def _slot_dropout(
@@ -123,8 +116,8 @@ def _fused_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lo
     ctx.combos = kernels.combo_grouping(indices if has_lora else torch.zeros_like(indices), num_experts)
     keep, keep_scale = _slot_dropout(gate, weights.shape[1], has_lora, lora)
     ctx.keep_scale = keep_scale
-    factors = (gate_b, up_b, down_a) if has_lora else None
-    mixed, zd = kernels.mix_forward(gate, up, za, weights, factors, keep, keep_scale, lora.scale, ctx.combos)
+    ctx.factors = kernel_factors(gate_b, up_b, down_a) if has_lora else None  # weight-sized; backward reuses them
+    mixed, zd = kernels.mix_forward(gate, up, za, weights, ctx.factors, keep, keep_scale, lora.scale, ctx.combos)
     zd_mix = mix_slots(zd, weights, indices, num_experts) if has_lora else None
     return mixed, zd_mix, (zd, keep)
 
@@ -133,7 +126,7 @@ def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, do
     """Gradients through the Triton path: (sum of gate grads, of up grads, grad_w, grad_za, the gate-B, up-B
     and down-A LoRA grads)."""
     s, has_lora = ctx.lora.scale, za is not None
-    factors = (gate_b, up_b, down_a) if has_lora else None
+    factors = ctx.factors
     slots = group_slots(indices, down_a.shape[0]) if has_lora else None
     store = slots if has_lora and kernels.slot_rows_pay(down_a.shape[1]) else None
     sum_gate, sum_up, dz, grad_w, slot_rows = kernels.mix_backward(
@@ -146,7 +139,7 @@ def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, do
         else:
             grads_lora = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
                                                    ctx.keep_scale, s, slots)
-        grad_za = _to_blocks(dz, indices, num_experts)
+        grad_za = za_blocks(dz, indices, num_experts)
         if need[1]:
             grad_w = grad_w + (zd.float() * own_blocks(dz_mix, indices, num_experts).float()).sum(-1)
     return sum_gate, sum_up, grad_w, grad_za, list(grads_lora)
@@ -161,7 +154,7 @@ def _grouped_weight_grads(slot_rows: tuple, za: torch.Tensor, dz_mix: torch.Tens
     zg, zu = own_lora_inputs(za, slots, num_experts)  # [S, r] each
     dzo = dz_mix.view(dz_mix.shape[0], num_experts, -1)[slots.token, slots.expert]  # [S, r]: s dy Bd of its expert
     dzd = (dzo.float() * weights.reshape(-1)[slots.order, None].float()).to(h_dropped.dtype)
-    return (segment_mm_tn(d_gate, zg, slots) * scale, segment_mm_tn(d_up, zu, slots) * scale,
+    return (segment_mm_tn(d_gate, zg * scale, slots), segment_mm_tn(d_up, zu * scale, slots),
             segment_mm_tn(dzd, h_dropped, slots))
 
 

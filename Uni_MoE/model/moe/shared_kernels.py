@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .segments import SlotGrouping, group_slots
-from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _split, available, b_rows, tile_schedule,
+from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule,
                                   triton)
 
 MAX_COMBOS = 1024  # E**k tile groups; beyond that the schedule's spare tiles outweigh the work
@@ -381,18 +381,19 @@ def _wide(*sizes: int) -> bool:
 
 
 def _factors(like: torch.Tensor, lora: tuple | None) -> tuple:
-    """(Bg, Bu as [E, r, I], Ad, rank) made contiguous, or dummies without LoRA."""
+    """(Bg, Bu, Ad as ``kernel_factors`` gives them, rank), or dummies without LoRA."""
     if lora is None:
         return like, like, like, 0
-    gate_b, up_b, down_a = lora
-    return b_rows(gate_b), b_rows(up_b), down_a.contiguous(), gate_b.shape[-1]
+    bg, bu, da = lora
+    return bg, bu, da, bg.shape[1]
 
 
 def mix_forward(
     gate: torch.Tensor, up: torch.Tensor, za: torch.Tensor | None, weights: torch.Tensor, lora: tuple | None,
     keep: torch.Tensor | None, keep_scale: float, scale: float, combos: tuple[SlotGrouping, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mixed [T, I], zd [T, k, r] or None). ``lora`` = (Bg, Bu [E, I, r], Ad [E, r, I]); keep [k, T, I] bool."""
+    """(mixed [T, I], zd [T, k, r] or None). ``lora`` = (Bg, Bu, Ad) as ``kernel_factors`` gives them, [E, r, I]
+    each; keep [k, T, I] bool."""
     rows, n_cols = gate.shape
     k = weights.shape[1]
     bg, bu, da, rank = _factors(gate, lora)
@@ -419,7 +420,7 @@ def mix_backward(
     """(sum_j d gate_j, sum_j d up_j [T, I], the gate/up LoRA input gradients [T, k, 2, r] or None,
     sum over I of h_j * d_mixed [T, k] fp32 or None, and with ``slots`` (the [T, k] choices sorted by expert)
     each slot's d gate, d up and dropout(h) [S, I] in that order, else None). dz_mix [T, E*r] is s dy Bd of
-    every expert."""
+    every expert. ``lora`` as for ``mix_forward``."""
     rows, n_cols = gate.shape
     k = weights.shape[1]
     bg, bu, da, rank = _factors(gate, lora)
@@ -450,7 +451,7 @@ def lora_weight_grads(
     slots: SlotGrouping,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of Bg, Bu [E, I, r] and Ad [E, r, I], each expert's sum over its slots (``slots``: the
-    [T, k] choices sorted by expert)."""
+    [T, k] choices sorted by expert). ``lora`` as for ``mix_forward``."""
     rows, n_cols = gate.shape
     bg, bu, da, rank = _factors(gate, lora)
     num_experts = bg.shape[0]

@@ -28,13 +28,24 @@ class SwiGLULoRA:
         self.g, self.scale = g, scale
         self.fused = kernels.available(gate)
         self.sched = kernels.tile_schedule(g.counts, g.offs, gate.shape[0]) if self.fused else None
+        self._weights: tuple | None = None  # the LoRA weights in the kernels' layout, made on first use
+
+    def _kernel_lora(self, lora: tuple | None) -> tuple | None:
+        """``lora`` with its weights in the kernels' layout (``kernel_factors``), made once for forward and
+        backward of one block call (they see the same weights)."""
+        if lora is None:
+            return None
+        if self._weights is None:
+            self._weights = kernels.kernel_factors(*lora[2:])
+        return (*lora[:2], *self._weights)
 
     def forward(
         self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, keep: Maybe, keep_scale: float
     ) -> tuple[torch.Tensor, Maybe, torch.Tensor, torch.Tensor]:
         """(h, zd or None, gate and up to keep for backward)."""
         if self.fused:
-            h, zd = kernels.swiglu_lora_forward(gate, up, lora, keep, keep_scale, self.scale, self.sched)
+            h, zd = kernels.swiglu_lora_forward(gate, up, self._kernel_lora(lora), keep, keep_scale, self.scale,
+                                                self.sched)
             return h, zd, gate, up
         zd = None
         gate, up = self.kept(gate, up, lora)
@@ -56,7 +67,8 @@ class SwiGLULoRA:
     def activation(self, gate: torch.Tensor, up: torch.Tensor, lora: tuple | None) -> torch.Tensor:
         """h without dropout from the kept gate and up (for a trainable down base under dropout)."""
         if self.fused:
-            return kernels.swiglu_lora_forward(gate, up, lora, None, 1.0, self.scale, self.sched)[0]
+            return kernels.swiglu_lora_forward(gate, up, self._kernel_lora(lora), None, 1.0, self.scale,
+                                               self.sched)[0]
         return swiglu_forward(gate, up, None, None, None, 1.0, None, None)[0]
 
     def backward(
@@ -68,8 +80,8 @@ class SwiGLULoRA:
         ``in_place``: the kernels may write d_gate, d_up over gate, up (which the caller then no longer reads)."""
         if self.fused:
             wgrad = lora is not None and kernels.fuses_weight_grads(lora[0].shape[1])
-            return kernels.swiglu_lora_backward(dh, gate, up, lora, dzd, keep, keep_scale, self.scale, self.sched,
-                                                need_h or (lora is not None and not wgrad),
+            return kernels.swiglu_lora_backward(dh, gate, up, self._kernel_lora(lora), dzd, keep, keep_scale,
+                                                self.scale, self.sched, need_h or (lora is not None and not wgrad),
                                                 kernels.expert_tile_ranges(self.g.counts) if wgrad else None,
                                                 in_place)
         extra = None

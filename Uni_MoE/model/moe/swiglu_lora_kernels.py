@@ -284,19 +284,27 @@ def b_rows(b: torch.Tensor) -> torch.Tensor:
     return b.transpose(1, 2).contiguous()
 
 
+def kernel_factors(gate_b: torch.Tensor, up_b: torch.Tensor, down_a: torch.Tensor) -> tuple:
+    """The LoRA weights in the kernels' layout: gate-B and up-B [E, I, r] as [E, r, I] (``b_rows``) and down-A
+    [E, r, I] contiguous. The expert blocks make them once a call and pass them to forward and backward: the
+    transposed copies cost tens of microseconds each at r = 64."""
+    return b_rows(gate_b), b_rows(up_b), down_a.contiguous()
+
+
 def _lora_args(gate: torch.Tensor, lora: tuple | None) -> tuple:
-    """(zg, zu, Bg, Bu as [E, r, I], Ad, rank) made contiguous, or dummies without LoRA."""
+    """(zg, zu, Bg, Bu, Ad, rank) made contiguous, or dummies without LoRA."""
     if lora is None:
         return (gate,) * 5 + (0,)
-    zg, zu, gate_b, up_b, down_a = lora
-    return zg.contiguous(), zu.contiguous(), b_rows(gate_b), b_rows(up_b), down_a.contiguous(), zg.shape[1]
+    zg, zu, bg, bu, da = lora
+    return zg.contiguous(), zu.contiguous(), bg, bu, da, zg.shape[1]
 
 
 def swiglu_lora_forward(
     gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, keep: torch.Tensor | None, keep_scale: float,
     scale: float, sched: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h [S, I] and zd [S, r] (None without LoRA). ``lora`` = (zg, zu [S, r], Bg, Bu [E, I, r], Ad [E, r, I])."""
+    """h [S, I] and zd [S, r] (None without LoRA). ``lora`` = (zg, zu [S, r], Bg, Bu, Ad as ``kernel_factors``
+    gives them, [E, r, I] each)."""
     rows, n_cols = gate.shape
     h = torch.empty_like(gate)
     zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
