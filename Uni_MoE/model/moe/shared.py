@@ -134,26 +134,26 @@ def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, do
     grad_za, grads_lora = None, [None] * 3
     if has_lora:
         num_experts = down_a.shape[0]
+        own = own_blocks(dz_mix, indices, num_experts)  # [T, k, r]: s dy Bd of each slot's expert
         if slot_rows is not None:
-            grads_lora = _grouped_weight_grads(slot_rows, za, dz_mix, weights, slots, s)
+            grads_lora = _grouped_weight_grads(slot_rows, za, own, weights, slots, s)
         else:
             grads_lora = kernels.lora_weight_grads(d_mixed, gate, up, za, dz_mix, weights, factors, keep,
                                                    ctx.keep_scale, s, slots)
         grad_za = za_blocks(dz, indices, num_experts)
         if need[1]:
-            grad_w = grad_w + (zd.float() * own_blocks(dz_mix, indices, num_experts).float()).sum(-1)
+            grad_w = grad_w + (zd.float() * own.float()).sum(-1)
     return sum_gate, sum_up, grad_w, grad_za, list(grads_lora)
 
 
-def _grouped_weight_grads(slot_rows: tuple, za: torch.Tensor, dz_mix: torch.Tensor, weights: torch.Tensor,
+def _grouped_weight_grads(slot_rows: tuple, za: torch.Tensor, own: torch.Tensor, weights: torch.Tensor,
                           slots: SlotGrouping, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gate-B, up-B [E, I, r] and down-A [E, r, I] LoRA gradients as grouped GEMMs over each slot's d gate,
-    d up and dropout(h) [S, I] (rows sorted by expert, as the backward kernel stored them)."""
+    d up and dropout(h) [S, I] (rows sorted by expert, as the backward kernel stored them). ``own`` [T, k, r] is
+    s dy Bd of each slot's expert."""
     d_gate, d_up, h_dropped = slot_rows
-    num_experts = slots.counts.numel()
-    zg, zu = own_lora_inputs(za, slots, num_experts)  # [S, r] each
-    dzo = dz_mix.view(dz_mix.shape[0], num_experts, -1)[slots.token, slots.expert]  # [S, r]: s dy Bd of its expert
-    dzd = (dzo.float() * weights.reshape(-1)[slots.order, None].float()).to(h_dropped.dtype)
+    zg, zu = own_lora_inputs(za, slots, slots.counts.numel())  # [S, r] each
+    dzd = (own.float() * weights[:, :, None].float()).to(h_dropped.dtype).view(-1, own.shape[2])[slots.order]
     return (segment_mm_tn(d_gate, zg * scale, slots), segment_mm_tn(d_up, zu * scale, slots),
             segment_mm_tn(dzd, h_dropped, slots))
 
