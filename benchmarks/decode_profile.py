@@ -17,7 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from generation import FULL, SMOKE, Shapes, batches, build, device_name, median_ms, ours, prompts, time_split
+from generation import FULL, SMOKE, Shapes, batches, build, median_ms, ours, prompts, time_split
+from report import device_name, emit_table
 from Uni_MoE.model.moe import experts_reference, gemv_kernels
 from Uni_MoE.model.moe.chosen import experts_chosen
 from Uni_MoE.model.moe.decode import experts_all_dense
@@ -130,10 +131,7 @@ def main() -> None:
         else:
             text += ["One eager decoding step, batch 1:", "", "```", profile_step(model, tokenizer, items, shapes,
                                                                                  device), "```", ""]
-    print("\n".join(text), flush=True)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(text))
+    emit_table("\n".join(text), args.out)
 
 
 if __name__ == "__main__":

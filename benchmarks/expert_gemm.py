@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import device_name, emit_table, median_ms, relative_difference  # noqa: E402
+from generation import median_ms  # noqa: E402
+from report import device_name, emit_table, relative_difference  # noqa: E402
 
 from Uni_MoE.model.moe.segments import group_slots, segment_mm  # noqa: E402
 

@@ -55,6 +55,7 @@ import torch
 from Uni_MoE.train.gc_freeze import freeze_host_objects
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import device_name  # noqa: E402
 from step_memory import StepMemory, measure_step  # noqa: E402
 
 TRAINABLE = re.compile(r"(router\.weight|gate\.wg\.weight|_lora_[AB])$")
@@ -567,8 +568,7 @@ def environment(shapes: dict[str, Shape], args: argparse.Namespace, world: int, 
     import deepspeed
     import transformers
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return dict(date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", device=name,
+    return dict(date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", device=device_name(device),
                 world_size=world, torch=torch.__version__, deepspeed=deepspeed.__version__,
                 transformers=transformers.__version__, layers=args.layers, experts=args.experts, top_k=args.top_k,
                 lora_r=args.lora_r, shapes={mode: asdict(s) for mode, s in shapes.items()},

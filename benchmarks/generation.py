@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -40,6 +41,9 @@ from Uni_MoE.data.tokenizer import train_tokenizer
 from Uni_MoE.modalities import MEDIA_INPUT_KEYS
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
 from Uni_MoE.serve.engine import GenerationEngine, GenerationSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import device_name, emit_table  # noqa: E402
 
 QUESTION = "Describe the picture in detail."
 
@@ -187,26 +191,6 @@ def tie_gap(got: list[list[int]], reference: list[list[int]], top2: list[list[to
         if first is not None:
             gaps.append(float(best[first][0] - best[first][1]))
     return max(gaps) if gaps else None
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name for a results table, or "cpu"."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def emit_table(text: str, out: str | None) -> None:
-    """Print a results table and, given ``--out``, write it there (UTF-8: the tables hold "×" and "≤")."""
-    print(text, flush=True)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def relative_difference(reference: object, other: object) -> float:
-    """max |other - reference| / max |reference| in float32, over one tensor or the pairs of two sequences of them."""
-    pairs = list(zip(reference, other)) if isinstance(reference, (tuple, list)) else [(reference, other)]
-    return max(((y.float() - x.float()).abs().max() / x.float().abs().max().clamp_min(1e-30)).item()
-               for x, y in pairs)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -21,6 +21,7 @@ import torch
 import moe_layer as bench
 from kernel_memcheck import KERNELS as EXPERT_KERNELS
 from kernel_memcheck import autotuned
+from report import device_name
 from Uni_MoE.model.moe import shared_kernels
 
 # (BLOCK_N, warps, stages, BLOCK_M or None, maxnreg or None) for forward, backward, weight gradients
@@ -72,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
     dense_ms, _ = bench.time_ms(bench.dense_step(x, shapes), device, 3, args.reps)
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     print(f"{name}; T={args.tokens}, E={args.experts}; dense {dense_ms:.2f} ms", flush=True)
     if args.autotuned:
         for rank in args.ranks:

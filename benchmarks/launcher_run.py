@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import train_step  # noqa: E402
-from generation import device_name, emit_table, median_ms  # noqa: E402
+from generation import median_ms  # noqa: E402
+from report import device_name, emit_table  # noqa: E402
 
 from Uni_MoE import presets  # noqa: E402
 from Uni_MoE.checkpoint.tiny import WORDS, build_tiny, tokenizer_corpus  # noqa: E402

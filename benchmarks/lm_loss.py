@@ -19,6 +19,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import median_ms  # noqa: E402
+from report import device_name, emit_table  # noqa: E402
 
 from Uni_MoE.model.lm_loss import causal_lm_loss  # noqa: E402
 
@@ -69,7 +70,7 @@ def main() -> None:
         results[name] = (ms, peak, loss.detach().float(), hidden.grad.float())
     (full_ms, full_gb, full_loss, full_grad), (ours_ms, ours_gb, ours_loss, ours_grad) = results.values()
     grad_err = ((ours_grad - full_grad).norm() / full_grad.norm()).item()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    name = device_name(device)
     lines = [
         "# LM head + loss, forward and backward",
         "",
@@ -86,10 +87,7 @@ def main() -> None:
         f"- ours / transformers: {ours_ms / full_ms:.2f}x time, loss {ours_loss.item():.6f} vs "
         f"{full_loss.item():.6f}, hidden-gradient relative error {grad_err:.1e}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_table("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import datetime
 import torch
 
 from moe_layer import FULL, SMALL, make_layer, time_ms
+from report import device_name, emit_table
 
 TOKENS = (1, 4, 16, 64, 256, 1024)
 
@@ -42,7 +43,7 @@ def run(shapes, tokens: tuple[int, ...], device: torch.device, warmup: int, reps
 
 
 def report(rows: list[dict], shapes, device: torch.device, reps: int) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = device_name(device)
     lines = [
         "# MoE layer forward at decoding sizes",
         "",
@@ -67,11 +68,7 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     shapes, reps = (SMALL, 2) if args.smoke else (FULL, args.reps)
     tokens = (1, 4) if args.smoke else TOKENS
-    table = report(run(shapes, tokens, device, 3, reps), shapes, device, reps)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit_table(report(run(shapes, tokens, device, 3, reps), shapes, device, reps), args.out)
 
 
 if __name__ == "__main__":

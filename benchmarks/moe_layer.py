@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from report import device_name, emit_table
 from Uni_MoE.model.moe import MoELayer
 
 TOP_K = 2
@@ -272,7 +273,7 @@ def format_row(r: dict) -> str:
 
 def report(rows: list[dict], shapes: Shapes, device: torch.device, reps: int, back_to_back: bool = False,
            settle_s: float = 0.0) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     lines = [
         "# MoE layer forward+backward",
         "",
@@ -409,11 +410,7 @@ def main() -> None:
         return
     rows = run(shapes, device, args.warmup, args.reps, not args.no_deepspeed and init_world(device),
                args.back_to_back, args.settle)
-    text = report(rows, shapes, device, args.reps, args.back_to_back, args.settle)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit_table(report(rows, shapes, device, args.reps, args.back_to_back, args.settle), args.out)
 
 
 if __name__ == "__main__":

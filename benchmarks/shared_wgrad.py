@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_layer as bench  # noqa: E402
-from generation import device_name, emit_table, relative_difference  # noqa: E402
+from report import device_name, emit_table, relative_difference  # noqa: E402
 
 from Uni_MoE.model.moe import shared_kernels  # noqa: E402
 

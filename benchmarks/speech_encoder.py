@@ -27,7 +27,8 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import device_name, emit_table, median_ms, relative_difference  # noqa: E402
+from generation import median_ms  # noqa: E402
+from report import device_name, emit_table, relative_difference  # noqa: E402
 
 from Uni_MoE.model.encoders.whisper import attend_without_copies, store_states_token_major  # noqa: E402
 

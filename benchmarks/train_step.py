@@ -39,6 +39,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
 
+from report import device_name, emit_table
 from Uni_MoE.model.attention import fuse_attention
 from Uni_MoE.model.connectors import SpeechAligner, build_projector
 from Uni_MoE.model.lm_loss import causal_lm_loss
@@ -208,7 +209,7 @@ def profile_step(model: Stage3Model, batch: dict, opt: torch.optim.Optimizer, de
 def run(s: StepShapes, expert_types: list[str], device: torch.device, warmup: int, steps: int,
         profile_to: str | None = None) -> list[dict]:
     rows = []
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    name = device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     for expert_type in expert_types:
         torch.manual_seed(0)
@@ -249,7 +250,7 @@ def format_row(r: dict, loop: dict | None) -> str:
 
 
 def report(rows: list[dict], s: StepShapes, device: torch.device, steps: int) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     lines = [
         "# Stage-3 training step",
         "",
@@ -299,11 +300,7 @@ def main() -> None:
                      fused_lora=not args.peft_lora, **overrides)
     device = torch.device(args.device)
     rows = run(shapes, args.expert_types, device, args.warmup, args.steps, args.profile)
-    text = report(rows, shapes, device, args.steps)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit_table(report(rows, shapes, device, args.steps), args.out)
 
 
 if __name__ == "__main__":
