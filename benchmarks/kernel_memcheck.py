@@ -31,6 +31,7 @@ KERNELS = {  # name -> (module, attribute, layer kind)
     "shared weight gradients": ("shared_kernels", "_weight_grads_kernel", "shared"),
     "distinct forward": ("swiglu_lora_kernels", "_forward_kernel", "mlp"),
     "distinct backward": ("swiglu_lora_kernels", "_backward_kernel", "mlp"),
+    "rank gradients": ("rank_grad_kernels", "_rank_grad_kernel", "mlp"),
 }
 OK, OUT_OF_RESOURCES = "step ok", "out of resources"
 

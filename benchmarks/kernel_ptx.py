@@ -1,7 +1,7 @@
 """Compile the MoE expert kernels for SM90 without a GPU and report, per autotuning config, what limits them.
 
-Each config of the five expert kernels (swiglu_lora_kernels.py, shared_kernels.py) is compiled by Triton for
-sm_90a at LLaMA-7B width (I=11008), bf16, E experts and LoRA rank r, and its output read:
+Each config of the six expert kernels (swiglu_lora_kernels.py, shared_kernels.py, rank_grad_kernels.py) is
+compiled by Triton for sm_90a at LLaMA-7B width (I=11008), bf16, E experts and LoRA rank r, and its output read:
 
 - registers a thread and spilled bytes (``ptxas -v``): above 128 registers a SM holds fewer than four programs
   of four warps, and fewer programs hide less memory latency;
@@ -33,6 +33,7 @@ KERNELS = {  # name -> (module, attribute)
     "shared forward": ("shared_kernels", "_forward_kernel"),
     "shared backward": ("shared_kernels", "_backward_kernel"),
     "shared weight gradients": ("shared_kernels", "_weight_grads_kernel"),
+    "rank gradients": ("rank_grad_kernels", "_rank_grad_kernel"),
 }
 POINTERS = {  # argument -> element type, where it is not bf16
     "zd_ptr": "fp32", "dzg_ptr": "fp32", "dzu_ptr": "fp32", "part_ptr": "fp32", "dz_ptr": "fp32", "gw_ptr": "fp32",
@@ -54,7 +55,7 @@ def constants(names: list[str], rank: int, experts: int, config_kwargs: dict) ->
 
     values = dict(n_cols=N_COLS, rank=rank, n_experts=experts, K=2, SPLIT=8, HAS_LORA=True, HAS_KEEP=False,
                   STORE_H=False, WGRAD=fuses_weight_grads(rank), NEED_W=True, SLOT_ROWS=slot_rows_pay(rank),
-                  WIDE=False, PREC="tf32", INTERPRET=False, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank))
+                  WIDE=False, TRANSPOSE=True, PREC="tf32", INTERPRET=False, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank))
     values.update(config_kwargs)
     return {name: values[name] for name in names if name in values}
 

@@ -3,6 +3,8 @@ relative difference of two results. Kept free of the model and data stack so tha
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 
@@ -24,3 +26,14 @@ def relative_difference(reference: object, other: object) -> float:
     pairs = list(zip(reference, other)) if isinstance(reference, (tuple, list)) else [(reference, other)]
     return max(((y.float() - x.float()).abs().max() / x.float().abs().max().clamp_min(1e-30)).item()
                for x, y in pairs)
+
+
+def timing_parser(doc: str, reps: int, settle: float) -> argparse.ArgumentParser:
+    """The options of a timing script that compares two ways: ``--smoke`` (tiny shapes on the CPU), ``--reps``,
+    ``--settle`` (seconds each way runs before it is timed) and ``--out``; ``doc`` is the script's docstring."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--settle", type=float, default=settle, help="seconds each way runs before it is timed")
+    parser.add_argument("--out", help="write the markdown table here")
+    return parser

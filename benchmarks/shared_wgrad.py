@@ -1,8 +1,9 @@
 """The shared-base block's LoRA weight gradients two ways, one process: the Triton kernel that recomputes every
-slot's SwiGLU backward per expert (``shared_kernels.lora_weight_grads``), and grouped GEMMs over per-slot rows
-that the backward kernel stores (``SLOT_ROWS_MIN_RANK``). Each way runs the whole layer step (forward and
-backward, stage-3 trainable set) back to back, alternately, best of two; the dense frozen MLP step is the
-baseline. Also the step's peak memory beyond what it found, and the largest gradient difference between them.
+slot's SwiGLU backward per expert (``shared_kernels.lora_weight_grads``), and per-expert products
+(``rank_grad_kernels.rank_grad``) over per-slot rows that the backward kernel stores (``SLOT_ROWS_MIN_RANK``).
+Each way runs the whole layer step (forward and backward, stage-3 trainable set) back to back after ``--settle``
+seconds of itself, alternately, best of two; the dense frozen MLP step, settled likewise, is the baseline. Also
+the step's peak memory beyond what it found, and the largest gradient difference between them.
 
     python benchmarks/shared_wgrad.py --out FILE        # CUDA, LLaMA-7B MLP shapes, bf16
     python benchmarks/shared_wgrad.py --smoke           # tiny shapes on the CPU (both ways run PyTorch there)
@@ -10,7 +11,6 @@ baseline. Also the step's peak memory beyond what it found, and the largest grad
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_layer as bench  # noqa: E402
-from report import device_name, emit_table, relative_difference  # noqa: E402
+from report import device_name, emit_table, relative_difference, timing_parser  # noqa: E402
 
 from Uni_MoE.model.moe import shared_kernels  # noqa: E402
 
@@ -35,18 +35,18 @@ def gradients(layer: torch.nn.Module, x: torch.Tensor, min_rank: int) -> list[to
 
 
 def measure(tokens: int, experts: int, rank: int, hidden: int, inter: int, dtype: torch.dtype,
-            device: torch.device, reps: int) -> str:
+            device: torch.device, reps: int, settle: float) -> str:
     shapes = bench.Shapes(hidden, inter, (experts,), (rank,), (tokens,), dtype)
     torch.manual_seed(0)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
-    dense, _ = bench.time_ms(bench.dense_step(x, shapes), device, 3, reps, True)
+    dense, _ = bench.time_ms(bench.dense_step(x, shapes), device, 3, reps, True, settle)
     layer = bench.make_layer(shapes, experts, rank, "shared", device)
     step = bench.layer_step(layer, x, "grouped")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in WAYS}
     for _ in range(2):
         for name, min_rank in WAYS.items():
             shared_kernels.SLOT_ROWS_MIN_RANK = min_rank
-            runs[name].append(bench.time_ms(step, device, 3, reps, True))
+            runs[name].append(bench.time_ms(step, device, 3, reps, True, settle))
     diff = relative_difference(*(gradients(layer, x, m) for m in WAYS.values()))
     ms = {name: min(t for t, _ in r) for name, r in runs.items()}
     gb = {name: max(g for _, g in r) for name, r in runs.items()}
@@ -56,11 +56,7 @@ def measure(tokens: int, experts: int, rank: int, hidden: int, inter: int, dtype
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--out", help="write the markdown table here")
-    args = parser.parse_args()
+    args = timing_parser(__doc__, reps=10, settle=1.0).parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         cases, dims, dtype, reps = ((64, 4, 8),), (32, 96), torch.float32, 2
@@ -68,12 +64,13 @@ def main() -> None:
         cases, dims, dtype, reps = CASES, (4096, 11008), torch.bfloat16, args.reps
     lines = [f"# Shared-base LoRA weight gradients: recomputing kernel vs stored slot rows ({device_name(device)})",
              "", f"{datetime.date.today()}, H={dims[0]}, I={dims[1]}, top-2, {str(dtype).split('.')[-1]}, "
-             f"mean of {reps} back-to-back steps, best of two; `python benchmarks/shared_wgrad.py`", "",
+             f"mean of {reps} back-to-back steps after {args.settle} s of each, best of two; "
+             f"`python benchmarks/shared_wgrad.py`", "",
              "| T | E | r | dense ms | kernel ms | rows ms | rows / kernel | kernel / dense | rows / dense "
              "| peak GB kernel | peak GB rows | grad diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for tokens, experts, rank in cases:
-        lines.append(measure(tokens, experts, rank, *dims, dtype, device, reps))
+        lines.append(measure(tokens, experts, rank, *dims, dtype, device, reps, args.settle))
         print(lines[-1], flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

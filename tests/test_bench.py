@@ -164,7 +164,7 @@ def test_kernel_memcheck_smoke_runs_every_kernel_in_the_interpreter() -> None:
                             capture_output=True, text=True, cwd=ROOT, timeout=900, env=interpreter_env())
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "config" not in line]
-    assert len(rows) == 5 and all(row.endswith("| clean |") for row in rows)
+    assert len(rows) == 6 and all(row.endswith("| clean |") for row in rows)
 
 
 @pytest.mark.slow
@@ -177,11 +177,11 @@ def test_kernel_ptx_smoke_compiles_every_expert_kernel_for_sm90() -> None:
     table = result.stdout.split("| kernel |")[1]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:] if line}
     assert set(rows) == {"distinct forward", "distinct backward", "shared forward", "shared backward",
-                         "shared weight gradients"}
+                         "shared weight gradients", "rank gradients"}
     for name, cells in rows.items():
         registers, async_copies, b16_loads = int(cells[3]), int(cells[5]), int(cells[6])
         assert 0 < registers <= 255 and async_copies > 0  # the three-stage configs prefetch their tiles
-        if name.startswith("distinct"):
+        if name.startswith("distinct") or name == "rank gradients":
             assert b16_loads == 0  # every tile, the LoRA factors too, is read as whole vectors
 
 
@@ -197,3 +197,12 @@ def test_docs_list_every_benchmark_script_and_its_results_file() -> None:
     assert commands and results
     for path in [ROOT / c for c in commands] + [ROOT / "benchmarks" / "results" / r for r in results]:
         assert path.exists(), f"docs/benchmarks.md names {path.relative_to(ROOT)}, which does not exist"
+
+
+def test_rank_grad_smoke_times_both_ways_on_equal_products(tmp_path: Path) -> None:
+    stdout, table = run_smoke("rank_grad.py", tmp_path)
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 64 ")]
+    assert len(rows) == 2 and stdout.strip().endswith(rows[-1][-1].strip())
+    for cells in rows:
+        assert float(cells[4]) > 0 and float(cells[5]) > 0
+        assert float(cells[-2]) < 1e-5 and float(cells[-1].strip(" |")) < 1e-5  # both ways equal float32

@@ -7,8 +7,8 @@ LoRA-B products of all slots as one dense [T, E*r] x [E*r, H] GEMM into the toke
 an update of the slot outputs; backward likewise reads dy once for the down LoRA). Only gate/up
 ([S, I] each), the r-wide LoRA activations and the [S, H] expert outputs are kept; the activation is
 recomputed in backward (with ``recompute`` gate/up too, from x, and the kernel writes their gradients over
-them), frozen bases get no weight gradient, and LoRA weight gradients are exact per-expert grouped products
-(at small ranks on CUDA: per-tile sums from the SwiGLU backward kernel).
+them), frozen bases get no weight gradient, and LoRA weight gradients are exact per-expert products
+(rank_grad_kernels.py on CUDA; at small ranks per-tile sums from the SwiGLU backward kernel instead).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .lora_blocks import mix_slots, own_blocks, own_lora_inputs, stack_b, unstack_b, za_blocks
+from .rank_grad_kernels import rank_grad
 from .segments import SlotGrouping, segment_mm, segment_mm_tn
 from .slot_kernels import combine, slot_grads, token_sum
 from .swiglu import dropout_mask
@@ -127,9 +128,9 @@ class DistinctExperts(torch.autograd.Function):
             if wgrads is not None:  # the kernel summed them per expert
                 grads_lora[:3] = wgrads
             else:
-                grads_lora[2] = segment_mm_tn(dzd, h_dropped, g)  # [E, r, I]
-                grads_lora[0] = segment_mm_tn(d_gate, zg * s, g)  # [E, I, r]
-                grads_lora[1] = segment_mm_tn(d_up, zu * s, g)
+                grads_lora[2] = rank_grad(dzd, h_dropped, g)  # [E, r, I]
+                grads_lora[0] = rank_grad(zg, d_gate, g, s, transpose=True)  # [E, I, r]
+                grads_lora[1] = rank_grad(zu, d_up, g, s, transpose=True)
             dz = torch.stack([dzg, dzu], 1)[g.inverse].view(*weights.shape, 2, dzg.shape[1])  # [T, k, 2, r]
             grad_za = za_blocks(dz, experts, num_experts)
         grad_x = None

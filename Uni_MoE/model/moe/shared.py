@@ -5,7 +5,7 @@ projection is linear, sum_j w_j h_j W_down = (sum_j w_j h_j) W_down: the frozen 
 dense MLP. Per slot remain the r-wide LoRA terms and one SwiGLU pass with the slot's LoRA deltas added.
 On CUDA (top-1/top-2) the Triton kernels of shared_kernels.py do all slots in one pass over [T, I] per
 direction, with the LoRA-B products on registers, plus one pass for the LoRA weight gradients (from rank
-``SLOT_ROWS_MIN_RANK`` instead grouped GEMMs over per-slot rows the backward kernel stores); elsewhere
+``SLOT_ROWS_MIN_RANK`` instead per-expert products over per-slot rows the backward kernel stores); elsewhere
 PyTorch does one fused SwiGLU pass per slot with block-masked LoRA products. Backward recomputes the
 per-slot activations from the saved base gate/up, so saved memory is that of a dense MLP plus r-wide terms.
 """
@@ -17,7 +17,8 @@ import torch
 from .distinct import LoRASettings
 from . import shared_kernels as kernels
 from .lora_blocks import keep_block, mix_slots, own_blocks, own_lora_inputs, stack_b, unstack_b, za_blocks
-from .segments import SlotGrouping, group_slots, segment_mm_tn
+from .rank_grad_kernels import rank_grad
+from .segments import SlotGrouping, group_slots
 from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
 from .swiglu_lora_kernels import kernel_factors
 
@@ -148,14 +149,14 @@ def _fused_backward(ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, do
 
 def _grouped_weight_grads(slot_rows: tuple, za: torch.Tensor, own: torch.Tensor, weights: torch.Tensor,
                           slots: SlotGrouping, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate-B, up-B [E, I, r] and down-A [E, r, I] LoRA gradients as grouped GEMMs over each slot's d gate,
-    d up and dropout(h) [S, I] (rows sorted by expert, as the backward kernel stored them). ``own`` [T, k, r] is
-    s dy Bd of each slot's expert."""
+    """The gate-B, up-B [E, I, r] and down-A [E, r, I] LoRA gradients as per-expert products (``rank_grad``) over
+    each slot's d gate, d up and dropout(h) [S, I] (rows sorted by expert, as the backward kernel stored them).
+    ``own`` [T, k, r] is s dy Bd of each slot's expert."""
     d_gate, d_up, h_dropped = slot_rows
     zg, zu = own_lora_inputs(za, slots, slots.counts.numel())  # [S, r] each
     dzd = (own.float() * weights[:, :, None].float()).to(h_dropped.dtype).view(-1, own.shape[2])[slots.order]
-    return (segment_mm_tn(d_gate, zg * scale, slots), segment_mm_tn(d_up, zu * scale, slots),
-            segment_mm_tn(dzd, h_dropped, slots))
+    return (rank_grad(zg, d_gate, slots, scale, transpose=True),
+            rank_grad(zu, d_up, slots, scale, transpose=True), rank_grad(dzd, h_dropped, slots))
 
 
 def _torch_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora):

@@ -11,7 +11,7 @@ need no gathered copy.
 - ``mix_backward``: sum_j d gate_j and sum_j d up_j (for the base input gradient), the gate/up LoRA
   input gradients s dg_j Bg and s du_j Bu, and <h_j, d mixed> for the routing-weight gradient; from rank
   SLOT_ROWS_MIN_RANK it also stores each slot's d gate, d up and dropout(h) in expert order, and the LoRA
-  weight gradients are grouped GEMMs over them (shared.py);
+  weight gradients are per-expert products over them (shared.py, rank_grad_kernels.py);
 - ``lora_weight_grads`` (lower ranks): per expert and block of I columns, over that expert's slots (sorted by
   expert), the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory.
 
@@ -27,8 +27,9 @@ from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _sp
                                   triton)
 
 MAX_COMBOS = 1024  # E**k tile groups; beyond that the schedule's spare tiles outweigh the work
-# From this rank the backward kernel stores each slot's rows for grouped weight-gradient GEMMs: 4-6 % faster
-# steps at r = 64, 4-12 % slower at r = 8-32, for a peak that grows by 3 [S, I] (shared_wgrad_h200.md).
+# From this rank the backward kernel stores each slot's rows for the weight-gradient products: 5.5-7.3 % faster
+# steps at r = 64, level at r = 32, 3-8 % slower at r = 8-16, for a peak that grows by 3 [S, I]
+# (shared_wgrad_h200.md).
 SLOT_ROWS_MIN_RANK = 64
 
 
@@ -38,7 +39,7 @@ def supported(x: torch.Tensor, top_k: int, num_experts: int) -> bool:
 
 
 def slot_rows_pay(rank: int) -> bool:
-    """Whether the LoRA weight gradients at this rank come from grouped GEMMs over rows the backward kernel
+    """Whether the LoRA weight gradients at this rank come from per-expert products over rows the backward kernel
     stores per slot (3 [S, I] tensors more in memory), rather than from the kernel that recomputes them."""
     return rank >= SLOT_ROWS_MIN_RANK
 
