@@ -256,3 +256,26 @@ def test_recompute_projections_keeps_no_gate_up_and_gives_the_same_gradients(
         return sum(t.is_floating_point() and t.dim() == 2 and t.shape[1] == I for t in kept)
 
     assert wide(kept_keeping) >= 2 and wide(kept_recomputing) == wide(kept_keeping) - 2
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_segment_products_equal_per_expert_products(grouped_mm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """segment_mm (rows times their expert's factor, here a transposed view as the shared block passes it) and
+    segment_mm_tn against a loop over experts, with an expert that has no rows, through torch's grouped GEMM and
+    through the padded bmm."""
+    if not grouped_mm:
+        monkeypatch.setattr(segments, "_use_grouped_mm", lambda *tensors: False)
+    torch.manual_seed(0)
+    indices = torch.randint(0, 4, (30, 2))
+    indices[indices == 2] = 3
+    g = segments.group_slots(indices, 4)
+    a, b, c = torch.randn(60, 24), torch.randn(4, 5, 24), torch.randn(60, 5)
+    rows = [g.expert == e for e in range(4)]
+    want = torch.zeros(60, 5)
+    for e, r in enumerate(rows):
+        want[r] = a[r] @ b[e].t()
+    torch.testing.assert_close(segments.segment_mm(a, b.transpose(1, 2), g), want)
+    tn = segments.segment_mm_tn(a, c, g)
+    for e, r in enumerate(rows):
+        torch.testing.assert_close(tn[e], a[r].t() @ c[r])
+    assert tn[2].abs().max() == 0

@@ -10,8 +10,9 @@ need no gathered copy.
   sum_j w_j h_j (one [T, I] write, for the single down GEMM) and zd_j = dropout(h_j) Ad^T;
 - ``mix_backward``: sum_j d gate_j and sum_j d up_j (for the base input gradient), the gate/up LoRA
   input gradients s dg_j Bg and s du_j Bu, and <h_j, d mixed> for the routing-weight gradient; from rank
-  SLOT_ROWS_MIN_RANK it also stores each slot's d gate, d up and dropout(h) in expert order, and the LoRA
-  weight gradients are per-expert products over them (shared.py, rank_grad_kernels.py);
+  SLOT_ROWS_MIN_RANK it also stores each slot's d gate, d up and dropout(h) in expert order, the LoRA input
+  gradients are grouped GEMMs over them instead, and the LoRA weight gradients per-expert products over them
+  (shared.py, rank_grad_kernels.py);
 - ``lora_weight_grads`` (lower ranks): per expert and block of I columns, over that expert's slots (sorted by
   expert), the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .segments import SlotGrouping, group_slots
+from .segments import SlotGrouping, group_slots, segment_mm
 from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule,
                                   triton)
 
@@ -252,7 +253,7 @@ if triton is not None:
             sg, su, h = _backward_slot(dm, g, u, zg0, zu0, dzo0, e0, w0, keep_ptr, off, mask, bg_ptr, bu_ptr, da_ptr,
                                        cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols, HAS_LORA, HAS_KEEP,
                                        PREC)
-            if HAS_LORA:
+            if HAS_LORA and not SLOT_ROWS:
                 dzg0 += tl.dot(sg.to(low), tl.trans(_r_tile(bg_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
                                input_precision=PREC)
                 dzu0 += tl.dot(su.to(low), tl.trans(_r_tile(bu_ptr, e0, cols, col_ok, rk, r_ok, rank, n_cols)),
@@ -266,7 +267,7 @@ if triton is not None:
                 dg, du, h = _backward_slot(dm, g, u, zg1, zu1, dzo1, e1, w1, keep_ptr + plane, off, mask, bg_ptr,
                                            bu_ptr, da_ptr, cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols,
                                            HAS_LORA, HAS_KEEP, PREC)
-                if HAS_LORA:
+                if HAS_LORA and not SLOT_ROWS:
                     dzg1 += tl.dot(dg.to(low), tl.trans(_r_tile(bg_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
                                    input_precision=PREC)
                     dzu1 += tl.dot(du.to(low), tl.trans(_r_tile(bu_ptr, e1, cols, col_ok, rk, r_ok, rank, n_cols)),
@@ -280,7 +281,7 @@ if triton is not None:
                 su += du
             tl.store(sg_ptr + off, sg.to(sg_ptr.dtype.element_ty), mask=mask)
             tl.store(su_ptr + off, su.to(su_ptr.dtype.element_ty), mask=mask)
-        if HAS_LORA:  # this chunk's partial sums, fp32 [SPLIT, T, K, 2, r] (gate, up), scaled
+        if HAS_LORA and not SLOT_ROWS:  # this chunk's partial sums, fp32 [SPLIT, T, K, 2, r] (gate, up), scaled
             z_off = part.to(tl.int64) * n_rows * K * 2 * rank + tok[:, None] * (K * 2 * rank) + rk[None, :]
             tl.store(dz_ptr + z_off, dzg0 * scale, mask=z_mask)
             tl.store(dz_ptr + z_off + rank, dzu0 * scale, mask=z_mask)
@@ -429,7 +430,7 @@ def mix_backward(
     n_tiles = sched.shape[1]
     split = _split(n_tiles, n_cols)
     sum_gate, sum_up = torch.empty_like(gate), torch.empty_like(gate)
-    dz = gate.new_empty(split, rows, k, 2, rank, dtype=torch.float32) if lora is not None else None
+    dz = gate.new_empty(split, rows, k, 2, rank, dtype=torch.float32) if lora is not None and slots is None else None
     gw = gate.new_empty(split, rows, k, dtype=torch.float32) if need_w else None
     slot_rows = tuple(bg.new_empty(rows * k, n_cols) for _ in range(3)) if slots is not None else (gate,) * 3
     _backward_kernel[(n_tiles, split)](
@@ -442,8 +443,22 @@ def mix_backward(
         NEED_W=need_w, SLOT_ROWS=slots is not None, WIDE=_wide(k * gate.numel(), split * rows * k * 2 * max(rank, 1)),
         PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
-    return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
-            None if gw is None else gw.sum(0), slot_rows if slots is not None else None)
+    if slots is None:
+        return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
+                None if gw is None else gw.sum(0), None)
+    dz = _row_lora_grads(slot_rows, bg, bu, slots, scale, k) if lora is not None else None
+    return sum_gate, sum_up, dz, None if gw is None else gw.sum(0), slot_rows
+
+
+def _row_lora_grads(slot_rows: tuple, bg: torch.Tensor, bu: torch.Tensor, slots: SlotGrouping, scale: float,
+                    k: int) -> torch.Tensor:
+    """The gate/up LoRA input gradients [T, k, 2, r], s d gate_j Bg and s d up_j Bu, from the stored slot rows
+    (sorted by expert) as two grouped GEMMs, instead of four r-wide products a column step in the backward kernel,
+    whose fp32 accumulators would hold registers for the whole pass."""
+    d_gate, d_up, _ = slot_rows
+    dz = torch.stack([segment_mm(d_gate, bg.transpose(1, 2), slots), segment_mm(d_up, bu.transpose(1, 2), slots)],
+                     1)  # [S, 2, r], sorted by expert
+    return (dz[slots.inverse] * scale).view(-1, k, 2, bg.shape[1])
 
 
 def lora_weight_grads(
