@@ -4,7 +4,8 @@ print the autotuner's time for every config of every expert kernel.
 Each candidate fixes (BLOCK_N, warps, stages[, BLOCK_M], max registers) of the forward, backward and
 LoRA weight-gradient kernels of shared_kernels.py, without autotuning, so one process compares tile
 shapes for the cost of a few compiles instead of a full autotuned benchmark. Same layer, step and
-dense baseline as moe_layer.py (shared base: ratio to 1 x the dense frozen MLP). With ``--autotuned``
+dense baseline as moe_layer.py (shared base: ratio to 1 x the dense frozen MLP), each timed after ``--settle``
+seconds of itself, the dense step again before each candidate. With ``--autotuned``
 one step of each kind (shared and distinct) runs with autotuning and the timings of the kernels tuned
 for those shapes are listed, fastest first.
 
@@ -66,15 +67,16 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds each step runs before it is timed")
     parser.add_argument("--autotuned", action="store_true", help="list the autotuner's timings instead")
     args = parser.parse_args()
     device = torch.device("cuda")
     shapes = bench.FULL
     torch.manual_seed(0)
     x = torch.randn(args.tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
-    dense_ms, _ = bench.time_ms(bench.dense_step(x, shapes), device, 3, args.reps)
+    dense = bench.dense_step(x, shapes)
     name = device_name(device)
-    print(f"{name}; T={args.tokens}, E={args.experts}; dense {dense_ms:.2f} ms", flush=True)
+    print(f"{name}; T={args.tokens}, E={args.experts}; each step timed after {args.settle} s of itself", flush=True)
     if args.autotuned:
         for rank in args.ranks:
             for kind in ("shared", "mlp"):
@@ -83,13 +85,14 @@ def main() -> None:
                 print("\n".join(autotuned_timings(layer, x)), flush=True)
                 del layer
         return
-    print("| r | candidate | shared ms | / dense |\n|---|---|---|---|")
+    print("| r | candidate | dense ms | shared ms | / dense |\n|---|---|---|---|---|")
     for rank in args.ranks:
         layer = bench.make_layer(shapes, args.experts, rank, "shared", device)
         for label, choice in CANDIDATES.items():
             fix_configs(choice)
-            ms, _ = bench.time_ms(bench.layer_step(layer, x, "grouped"), device, 3, args.reps)
-            print(f"| {rank} | {label} | {ms:.2f} | {ms / dense_ms:.3f} |", flush=True)
+            dense_ms, _ = bench.time_ms(dense, device, 3, args.reps, True, args.settle)
+            ms, _ = bench.time_ms(bench.layer_step(layer, x, "grouped"), device, 3, args.reps, True, args.settle)
+            print(f"| {rank} | {label} | {dense_ms:.2f} | {ms:.2f} | {ms / dense_ms:.3f} |", flush=True)
         del layer
 
 
