@@ -40,8 +40,9 @@ def supported(x: torch.Tensor, top_k: int, num_experts: int) -> bool:
 
 
 def slot_rows_pay(rank: int) -> bool:
-    """Whether the LoRA weight gradients at this rank come from per-expert products over rows the backward kernel
-    stores per slot (3 [S, I] tensors more in memory), rather than from the kernel that recomputes them."""
+    """Whether the LoRA weight and input gradients at this rank come from products over rows the backward kernel
+    stores per slot (3 [S, I] tensors more in memory), rather than from the kernel that recomputes them and from
+    the backward kernel itself."""
     return rank >= SLOT_ROWS_MIN_RANK
 
 
