@@ -90,8 +90,8 @@ def main() -> None:
         layer = bench.make_layer(shapes, args.experts, rank, "shared", device)
         for label, choice in CANDIDATES.items():
             fix_configs(choice)
-            dense_ms, _ = bench.time_ms(dense, device, 3, args.reps, True, args.settle)
-            ms, _ = bench.time_ms(bench.layer_step(layer, x, "grouped"), device, 3, args.reps, True, args.settle)
+            dense_ms, _ = bench.time_ms(dense, device, 3, args.reps, settle_s=args.settle)
+            ms, _ = bench.time_ms(bench.layer_step(layer, x, "grouped"), device, 3, args.reps, settle_s=args.settle)
             print(f"| {rank} | {label} | {dense_ms:.2f} | {ms:.2f} | {ms / dense_ms:.3f} |", flush=True)
         del layer
 

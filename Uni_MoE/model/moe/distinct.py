@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_blocks import mix_slots, own_blocks, own_lora_inputs, stack_b, unstack_b, za_blocks
+from .lora_blocks import mix_slots, own_blocks, own_lora_inputs, slot_pairs, stack_b, unstack_b, za_blocks
 from .rank_grad_kernels import rank_grad
 from .segments import SlotGrouping, segment_mm, segment_mm_tn
 from .slot_kernels import combine, slot_grads, token_sum
@@ -131,8 +131,7 @@ class DistinctExperts(torch.autograd.Function):
                 grads_lora[2] = rank_grad(dzd, h_dropped, g)  # [E, r, I]
                 grads_lora[0] = rank_grad(zg, d_gate, g, s, transpose=True)  # [E, I, r]
                 grads_lora[1] = rank_grad(zu, d_up, g, s, transpose=True)
-            dz = torch.stack([dzg, dzu], 1)[g.inverse].view(*weights.shape, 2, dzg.shape[1])  # [T, k, 2, r]
-            grad_za = za_blocks(dz, experts, num_experts)
+            grad_za = za_blocks(slot_pairs(dzg, dzu, g, k), experts, num_experts)
         grad_x = None
         if need[0]:
             grad_x = token_sum(segment_mm(d_gate, gate_w, g), segment_mm(d_up, up_w, g), g, k)

@@ -71,3 +71,8 @@ def za_blocks(dz: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torc
     out = dz.new_zeros(t, 2, num_experts, r)
     out.scatter_add_(2, indices[:, None, :, None].expand(t, 2, k, r), dz.permute(0, 2, 1, 3))
     return out.view(t, 2 * num_experts * r)
+
+
+def slot_pairs(dzg: torch.Tensor, dzu: torch.Tensor, g: SlotGrouping, k: int) -> torch.Tensor:
+    """Gate and up LoRA input gradients of the sorted slots [S, r] each -> [T, k, 2, r] in token order."""
+    return torch.stack([dzg, dzu], 1)[g.inverse].view(-1, k, 2, dzg.shape[1])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .lora_blocks import slot_pairs
 from .segments import SlotGrouping, group_slots, segment_mm
 from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule,
                                   triton)
@@ -444,11 +445,11 @@ def mix_backward(
         NEED_W=need_w, SLOT_ROWS=slots is not None, WIDE=_wide(k * gate.numel(), split * rows * k * 2 * max(rank, 1)),
         PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
     )
-    if slots is None:
-        return (sum_gate, sum_up, None if dz is None else dz.sum(0).to(gate.dtype),
-                None if gw is None else gw.sum(0), None)
-    dz = _row_lora_grads(slot_rows, bg, bu, slots, scale, k) if lora is not None else None
-    return sum_gate, sum_up, dz, None if gw is None else gw.sum(0), slot_rows
+    if dz is not None:
+        dz = dz.sum(0).to(gate.dtype)
+    elif lora is not None:  # the stored rows give them
+        dz = _row_lora_grads(slot_rows, bg, bu, slots, scale, k)
+    return sum_gate, sum_up, dz, None if gw is None else gw.sum(0), slot_rows if slots is not None else None
 
 
 def _row_lora_grads(slot_rows: tuple, bg: torch.Tensor, bu: torch.Tensor, slots: SlotGrouping, scale: float,
@@ -457,9 +458,8 @@ def _row_lora_grads(slot_rows: tuple, bg: torch.Tensor, bu: torch.Tensor, slots:
     (sorted by expert) as two grouped GEMMs, instead of four r-wide products a column step in the backward kernel,
     whose fp32 accumulators would hold registers for the whole pass."""
     d_gate, d_up, _ = slot_rows
-    dz = torch.stack([segment_mm(d_gate, bg.transpose(1, 2), slots), segment_mm(d_up, bu.transpose(1, 2), slots)],
-                     1)  # [S, 2, r], sorted by expert
-    return (dz[slots.inverse] * scale).view(-1, k, 2, bg.shape[1])
+    return slot_pairs(segment_mm(d_gate, bg.transpose(1, 2), slots), segment_mm(d_up, bu.transpose(1, 2), slots),
+                      slots, k) * scale
 
 
 def lora_weight_grads(
