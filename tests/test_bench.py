@@ -206,3 +206,30 @@ def test_rank_grad_smoke_times_both_ways_on_equal_products(tmp_path: Path) -> No
     for cells in rows:
         assert float(cells[4]) > 0 and float(cells[5]) > 0
         assert float(cells[-2]) < 1e-5 and float(cells[-1].strip(" |")) < 1e-5  # both ways equal float32
+
+
+def test_setting_ab_smoke_times_every_value_of_a_setting_each_round(tmp_path: Path) -> None:
+    setting = "Uni_MoE.model.moe.shared_kernels.SLOT_ROWS_MIN_RANK=64,8"
+    stdout, table = run_smoke("setting_ab.py", tmp_path, "--set", setting, "--layers", "mlp:4:8", "shared:4:64")
+    assert "| kind | E | r | T | round | SLOT_ROWS_MIN_RANK = 64 | SLOT_ROWS_MIN_RANK = 8 |" in table
+    rows = [line.strip(" |").split(" | ") for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
+    assert [row[:5] for row in rows] == [["mlp", "4", "8", "64", "1"], ["mlp", "4", "8", "64", "2"],
+                                         ["shared", "4", "64", "64", "1"], ["shared", "4", "64", "64", "2"]]
+    for row in rows:
+        cells = [[float(v.removesuffix(" ms")) for v in cell.split(", ")] for cell in row[5:]]
+        assert len(cells) == 2 and cells[0][2] == 1.0  # each round relative to the first value's step
+        for ms, ratio, relative in cells:
+            assert ms > 0 and ratio > 0 and relative == pytest.approx(ms / cells[0][0], abs=2e-3)
+    assert stdout.strip().endswith(table.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("Uni_MoE.model.moe.shared_kernels.NO_SUCH=1,2", "has no setting NO_SUCH"),
+    ("Uni_MoE.model.moe.no_such_module.X=1", "No module named"),
+    ("SLOT_ROWS_MIN_RANK", "expected module.NAME=value,value"),
+])
+def test_setting_ab_names_a_bad_setting(setting: str, message: str) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "setting_ab.py"), "--smoke", "--set", setting],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0 and message in result.stderr and setting in result.stderr
