@@ -39,15 +39,18 @@ def parse_setting(text: str) -> tuple[object, str, list[object]]:
         raise SystemExit(f"--set {text!r}: {err}") from err
     if not hasattr(module, attr):
         raise SystemExit(f"--set {text!r}: {module_name} has no setting {attr}")
-    return module, attr, [ast.literal_eval(v) for v in values.split(",")]
+    try:
+        return module, attr, [ast.literal_eval(v) for v in values.split(",")]
+    except (ValueError, SyntaxError) as err:
+        raise SystemExit(f"--set {text!r}: each value must be a Python literal ({err})") from err
 
 
 def parse_layer(text: str) -> tuple[str, int, int]:
     """"mlp:8:64" -> ("mlp", 8, 64)."""
-    kind, experts, rank = text.split(":")
-    if kind not in ("mlp", "shared"):
-        raise SystemExit(f"--layers {text!r}: the kind is mlp or shared")
-    return kind, int(experts), int(rank)
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in ("mlp", "shared") or not all(p.isdigit() for p in parts[1:]):
+        raise SystemExit(f"--layers {text!r}: expected kind:E:r with kind mlp or shared and E, r whole numbers")
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 def measure(module: object, attr: str, values: list[object], layer_spec: tuple[str, int, int], x: torch.Tensor,
