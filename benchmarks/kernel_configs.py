@@ -48,7 +48,9 @@ def fix_configs(choice: tuple) -> None:
 
 def autotuned_timings(layer: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """One autotuned step of ``layer``; rows (kernel, ms, config) of each kernel it tuned, fastest first."""
-    kernels = {name: autotuned(name) for name in EXPERT_KERNELS}
+    kernels = {label: kernel for name in EXPERT_KERNELS
+               for label, kernel in ((name, autotuned(name)), (f"{name}, in place", autotuned(name, "_in_place")))
+               if kernel is not None}
     for kernel in kernels.values():
         kernel.configs_timings = None
     bench.layer_step(layer, x, "grouped")()

@@ -36,23 +36,26 @@ KERNELS = {  # name -> (module, attribute, layer kind)
 OK, OUT_OF_RESOURCES = "step ok", "out of resources"
 
 
-def autotuned(name: str):  # noqa: ANN201 (a triton Autotuner; Triton is imported lazily)
+def autotuned(name: str, suffix: str = ""):  # noqa: ANN201 (a triton Autotuner; Triton is imported lazily)
+    """Kernel ``name``'s autotuner, or with ``suffix="_in_place"`` that of its twin which writes over its inputs
+    (None where there is none)."""
     import importlib
 
     module, attribute, _ = KERNELS[name]
-    return getattr(importlib.import_module(f"Uni_MoE.model.moe.{module}"), attribute)
+    return getattr(importlib.import_module(f"Uni_MoE.model.moe.{module}"), attribute + suffix, None)
 
 
 def child(name: str, index: int, rank: int, tokens: int, experts: int, small: bool) -> None:
-    """One layer step with config ``index`` of kernel ``name`` and the first config of the others."""
+    """One layer step with config ``index`` of kernel ``name`` and the first config of the others; a kernel's
+    in-place twin (the same body, run when the block recomputes its projections) gets the same config."""
     import triton
 
     import moe_layer as bench
 
     for other in KERNELS:
-        kernel = autotuned(other)
-        kernel.configs = [kernel.configs[index if other == name else 0]]
-        kernel.cache.clear()
+        for kernel in filter(None, (autotuned(other), autotuned(other, "_in_place"))):
+            kernel.configs = [kernel.configs[index if other == name else 0]]
+            kernel.cache.clear()
     device = torch.device("cpu" if small else "cuda")
     shapes = bench.Shapes(32, 96, (experts,), (rank,), (tokens,), torch.float32) if small else bench.FULL
     torch.manual_seed(0)
