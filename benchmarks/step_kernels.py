@@ -1,0 +1,124 @@
+"""Where one settled MoE layer step's GPU time goes: its kernels by kind, next to the dense frozen MLP step's.
+
+Each step (the dense baseline first, then each ``--layers`` kind:E:r) runs for ``--settle`` seconds, so a
+power-capped GPU sits at that step's own clock, and then once under the profiler. Its kernels are summed by kind:
+grouped GEMMs (torch's CUTLASS kernels over expert segments, with their setup kernels), other GEMMs (cuBLAS),
+Triton kernels (the project's, named after their Python functions) and the rest (torch's elementwise, copies,
+reductions); the span is the first kernel's start to the last one's end. ``--list`` also lists every kernel of
+at least ``--min-us`` in launch order, the raw material for a per-kernel comparison. On the CPU (``--smoke``) the
+rows are the step's top-level operators and their CPU time.
+
+    python benchmarks/step_kernels.py --layers mlp:8:64 shared:8:64 --tokens 8192 --list --out FILE
+    python benchmarks/step_kernels.py --smoke
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import moe_layer as bench  # noqa: E402
+from report import device_name, emit_table, timing_parser  # noqa: E402
+from setting_ab import parse_layer  # noqa: E402
+
+KINDS = ("grouped GEMM", "GEMM", "Triton", "rest")
+
+
+def kind_of(name: str) -> str:
+    """The kind of a kernel (or, on the CPU, operator) by its name."""
+    lowered = name.lower()
+    if "grouped" in lowered or "groupproblemshape" in lowered or "_grouped_mm" in lowered:
+        return "grouped GEMM"
+    if lowered.startswith(("nvjet", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")) or any(
+            word in lowered for word in ("gemm", "cublas", "cutlass")):
+        return "GEMM"
+    if name.startswith("_") and not name.startswith("_Z") and not any(c in name for c in ": ("):  # not C++
+        return "Triton"
+    return "rest"
+
+
+def step_kernels(step: Callable[[], None], device: torch.device, settle_s: float) -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of every kernel of one ``step`` after ``settle_s`` seconds of it, in launch
+    order; on the CPU the top-level operators with their CPU time."""
+    step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    end = time.perf_counter() + settle_s
+    while time.perf_counter() < end:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        rows = [(e.name, e.time_range.start, e.device_time) for e in events]
+    else:
+        rows = [(e.name, e.time_range.start, e.cpu_time_total) for e in prof.events() if e.cpu_parent is None]
+    return sorted(rows, key=lambda row: row[1])
+
+
+def summary(rows: list[tuple[str, float, float]]) -> dict[str, tuple[int, float]]:
+    """Per kind (and "all"): (kernel count, summed ms)."""
+    out = {kind: (0, 0.0) for kind in (*KINDS, "all")}
+    for name, _, us in rows:
+        for kind in (kind_of(name), "all"):
+            count, ms = out[kind]
+            out[kind] = (count + 1, ms + us / 1e3)
+    return out
+
+
+def span_ms(rows: list[tuple[str, float, float]]) -> float:
+    """First kernel's start to the last one's end."""
+    return (max(start + us for _, start, us in rows) - min(start for _, start, _ in rows)) / 1e3 if rows else 0.0
+
+
+def main() -> None:
+    parser = timing_parser(__doc__, reps=1, settle=1.5)
+    parser.add_argument("--layers", nargs="+", default=["mlp:8:64", "shared:8:64"], help="kind:E:r, kind mlp or shared")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--list", action="store_true", help="also list each layer's kernels in launch order")
+    parser.add_argument("--min-us", type=float, default=20.0, help="shortest kernel --list shows")
+    args = parser.parse_args()
+    layers = [parse_layer(text) for text in args.layers]
+    if args.smoke:
+        device, shapes, tokens, settle = torch.device("cpu"), bench.SMALL, 64, 0.0
+    else:
+        device, shapes, tokens, settle = torch.device("cuda"), bench.FULL, args.tokens, args.settle
+    torch.manual_seed(0)
+    x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
+    steps = {"dense": step_kernels(bench.dense_step(x, shapes), device, settle)}
+    for kind, experts, rank in layers:
+        layer = bench.make_layer(shapes, experts, rank, kind, device)
+        steps[f"{kind} E={experts} r={rank}"] = step_kernels(bench.layer_step(layer, x, "grouped"), device, settle)
+        del layer
+    sums = {name: summary(rows) for name, rows in steps.items()}
+    unit = "kernels, ms" if device.type == "cuda" else "top-level operators, CPU ms"
+    lines = [f"# Where a layer step's time goes ({device_name(device)})", "",
+             f"{datetime.date.today()}, H={shapes.hidden}, I={shapes.intermediate}, top-{bench.TOP_K}, T={tokens}, "
+             f"{str(shapes.dtype).split('.')[-1]}; one step profiled after {settle} s of itself; each cell: {unit}; "
+             f"`python benchmarks/step_kernels.py --layers {' '.join(args.layers)} --tokens {tokens}`", "",
+             "| kind | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+    for kind in (*KINDS, "all"):
+        lines.append(f"| {kind} | " + " | ".join(f"{sums[s][kind][0]}, {sums[s][kind][1]:.3f}" for s in steps) + " |")
+    lines.append("| span ms | " + " | ".join(f"{span_ms(rows):.3f}" for rows in steps.values()) + " |")
+    if args.list:
+        for name, rows in steps.items():
+            lines += ["", f"## {name}: kernels of at least {args.min_us:g} us in launch order", "",
+                      "| us | kind | kernel |", "|---|---|---|"]
+            lines += [f"| {us:.1f} | {kind_of(k)} | `{k[:100]}` |" for k, _, us in rows if us >= args.min_us]
+    emit_table("\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
