@@ -246,3 +246,35 @@ def test_setting_ab_names_a_bad_layer(layer: str) -> None:
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode != 0 and "expected kind:E:r" in result.stderr and layer in result.stderr
 
+
+def test_step_kernels_sorts_kernels_by_kind() -> None:
+    kind_of = load_file("step_kernels", ROOT / "benchmarks" / "step_kernels.py").kind_of
+    grouped = ("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13"
+               "GemmUniversalINS5_17GroupProblemShapeE")
+    assert kind_of(grouped) == "grouped GEMM"
+    assert kind_of("void at::cuda::detail::prepare_grouped_gemm_data<cutlass::bfloat16_t>(int)") == "grouped GEMM"
+    assert kind_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "GEMM"
+    assert kind_of("aten::mm") == "GEMM"
+    assert kind_of("_backward_body") == kind_of("_rank_grad_kernel") == "Triton"
+    assert kind_of("_ZN2at6native29vectorized_elementwise_kernelILi4E") == "rest"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<8, at::native::silu_kernel>(int)") == "rest"
+    assert kind_of("Memset (Device)") == "rest"
+
+
+def test_step_kernels_smoke_sums_every_step_by_kind(tmp_path: Path) -> None:
+    stdout, table = run_smoke("step_kernels.py", tmp_path, "--layers", "mlp:4:8", "shared:4:8", "--list",
+                              "--min-us", "0")
+    assert "| kind | dense | mlp E=4 r=8 | shared E=4 r=8 |" in table
+    rows = {line.split(" | ")[0].strip("| "): line.strip(" |").split(" | ")[1:] for line in table.splitlines()
+            if line.startswith(("| grouped", "| GEMM", "| Triton", "| rest", "| all", "| span"))}
+    assert list(rows) == ["grouped GEMM", "GEMM", "Triton", "rest", "all", "span ms"]
+    for column in range(3):
+        cells = [[float(v) for v in rows[kind][column].split(", ")]
+                 for kind in ("grouped GEMM", "GEMM", "Triton", "rest")]
+        count, ms = (float(v) for v in rows["all"][column].split(", "))
+        assert count == sum(c for c, _ in cells) > 0 and ms == pytest.approx(sum(m for _, m in cells), abs=3e-3)
+        assert ms > 0 and float(rows["span ms"][column]) > 0
+    assert float(rows["GEMM"][0].split(", ")[0]) >= 3  # the dense step's three projections
+    listed = table.split("## mlp E=4 r=8")[1].split("## shared")[0]
+    assert listed.count("\n| ") - 1 == int(float(rows["all"][1].split(", ")[0]))  # every operator at --min-us 0
+    assert stdout.strip().endswith(table.strip().splitlines()[-1])
