@@ -14,6 +14,7 @@ rows are the step's top-level operators and their CPU time.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_layer as bench  # noqa: E402
-from report import device_name, emit_table, timing_parser  # noqa: E402
+from report import device_name, emit_table  # noqa: E402
 from setting_ab import parse_layer  # noqa: E402
 
 KINDS = ("grouped GEMM", "GEMM", "Triton", "rest")
@@ -84,7 +85,10 @@ def span_ms(rows: list[tuple[str, float, float]]) -> float:
 
 
 def main() -> None:
-    parser = timing_parser(__doc__, reps=1, settle=1.5)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--settle", type=float, default=1.5, help="seconds each step runs before it is profiled")
+    parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--layers", nargs="+", default=["mlp:8:64", "shared:8:64"], help="kind:E:r, kind mlp or shared")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--list", action="store_true", help="also list each layer's kernels in launch order")
