@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 
 from .segments import SlotGrouping, segment_mm_tn
-from .swiglu_lora_kernels import _INTERPRET, _block_r, _precision, available, configs, triton
+from .swiglu_lora_kernels import _INTERPRET, _block_r, _precision, available, triton
 
 MAX_RANK = 128  # the [r, BLOCK_N] fp32 sum stays on registers up to this rank
 
 if triton is not None:
     import triton.language as tl
+
+    from .swiglu_lora_kernels import configs
 
     # (BLOCK_N, warps, stages, BLOCK_M rows a step)
     _CONFIGS = configs(((128, 4, 3, 64), (256, 8, 3, 64), (128, 4, 4, 32), (64, 4, 4, 64), (128, 8, 4, 64)),
