@@ -66,12 +66,7 @@ def time_ms(step: Callable[[], None], device: torch.device, warmup: int, reps: i
     the clock that the step before it left."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda" and settle_s > 0:
-        torch.cuda.synchronize()
-        end = time.perf_counter() + settle_s
-        while time.perf_counter() < end:
-            step()
-            torch.cuda.synchronize()
+    settle(step, device, settle_s)
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -100,6 +95,18 @@ def time_ms(step: Callable[[], None], device: torch.device, warmup: int, reps: i
             times.append((time.perf_counter() - t0) * 1e3)
         peak = float("nan")
     return statistics.median(times), peak
+
+
+def settle(step: Callable[[], None], device: torch.device, seconds: float) -> None:
+    """Keep running ``step`` (synchronised) for ``seconds`` on a GPU, so that a power-capped one reaches the clock
+    of this step's own work; nothing on the CPU."""
+    if device.type != "cuda" or seconds <= 0:
+        return
+    torch.cuda.synchronize()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        step()
+        torch.cuda.synchronize()
 
 
 def gpu_clock(device: torch.device) -> str:

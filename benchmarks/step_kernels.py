@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +33,7 @@ KINDS = ("grouped GEMM", "GEMM", "Triton", "rest")
 def kind_of(name: str) -> str:
     """The kind of a kernel (or, on the CPU, operator) by its name."""
     lowered = name.lower()
-    if "grouped" in lowered or "groupproblemshape" in lowered or "_grouped_mm" in lowered:
+    if "grouped" in lowered or "groupproblemshape" in lowered:
         return "grouped GEMM"
     if lowered.startswith(("nvjet", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")) or any(
             word in lowered for word in ("gemm", "cublas", "cutlass")):
@@ -48,14 +47,8 @@ def step_kernels(step: Callable[[], None], device: torch.device, settle_s: float
     """(name, start us, duration us) of every kernel of one ``step`` after ``settle_s`` seconds of it, in launch
     order; on the CPU the top-level operators with their CPU time."""
     step()
+    bench.settle(step, device, settle_s)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    end = time.perf_counter() + settle_s
-    while time.perf_counter() < end:
-        step()
-        if cuda:
-            torch.cuda.synchronize()
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
         step()

@@ -225,6 +225,13 @@ def test_setting_ab_smoke_times_every_value_of_a_setting_each_round(tmp_path: Pa
     assert stdout.strip().endswith(table.strip().splitlines()[-1])
 
 
+def run_setting_ab(*args: str) -> subprocess.CompletedProcess:
+    """``setting_ab.py --smoke`` with these arguments, its output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "setting_ab.py"), "--smoke", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 @pytest.mark.parametrize("setting, message", [
     ("Uni_MoE.model.moe.shared_kernels.NO_SUCH=1,2", "has no setting NO_SUCH"),
     ("Uni_MoE.model.moe.no_such_module.X=1", "No module named"),
@@ -232,18 +239,13 @@ def test_setting_ab_smoke_times_every_value_of_a_setting_each_round(tmp_path: Pa
     ("Uni_MoE.model.moe.shared_kernels.SLOT_ROWS_MIN_RANK=64,eight", "must be a Python literal"),
 ])
 def test_setting_ab_names_a_bad_setting(setting: str, message: str) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "setting_ab.py"), "--smoke", "--set", setting],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = run_setting_ab("--set", setting)
     assert result.returncode != 0 and message in result.stderr and setting in result.stderr
 
 
 @pytest.mark.parametrize("layer", ["mlp:8", "dense:8:64", "mlp:eight:64", "shared:8:64:1"])
 def test_setting_ab_names_a_bad_layer(layer: str) -> None:
-    setting = "Uni_MoE.model.moe.shared_kernels.SLOT_ROWS_MIN_RANK=64,8"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "setting_ab.py"), "--smoke", "--set", setting,
-                             "--layers", layer], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = run_setting_ab("--set", "Uni_MoE.model.moe.shared_kernels.SLOT_ROWS_MIN_RANK=64,8", "--layers", layer)
     assert result.returncode != 0 and "expected kind:E:r" in result.stderr and layer in result.stderr
 
 
