@@ -1,10 +1,11 @@
 """The distinct-expert block's frozen-base GEMMs: one grouped GEMM per product (what the block runs,
-``segments.segment_mm``) against one cuBLAS GEMM per expert on its row slice, one process.
+``segments.segment_mm``) against one cuBLAS GEMM per expert on its row slice, and against the floor of one
+cuBLAS GEMM over all slot rows with a single weight (the same FLOPs, as a dense MLP runs them), one process.
 
 The per-expert way needs every expert's row count on the host, so it pays one device-to-host copy (a
 synchronisation) per call; the grouped GEMM needs none. For each product of a step (forward gate + up, the
 down projection; backward d h, and the input gradient of gate + up, summed in the per-expert way by an
-accumulating GEMM), the two are timed alternately (the best of five medians), with slot rows spread evenly
+accumulating GEMM), the three are timed alternately (the best of five medians), with slot rows spread evenly
 over the experts as a balanced router gives them.
 
     python benchmarks/expert_gemm.py --out FILE                 # CUDA, LLaMA-7B MLP shapes, bf16
@@ -45,8 +46,9 @@ def per_expert(pairs: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Ten
 
 
 def products(tokens: int, experts: int, hidden: int, inter: int, device: torch.device,
-             dtype: torch.dtype) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
-    """(grouped, per-expert) closures for each product of one forward and backward."""
+             dtype: torch.dtype) -> dict[str, tuple[Callable[[], object], ...]]:
+    """(grouped, per-expert, dense) closures for each product of one forward and backward; dense multiplies
+    all slot rows by expert 0's weight, laid out as the grouped GEMM reads it."""
     rows = tokens * TOP_K
     indices = (torch.arange(tokens, device=device)[:, None] * TOP_K + torch.arange(TOP_K, device=device)) % experts
     g = group_slots(indices, experts)
@@ -62,11 +64,15 @@ def products(tokens: int, experts: int, hidden: int, inter: int, device: torch.d
     c = g.counts
     return {
         "forward gate + up": (lambda: (segment_mm(xs, gate_t, g), segment_mm(xs, up_t, g)),
-                              lambda: (per_expert([(xs, gate_t)], c, inter), per_expert([(xs, up_t)], c, inter))),
-        "forward down": (lambda: segment_mm(hs, down_t, g), lambda: per_expert([(hs, down_t)], c, hidden)),
-        "backward d h": (lambda: segment_mm(dys, down_w, g), lambda: per_expert([(dys, down_w)], c, inter)),
+                              lambda: (per_expert([(xs, gate_t)], c, inter), per_expert([(xs, up_t)], c, inter)),
+                              lambda: (xs @ gate_t[0], xs @ up_t[0])),
+        "forward down": (lambda: segment_mm(hs, down_t, g), lambda: per_expert([(hs, down_t)], c, hidden),
+                         lambda: hs @ down_t[0]),
+        "backward d h": (lambda: segment_mm(dys, down_w, g), lambda: per_expert([(dys, down_w)], c, inter),
+                         lambda: dys @ down_w[0]),
         "backward d x (gate + up)": (lambda: segment_mm(dg, gate_w, g).add_(segment_mm(du, up_w, g)),
-                                     lambda: per_expert([(dg, gate_w), (du, up_w)], c, hidden)),
+                                     lambda: per_expert([(dg, gate_w), (du, up_w)], c, hidden),
+                                     lambda: (dg @ gate_w[0]).add_(du @ up_w[0])),
     }
 
 
@@ -74,16 +80,16 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> l
     rows = []
     for tokens in args.tokens:
         for experts in args.experts:
-            for name, (grouped, loop) in products(tokens, experts, args.hidden, args.intermediate, device,
-                                                 dtype).items():
-                difference = relative_difference(grouped(), loop())  # also the warm-up
-                times: dict[str, list[float]] = {"grouped": [], "loop": []}
+            for name, ways in products(tokens, experts, args.hidden, args.intermediate, device, dtype).items():
+                difference = relative_difference(ways[0](), ways[1]())
+                ways[2]()  # its warm-up
+                times: list[list[float]] = [[], [], []]
                 for _ in range(5):
-                    times["grouped"].append(median_ms(grouped, device, args.reps))
-                    times["loop"].append(median_ms(loop, device, args.reps))
-                a, b = min(times["grouped"]), min(times["loop"])
-                rows.append(f"| {tokens} | {experts} | {name} | {a:.3f} | {b:.3f} | **{b / a:.3f}** "
-                            f"| {difference:.1e} |")
+                    for way, spent in zip(ways, times):
+                        spent.append(median_ms(way, device, args.reps))
+                a, b, d = (min(spent) for spent in times)
+                rows.append(f"| {tokens} | {experts} | {name} | {a:.3f} | {b:.3f} | {d:.3f} | **{b / a:.3f}** "
+                            f"| **{a / d:.3f}** | {difference:.1e} |")
                 print(rows[-1], flush=True)
     return rows
 
@@ -110,10 +116,12 @@ def main() -> None:
         f"- device: {name}; torch {torch.__version__}; date {datetime.date.today().isoformat()}",
         f"- H={args.hidden}, I={args.intermediate}, top-{TOP_K}, slot rows = {TOP_K} x tokens spread evenly over the "
         f"experts, {str(dtype).removeprefix('torch.')}; ms: the best of five alternating medians of {args.reps} "
-        "synchronised calls; per expert includes its host synchronisation",
+        "synchronised calls; per expert includes its host synchronisation; dense: one GEMM of all slot rows with "
+        "expert 0's weight",
         "",
-        "| tokens | E | product | grouped ms | per expert ms | per expert / grouped | max difference / max |",
-        "|---|---|---|---|---|---|---|",
+        "| tokens | E | product | grouped ms | per expert ms | dense ms | per expert / grouped | grouped / dense "
+        "| max difference / max |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

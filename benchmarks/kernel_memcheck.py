@@ -45,17 +45,26 @@ def autotuned(name: str, suffix: str = ""):  # noqa: ANN201 (a triton Autotuner;
     return getattr(importlib.import_module(f"Uni_MoE.model.moe.{module}"), attribute + suffix, None)
 
 
+_ORIGINAL: dict = {}  # each autotuner's own config list, before ``pin_configs`` first narrows it
+
+
+def pin_configs(name: str | None, index: int = 0) -> None:
+    """Give every expert kernel one autotuning config: kernel ``name`` (and its in-place twin) its config
+    ``index``, the others their first; ``name`` None restores every kernel's own list."""
+    for other in KERNELS:
+        for kernel in filter(None, (autotuned(other), autotuned(other, "_in_place"))):
+            configs = _ORIGINAL.setdefault(kernel, list(kernel.configs))
+            kernel.configs = configs if name is None else [configs[index if other == name else 0]]
+            kernel.cache.clear()
+
+
 def child(name: str, index: int, rank: int, tokens: int, experts: int, small: bool) -> None:
-    """One layer step with config ``index`` of kernel ``name`` and the first config of the others; a kernel's
-    in-place twin (the same body, run when the block recomputes its projections) gets the same config."""
+    """One layer step with config ``index`` of kernel ``name`` and the first config of the others."""
     import triton
 
     import moe_layer as bench
 
-    for other in KERNELS:
-        for kernel in filter(None, (autotuned(other), autotuned(other, "_in_place"))):
-            kernel.configs = [kernel.configs[index if other == name else 0]]
-            kernel.cache.clear()
+    pin_configs(name, index)
     device = torch.device("cpu" if small else "cuda")
     shapes = bench.Shapes(32, 96, (experts,), (rank,), (tokens,), torch.float32) if small else bench.FULL
     torch.manual_seed(0)

@@ -46,16 +46,17 @@ HEADER = ("| kernel | r | config | registers | spilled bytes | async copies | 16
           "| 128-bit global loads |\n|---|---|---|---|---|---|---|---|")
 
 
-def constants(names: list[str], rank: int, experts: int, config_kwargs: dict) -> dict:
+def constants(names: list[str], rank: int, experts: int, config_kwargs: dict, distinct: bool = False) -> dict:
     """Values of a kernel's compile-time (``tl.constexpr``) arguments ``names`` at these shapes (LoRA on, no
-    dropout, fused weight gradients or stored slot rows as the rank decides). Other integers stay runtime
-    arguments."""
+    dropout, fused weight gradients or stored slot rows as the rank decides; the tile height of the rank for a
+    ``distinct`` block's kernel). Other integers stay runtime arguments."""
     from Uni_MoE.model.moe.shared_kernels import slot_rows_pay
-    from Uni_MoE.model.moe.swiglu_lora_kernels import BLOCK_M, _block_r, fuses_weight_grads
+    from Uni_MoE.model.moe.swiglu_lora_kernels import BLOCK_M, _block_r, block_m, fuses_weight_grads
 
     values = dict(n_cols=N_COLS, rank=rank, n_experts=experts, K=2, SPLIT=8, HAS_LORA=True, HAS_KEEP=False,
                   STORE_H=False, WGRAD=fuses_weight_grads(rank), NEED_W=True, SLOT_ROWS=slot_rows_pay(rank),
-                  WIDE=False, TRANSPOSE=True, PREC="tf32", INTERPRET=False, BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank))
+                  WIDE=False, TRANSPOSE=True, PREC="tf32", INTERPRET=False,
+                  BLOCK_M=block_m(rank) if distinct else BLOCK_M, BLOCK_R=_block_r(rank))
     values.update(config_kwargs)
     return {name: values[name] for name in names if name in values}
 
@@ -69,7 +70,8 @@ def compile_stats(kernel: object, config: object, rank: int, experts: int) -> di
 
     fn = kernel.fn
     names = list(fn.arg_names)
-    consts = constants([p.name for p in fn.params if p.is_constexpr], rank, experts, config.kwargs)
+    consts = constants([p.name for p in fn.params if p.is_constexpr], rank, experts, config.kwargs,
+                       fn.__module__.endswith("swiglu_lora_kernels"))
     signature = {n: "constexpr" if n in consts else "fp32" if n in FLOATS
                  else f"*{POINTERS.get(n, 'bf16')}" if n.endswith("_ptr") else "i32" for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}

@@ -71,6 +71,19 @@ def test_kernels_in_the_triton_interpreter_match_the_loop() -> None:
     assert "all checks passed" in result.stdout
 
 
+@INTERPRETER
+def test_check_each_config_checks_every_kernel_of_both_kinds() -> None:
+    """``--each-config`` pins each kernel's configs in turn (one under the interpreter) and checks a layer each."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_moe_kernels.py"), "--small",
+                             "--device", "cpu", "--each-config", "--experts", "4", "--ranks", "8"],
+                            capture_output=True, text=True, env=interpreter_env(), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("shared forward", "shared backward", "shared weight gradients", "distinct forward",
+                 "distinct backward", "rank gradients"):
+        assert f"{name}, config 0:" in result.stdout
+    assert result.stdout.count("E=4 r= 8: bf16 rel err") == 6 and "all checks passed" in result.stdout
+
+
 _LOGITS_CHECK = """
 import torch
 from Uni_MoE.model.moe.router_logits import logits_f32
@@ -126,6 +139,25 @@ def test_autotuning_configs_cap_registers_only_where_asked(monkeypatch: pytest.M
     monkeypatch.setenv("UNI_MOE_AUTOTUNE", "0")
     single = kernels.configs(((32, 8, 3),), single=(64, 4, 1), capped=((16, 4, 2),))
     assert [(c.kwargs, c.maxnreg) for c in single] == [({"BLOCK_N": 64}, None)]
+
+
+def test_config_pruning_keeps_capped_registers_off_large_r_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    from Uni_MoE.model.moe import swiglu_lora_kernels as kernels
+
+    monkeypatch.delenv("UNI_MOE_AUTOTUNE", raising=False)
+    tuned = kernels.configs(((32, 8, 3), (64, 4, 1)), capped=((16, 4, 1), (16, 4, 2)))
+    bf16, fp32 = ({"gate_ptr": torch.empty(1, dtype=dtype)} for dtype in (torch.bfloat16, torch.float32))
+
+    def kept(configs: list, args: dict, rows: int, block_r: int) -> list[tuple]:
+        return [(c.kwargs["BLOCK_N"], c.num_stages, c.maxnreg)
+                for c in kernels._prune(configs, args, BLOCK_M=rows, BLOCK_R=block_r)]
+
+    capped = kernels.CAPPED_REGS
+    assert kept(tuned, bf16, 128, 64) == [(32, 3, None), (64, 1, None), (16, 1, capped), (16, 2, capped)]
+    assert kept(tuned, bf16, 128, 128) == [(32, 3, None), (64, 1, None)]  # r = 128 at 128 rows
+    assert kept(tuned, fp32, 64, 16) == [(64, 1, None), (16, 1, capped)]
+    assert kept(tuned, fp32, 128, 128) == [(64, 1, None)]
+    assert kept(tuned[2:3], bf16, 128, 128) == [(16, 1, capped)]  # a pinned config stays
 
 
 _WIDE_CHECK = """
@@ -196,6 +228,35 @@ def test_shared_weight_gradients_from_stored_slot_rows_equal_the_fused_kernel() 
     every gradient equals the fused kernel's (top-2 and top-1, with down dropout, an expert without slots), and
     is the same with 64-bit row offsets."""
     assert run_in_triton_interpreter(_SLOT_ROWS_CHECK, timeout=600).strip() == "same"
+
+
+_WIDE_TILES_CHECK = """
+import sys
+import torch
+sys.path.insert(0, "benchmarks")
+from check_moe_kernels import make_layer, rel, run
+from Uni_MoE.model.moe import swiglu_lora_kernels as kernels
+for rank, dropout in ((8, 0.1), (64, 0.0)):
+    layer = make_layer(32, 200, 4, rank, "mlp", dropout).train()
+    x = torch.rand(300, 32)  # about 150 slots an expert: full and partial 128-row tiles, one expert empty
+    got = {}
+    for wide_from in (rank, rank + 1):  # 128-row tiles, then 64-row ones
+        kernels.WIDE_MIN_RANK = wide_from
+        got[kernels.block_m(rank)] = run(layer, x, "grouped", seed=1)
+    loop = run(layer, x, "reference", seed=1) if dropout == 0 else got[64]
+    assert set(got[128]) == set(loop) and len(loop) > 5, sorted(loop)
+    worst = max(rel(got[128][k], loop[k]) for k in loop)
+    assert worst < 1e-5, (rank, worst)
+print("ok")
+"""
+
+
+@INTERPRETER
+def test_distinct_kernels_with_128_row_tiles_match_64_row_tiles_and_the_loop() -> None:
+    """From WIDE_MIN_RANK the distinct kernels take 128-row tiles: with them (forced at r = 8 too, where the
+    backward kernel also sums the LoRA weight gradients per tile, and under dropout) every output and gradient
+    equals the 64-row tiles' and, without dropout, the reference loop's."""
+    assert run_in_triton_interpreter(_WIDE_TILES_CHECK, timeout=600).strip() == "ok"
 
 
 _RANK_GRAD_CHECK = """

@@ -27,8 +27,16 @@ class SwiGLULoRA:
     def __init__(self, gate: torch.Tensor, g: SlotGrouping, scale: float) -> None:
         self.g, self.scale = g, scale
         self.fused = kernels.available(gate)
-        self.sched = kernels.tile_schedule(g.counts, g.offs, gate.shape[0]) if self.fused else None
+        self.rows = gate.shape[0]
+        self._scheds: dict[int, torch.Tensor] = {}  # tile schedules by rows a tile, made on first use
         self._weights: tuple | None = None  # the LoRA weights in the kernels' layout, made on first use
+
+    def _sched(self, lora: tuple | None) -> torch.Tensor:
+        """The kernels' tile schedule at the tile height of ``lora``'s rank (``kernels.block_m``)."""
+        block_m = kernels.block_m(0 if lora is None else lora[0].shape[1])
+        if block_m not in self._scheds:
+            self._scheds[block_m] = kernels.tile_schedule(self.g.counts, self.g.offs, self.rows, block_m)
+        return self._scheds[block_m]
 
     def _kernel_lora(self, lora: tuple | None) -> tuple | None:
         """``lora`` with its weights in the kernels' layout (``kernel_factors``), made once for forward and
@@ -45,7 +53,7 @@ class SwiGLULoRA:
         """(h, zd or None, gate and up to keep for backward)."""
         if self.fused:
             h, zd = kernels.swiglu_lora_forward(gate, up, self._kernel_lora(lora), keep, keep_scale, self.scale,
-                                                self.sched)
+                                                self._sched(lora))
             return h, zd, gate, up
         zd = None
         gate, up = self.kept(gate, up, lora)
@@ -68,7 +76,7 @@ class SwiGLULoRA:
         """h without dropout from the kept gate and up (for a trainable down base under dropout)."""
         if self.fused:
             return kernels.swiglu_lora_forward(gate, up, self._kernel_lora(lora), None, 1.0, self.scale,
-                                               self.sched)[0]
+                                               self._sched(lora))[0]
         return swiglu_forward(gate, up, None, None, None, 1.0, None, None)[0]
 
     def backward(
@@ -79,11 +87,12 @@ class SwiGLULoRA:
         weight gradients (s d Bg, s d Bu, d Ad) when the kernel computes them). dzd [S, r] comes scaled.
         ``in_place``: the kernels may write d_gate, d_up over gate, up (which the caller then no longer reads)."""
         if self.fused:
-            wgrad = lora is not None and kernels.fuses_weight_grads(lora[0].shape[1])
+            rank = 0 if lora is None else lora[0].shape[1]
+            wgrad = kernels.fuses_weight_grads(rank)
+            ranges = kernels.expert_tile_ranges(self.g.counts, kernels.block_m(rank)) if wgrad else None
+            need_h = need_h or (lora is not None and not wgrad)
             return kernels.swiglu_lora_backward(dh, gate, up, self._kernel_lora(lora), dzd, keep, keep_scale,
-                                                self.scale, self.sched, need_h or (lora is not None and not wgrad),
-                                                kernels.expert_tile_ranges(self.g.counts) if wgrad else None,
-                                                in_place)
+                                                self.scale, self._sched(lora), need_h, ranges, in_place)
         extra = None
         if lora is not None:
             down_a = lora[4]

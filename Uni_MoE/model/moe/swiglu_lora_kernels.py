@@ -29,8 +29,13 @@ except ImportError:  # CPU-only installs: the torch path in swiglu_lora.py runs 
     triton = None
 
 BLOCK_M = 64
+# From this rank the distinct kernels take row tiles twice as tall: each tile reads its expert's r-wide LoRA
+# factor tiles (r x the tile's columns each, as many bytes as 64 rows of gate at r = 64) from L2 half as often per
+# row; below it the taller tiles' registers cost more than they save (moe_layer_h200.md).
+WIDE_MIN_RANK = 64
 WGRAD_MAX_RANK = 16  # fused LoRA weight gradients up to this rank: partials of 12 r bytes per row-tile column
 CAPPED_REGS = 128  # four programs of four warps a SM
+CAPPED_MAX_RZ = 128 * 64  # the largest [BLOCK_M, BLOCK_R] tile compiled with capped registers
 TARGET_PROGRAMS = 2048  # enough programs per SM to keep HBM busy; the column split makes up the rest
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -64,6 +69,11 @@ def expert_tile_ranges(counts: torch.Tensor, block_m: int = BLOCK_M) -> torch.Te
     tiles = (counts + block_m - 1) // block_m
     cum = tiles.cumsum(0)
     return torch.stack([cum - tiles, cum]).to(torch.int32).contiguous()
+
+
+def block_m(rank: int) -> int:
+    """Rows of a distinct kernel's tile at this LoRA rank (0: no LoRA)."""
+    return 2 * BLOCK_M if rank >= WIDE_MIN_RANK else BLOCK_M
 
 
 def fuses_weight_grads(rank: int) -> bool:
@@ -105,14 +115,18 @@ if triton is not None:
                        capped=((16, 4, 1), (32, 4, 1), (16, 4, 2)))
 
     def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
-        """float32 (checks only) tries the single-stage configs, whose tiles fit in shared memory."""
-        if named_args["gate_ptr"].dtype == torch.float32 and len(configs) > 1:
-            return [c for c in configs if c.num_stages == 1]
-        return configs
+        """float32 (checks only) tries the single-stage configs, whose tiles fit in shared memory; tiles whose
+        r-wide blocks exceed CAPPED_MAX_RZ elements skip the register-capped configs (at 128 rows and r = 128
+        Triton 3.6 built the distinct backward's 32-column capped config with an invalid program counter,
+        kernel_memcheck_h200.md). A pinned config the rules would drop stays, so that checks still run it."""
+        fp32 = named_args["gate_ptr"].dtype == torch.float32
+        big = kwargs.get("BLOCK_M", BLOCK_M) * kwargs.get("BLOCK_R", 0) > CAPPED_MAX_RZ
+        kept = [c for c in configs if (c.num_stages == 1 or not fp32) and not (big and c.maxnreg)]
+        return kept or configs
 
     _PRUNE = {"early_config_prune": _prune}
 
-    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP"],
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "BLOCK_M"],
                      prune_configs_by=_PRUNE)
     @triton.jit
     def _forward_kernel(
@@ -249,7 +263,7 @@ if triton is not None:
             tl.store(dzu_ptr + part * n_rows * rank + z_off, dzu * scale, mask=z_mask)
 
 
-    _BACKWARD_KEY = ["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H", "WGRAD"]
+    _BACKWARD_KEY = ["n_cols", "rank", "SPLIT", "HAS_LORA", "HAS_KEEP", "STORE_H", "WGRAD", "BLOCK_M"]
     _backward_kernel = triton.autotune(configs=_CONFIGS, key=_BACKWARD_KEY, prune_configs_by=_PRUNE)(_backward_body)
     # writing d_gate, d_up over gate, up: autotuning restores them after each trial run
     _backward_kernel_in_place = triton.autotune(configs=_CONFIGS, key=_BACKWARD_KEY, prune_configs_by=_PRUNE,
@@ -305,7 +319,7 @@ def swiglu_lora_forward(
     scale: float, sched: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h [S, I] and zd [S, r] (None without LoRA). ``lora`` = (zg, zu [S, r], Bg, Bu, Ad as ``kernel_factors``
-    gives them, [E, r, I] each)."""
+    gives them, [E, r, I] each); ``sched``: ``tile_schedule`` at ``block_m`` of the rank."""
     rows, n_cols = gate.shape
     h = torch.empty_like(gate)
     zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
@@ -316,7 +330,7 @@ def swiglu_lora_forward(
         gate, up, h, zg, zu, bg, bu, da, zd if zd is not None else gate, keep if keep is not None else gate,
         sched, n_tiles, rows, max(rank, 1), scale, keep_scale, n_cols=n_cols, SPLIT=split,
         HAS_LORA=lora is not None, HAS_KEEP=keep is not None, PREC=_precision(gate.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        BLOCK_M=block_m(rank), BLOCK_R=_block_r(rank),
     )
     return h, None if zd is None else zd.sum(0).to(gate.dtype)
 
@@ -344,7 +358,8 @@ def swiglu_lora_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple | None]:
     """(d_gate, d_up [S, I], dropout(h) or None, dzg, dzu [S, r] or None, the LoRA weight gradients or None):
     gradients through the fused forward, given dh [S, I] from the down base and dzd [S, r] (already scaled)
-    from the down LoRA. With ``ranges`` (``expert_tile_ranges``; LoRA of rank <= WGRAD_MAX_RANK) the kernel
+    from the down LoRA; ``sched`` as for the forward. With ``ranges`` (``expert_tile_ranges`` at the same
+    ``block_m``; LoRA of rank <= WGRAD_MAX_RANK) the kernel
     also gives (s d Bg, s d Bu [E, I, r], d Ad [E, r, I]). ``in_place``: d_gate and d_up are written over
     gate and up (each program reads its tile before writing it), which must be contiguous."""
     rows, n_cols = gate.shape
@@ -366,7 +381,7 @@ def swiglu_lora_backward(
         part if part is not None else gate,
         n_tiles, rows, max(rank, 1), scale, keep_scale, n_cols=n_cols, SPLIT=split,
         HAS_LORA=lora is not None, HAS_KEEP=keep is not None, STORE_H=store_h, WGRAD=wgrad,
-        PREC=_precision(gate.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank),
+        PREC=_precision(gate.dtype), BLOCK_M=block_m(rank), BLOCK_R=_block_r(rank),
     )
     if dzs is None:
         return d_gate, d_up, h, None, None, None
