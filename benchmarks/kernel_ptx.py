@@ -101,6 +101,22 @@ def describe(config: object) -> str:
     return ", ".join(parts + ([f"max {config.maxnreg} registers"] if config.maxnreg else []))
 
 
+def row(name: str, rank: int, kernel: object, config: object, experts: int) -> str:
+    """One table row: the config's counts, or why it does not compile (ptxas's fatal line; the autotuner skips such a
+    config on the GPU)."""
+    from triton.runtime.errors import PTXASError
+
+    try:
+        s = compile_stats(kernel, config, rank, experts)
+    except (PTXASError, subprocess.CalledProcessError) as error:
+        text = str(error) + str(getattr(error, "stderr", "") or "")
+        fatal = [line.split(":", 1)[-1].strip() for line in text.splitlines() if "fatal" in line]
+        reason = fatal[0] if fatal else text.strip().splitlines()[0]
+        return f"| {name} | {rank} | {describe(config)} | does not compile: {reason[:120]} | | | | |"
+    return (f"| {name} | {rank} | {describe(config)} | {s['registers']} | {s['spilled']} | {s['async_copies']} "
+            f"| {s['b16_loads']} | {s['v4_loads']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
@@ -113,9 +129,7 @@ def main() -> None:
         for name, (module, attribute) in KERNELS.items():
             kernel = getattr(importlib.import_module(f"Uni_MoE.model.moe.{module}"), attribute)
             for config in kernel.configs[:1] if args.smoke else kernel.configs:
-                s = compile_stats(kernel, config, rank, args.experts)
-                rows.append(f"| {name} | {rank} | {describe(config)} | {s['registers']} | {s['spilled']} "
-                            f"| {s['async_copies']} | {s['b16_loads']} | {s['v4_loads']} |")
+                rows.append(row(name, rank, kernel, config, args.experts))
                 print(rows[-1], flush=True)
     text = "\n".join([f"SM90 compile, I={N_COLS}, E={args.experts}, bf16", "", HEADER, *rows, ""])
     print(text)

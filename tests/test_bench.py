@@ -189,6 +189,24 @@ def test_kernel_ptx_smoke_compiles_every_expert_kernel_for_sm90() -> None:
             assert b16_loads == 0  # every tile, the LoRA factors too, is read as whole vectors
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernel_ptx_lists_a_config_that_does_not_compile_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton.runtime.errors import PTXASError
+
+    ptx = load_file("kernel_ptx", ROOT / "benchmarks" / "kernel_ptx.py")
+    message = ("Internal Triton PTX codegen error\n`ptxas` stderr:\nptxas info    : (C7512) Potential Performance Loss\n"
+               "ptxas fatal   : (C7600) Register allocation failed with register count of '128'.\n")
+
+    def fails(*args: object) -> dict:
+        raise PTXASError(message)
+
+    monkeypatch.setattr(ptx, "compile_stats", fails)
+    config = type("Config", (), dict(kwargs={"BLOCK_N": 16}, num_warps=4, num_stages=1, maxnreg=128))()
+    assert ptx.row("shared forward", 128, None, config, 4) == (
+        "| shared forward | 128 | BLOCK_N 16, 4 warps, 1 stages, max 128 registers | does not compile: (C7600) "
+        "Register allocation failed with register count of '128'. | | | | |")
+
+
 def test_docs_list_every_benchmark_script_and_its_results_file() -> None:
     doc = (ROOT / "docs" / "benchmarks.md").read_text()
     scripts = [p for p in sorted((ROOT / "benchmarks").iterdir())
