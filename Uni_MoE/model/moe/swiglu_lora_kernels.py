@@ -31,7 +31,7 @@ except ImportError:  # CPU-only installs: the torch path in swiglu_lora.py runs 
 BLOCK_M = 64
 # From this rank the distinct kernels take row tiles twice as tall: each tile reads its expert's r-wide LoRA
 # factor tiles (r x the tile's columns each, as many bytes as 64 rows of gate at r = 64) from L2 half as often per
-# row; below it the taller tiles' registers cost more than they save (moe_layer_h200.md).
+# row; below it the taller tiles' registers cost more than they save (setting_ab_h200.md).
 WIDE_MIN_RANK = 64
 WGRAD_MAX_RANK = 16  # fused LoRA weight gradients up to this rank: partials of 12 r bytes per row-tile column
 CAPPED_REGS = 128  # four programs of four warps a SM
@@ -116,8 +116,8 @@ if triton is not None:
 
     def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
         """float32 (checks only) tries the single-stage configs, whose tiles fit in shared memory; tiles whose
-        r-wide blocks exceed CAPPED_MAX_RZ elements skip the register-capped configs (at 128 rows and r = 128
-        Triton 3.6 built the distinct backward's 32-column capped config with an invalid program counter,
+        r-wide blocks exceed CAPPED_MAX_RZ elements skip the register-capped configs (at 128 rows and r = 128 the
+        distinct backward's 32-column capped config ran into an invalid program counter under memcheck,
         kernel_memcheck_h200.md). A pinned config the rules would drop stays, so that checks still run it."""
         fp32 = named_args["gate_ptr"].dtype == torch.float32
         big = kwargs.get("BLOCK_M", BLOCK_M) * kwargs.get("BLOCK_R", 0) > CAPPED_MAX_RZ
@@ -359,9 +359,9 @@ def swiglu_lora_backward(
     """(d_gate, d_up [S, I], dropout(h) or None, dzg, dzu [S, r] or None, the LoRA weight gradients or None):
     gradients through the fused forward, given dh [S, I] from the down base and dzd [S, r] (already scaled)
     from the down LoRA; ``sched`` as for the forward. With ``ranges`` (``expert_tile_ranges`` at the same
-    ``block_m``; LoRA of rank <= WGRAD_MAX_RANK) the kernel
-    also gives (s d Bg, s d Bu [E, I, r], d Ad [E, r, I]). ``in_place``: d_gate and d_up are written over
-    gate and up (each program reads its tile before writing it), which must be contiguous."""
+    ``block_m``; LoRA of rank <= WGRAD_MAX_RANK) the kernel also gives (s d Bg, s d Bu [E, I, r], d Ad [E, r, I]).
+    ``in_place``: d_gate and d_up are written over gate and up (each program reads its tile before writing it),
+    which must be contiguous."""
     rows, n_cols = gate.shape
     if in_place and not (gate.is_contiguous() and up.is_contiguous()):
         raise ValueError("in-place SwiGLU backward needs contiguous gate and up")
