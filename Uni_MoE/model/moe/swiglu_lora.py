@@ -19,6 +19,11 @@ from .swiglu import swiglu_backward, swiglu_forward
 Maybe = torch.Tensor | None
 
 
+def _rank(lora: tuple | None) -> int:
+    """The LoRA rank of ``lora`` (zg first), 0 without LoRA."""
+    return 0 if lora is None else lora[0].shape[1]
+
+
 class SwiGLULoRA:
     """h = silu(gate + s zg Bg_e^T) * (up + s zu Bu_e^T) per sorted row (expert e), zd = dropout(h) Ad_e^T,
     and the gradients back to gate, up, zg, zu. ``lora`` = (zg, zu [S, r], Bg, Bu [E, I, r], Ad [E, r, I])
@@ -31,9 +36,9 @@ class SwiGLULoRA:
         self._scheds: dict[int, torch.Tensor] = {}  # tile schedules by rows a tile, made on first use
         self._weights: tuple | None = None  # the LoRA weights in the kernels' layout, made on first use
 
-    def _sched(self, lora: tuple | None) -> torch.Tensor:
-        """The kernels' tile schedule at the tile height of ``lora``'s rank (``kernels.block_m``)."""
-        block_m = kernels.block_m(0 if lora is None else lora[0].shape[1])
+    def _sched(self, rank: int) -> torch.Tensor:
+        """The kernels' tile schedule at the tile height of this LoRA rank (``kernels.block_m``)."""
+        block_m = kernels.block_m(rank)
         if block_m not in self._scheds:
             self._scheds[block_m] = kernels.tile_schedule(self.g.counts, self.g.offs, self.rows, block_m)
         return self._scheds[block_m]
@@ -53,7 +58,7 @@ class SwiGLULoRA:
         """(h, zd or None, gate and up to keep for backward)."""
         if self.fused:
             h, zd = kernels.swiglu_lora_forward(gate, up, self._kernel_lora(lora), keep, keep_scale, self.scale,
-                                                self._sched(lora))
+                                                self._sched(_rank(lora)))
             return h, zd, gate, up
         zd = None
         gate, up = self.kept(gate, up, lora)
@@ -76,7 +81,7 @@ class SwiGLULoRA:
         """h without dropout from the kept gate and up (for a trainable down base under dropout)."""
         if self.fused:
             return kernels.swiglu_lora_forward(gate, up, self._kernel_lora(lora), None, 1.0, self.scale,
-                                               self._sched(lora))[0]
+                                               self._sched(_rank(lora)))[0]
         return swiglu_forward(gate, up, None, None, None, 1.0, None, None)[0]
 
     def backward(
@@ -87,12 +92,12 @@ class SwiGLULoRA:
         weight gradients (s d Bg, s d Bu, d Ad) when the kernel computes them). dzd [S, r] comes scaled.
         ``in_place``: the kernels may write d_gate, d_up over gate, up (which the caller then no longer reads)."""
         if self.fused:
-            rank = 0 if lora is None else lora[0].shape[1]
+            rank = _rank(lora)
             wgrad = kernels.fuses_weight_grads(rank)
             ranges = kernels.expert_tile_ranges(self.g.counts, kernels.block_m(rank)) if wgrad else None
             need_h = need_h or (lora is not None and not wgrad)
             return kernels.swiglu_lora_backward(dh, gate, up, self._kernel_lora(lora), dzd, keep, keep_scale,
-                                                self.scale, self._sched(lora), need_h, ranges, in_place)
+                                                self.scale, self._sched(rank), need_h, ranges, in_place)
         extra = None
         if lora is not None:
             down_a = lora[4]
