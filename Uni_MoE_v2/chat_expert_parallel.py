@@ -20,7 +20,7 @@ import torch.distributed as dist
 from Uni_MoE.checkpoint.loader import load_model
 from Uni_MoE.cli_args import str_to_bool
 from Uni_MoE.data.dataset import UniMoEDataset
-from Uni_MoE.eval.distributed import init_expert_parallel
+from Uni_MoE.eval.distributed import end_expert_parallel, init_expert_parallel
 from Uni_MoE.model_folder import ModelFolderError, require_model_folder
 from Uni_MoE.serve.cli import EXIT_WORDS, build_parser, chat_settings
 from Uni_MoE.serve.generate import build_chat_sample, iter_replies, to_samples
@@ -77,17 +77,18 @@ def main(argv: list[str] | None = None) -> None:
         reply = answer(args.question)
         if ranks.is_main:
             print(reply, flush=True)
-        return
-    if ranks.is_main:
-        print("Type a question (empty line or 'exit' to stop).", file=sys.stderr)
-    while True:
-        question = next_question(ranks.is_main)
-        if not question or question.lower() in EXIT_WORDS:
-            break
-        reply = answer(question)
+    else:
         if ranks.is_main:
-            print(f"ASSISTANT: {reply}", flush=True)
-        history.append((question, reply))
+            print("Type a question (empty line or 'exit' to stop).", file=sys.stderr)
+        while True:
+            question = next_question(ranks.is_main)
+            if not question or question.lower() in EXIT_WORDS:
+                break
+            reply = answer(question)
+            if ranks.is_main:
+                print(f"ASSISTANT: {reply}", flush=True)
+            history.append((question, reply))
+    end_expert_parallel(ranks)
 
 
 if __name__ == "__main__":

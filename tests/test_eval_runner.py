@@ -108,7 +108,8 @@ def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
            str(files["mmbench_audio"]["data"]), "--data_type", "mmbench_audio", "--output_dir", str(out),
            "--batch_size", "3", *FAST_DECODING, "--dtype", "float32", "--enable_deepspeed_moe", "True",
            "--eval_ep_size", "2", "--deepspeed", "zero2.json"]
-    run = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in local_rows]
     metrics = json.loads(out.with_name("mm_metrics.json").read_text())
@@ -116,6 +117,30 @@ def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
     assert run.stdout.count("mmbench_audio  accuracy") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mm.json", "mm_metrics.json"]
 
+
+
+_GROUP_ENDS = """
+import os, torch
+from Uni_MoE.eval.distributed import end_expert_parallel, free_port, init_expert_parallel
+ranks = init_expert_parallel(1)
+assert ranks.owns_group and torch.distributed.is_initialized()
+end_expert_parallel(ranks)
+assert not torch.distributed.is_initialized()
+os.environ["MASTER_PORT"] = str(free_port())
+torch.distributed.init_process_group("gloo")
+ranks = init_expert_parallel(1)
+assert not ranks.owns_group
+end_expert_parallel(ranks)
+assert torch.distributed.is_initialized()
+"""
+
+
+@pytest.mark.slow
+def test_expert_parallel_ends_only_the_process_group_it_started():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["DS_ACCELERATOR"] = "cpu"
+    done = subprocess.run([sys.executable, "-c", _GROUP_ENDS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 def test_missing_media_is_named_or_skipped(workspace, tmp_path):
     model, files, _ = workspace

@@ -20,6 +20,7 @@ class RankInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run started torch.distributed, so it ends it
 
     @property
     def is_main(self) -> bool:
@@ -47,12 +48,22 @@ def init_expert_parallel(ep_size: int) -> RankInfo:
     if "RANK" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
-    if not torch.distributed.is_initialized():
+    owns_group = not torch.distributed.is_initialized()
+    if owns_group:
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
     info = RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+                    int(os.environ.get("LOCAL_RANK", 0)), owns_group)
     if ep_size < 1 or info.world_size % ep_size:
         raise ValueError(f"--eval_ep_size {ep_size} must divide the number of processes ({info.world_size})")
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def end_expert_parallel(info: RankInfo) -> None:
+    """After a finished run, all ranks meet once more and the process group that ``init_expert_parallel``
+    started is destroyed, so no rank exits while another still writes or talks to it."""
+    if not info.owns_group or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

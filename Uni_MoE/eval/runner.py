@@ -29,7 +29,7 @@ from ..serve.generate import GenerationSettings, default_batch_size, iter_replie
 from . import metrics as M
 from .checks import (FAILED_GENERATION, Skipped, check_items, missing_references, refuse_bad_samples,
                      skipped_report, summary_line)
-from .distributed import RankInfo, init_expert_parallel
+from .distributed import RankInfo, end_expert_parallel, init_expert_parallel
 from .journal import Journal, journal_path
 from .resilient import Generate, replies_or_errors
 from .tasks import EvalItem, Task, TaskError, TaskOptions, get_task, load_annotations, record_id
@@ -223,6 +223,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             for line in dict.fromkeys(s.line(cfg.data_path) for s in skipped):
                 print(f"  {line}")
         journal.remove()
+    end_expert_parallel(ranks)
     return result
 
 
