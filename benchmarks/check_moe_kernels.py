@@ -92,8 +92,7 @@ def check_layer(args: argparse.Namespace, expert_type: str, experts: int, rank: 
 def check_each_config(args: argparse.Namespace) -> list[str]:
     """The bfloat16 check with each autotuning config of each kernel of the kinds in turn (the other kernels at
     their first config), pinned as ``kernel_memcheck.py`` pins them."""
-    import triton
-    from kernel_memcheck import KERNELS, autotuned, pin_configs
+    from kernel_memcheck import KERNELS, SKIPPED, autotuned, autotuner_skips, pin_configs, skip_reason
 
     failures = []
     for name, (*_, kind) in KERNELS.items():
@@ -106,8 +105,8 @@ def check_each_config(args: argparse.Namespace) -> list[str]:
                 for rank in args.ranks:
                     try:
                         ok = check_layer(args, kind, experts, rank, fp32=False)
-                    except triton.runtime.errors.OutOfResources:
-                        print("  out of resources (the autotuner skips it)", flush=True)
+                    except autotuner_skips() as err:
+                        print(f"  {SKIPPED} ({skip_reason(err)})", flush=True)
                         continue
                     if not ok:
                         failures.append(f"{name} config {index}: {kind} E={experts} r={rank}")

@@ -33,7 +33,24 @@ KERNELS = {  # name -> (module, attribute, layer kind)
     "distinct backward": ("swiglu_lora_kernels", "_backward_kernel", "mlp"),
     "rank gradients": ("rank_grad_kernels", "_rank_grad_kernel", "mlp"),
 }
-OK, OUT_OF_RESOURCES = "step ok", "out of resources"
+OK, SKIPPED = "step ok", "skipped by the autotuner"
+
+
+def autotuner_skips() -> tuple[type[Exception], ...]:
+    """The errors for which Triton's autotuner drops a config (times it as infinitely slow) instead of failing:
+    too many registers or too much shared memory, a failed compile-time assertion, or ptxas rejecting it."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return OutOfResources, CompileTimeAssertionFailure, PTXASError
+
+
+def skip_reason(err: Exception) -> str:
+    """One line for a config the autotuner would skip: the error's kind and ptxas's fatal line where there is one
+    (a PTXASError's first line says only that ptxas failed), else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    fatal = [line.split(":", 1)[-1].strip() for line in lines if line.startswith("ptxas fatal")]
+    return f"{type(err).__name__}: {(fatal or lines or ['?'])[0][:120]}"
 
 
 def autotuned(name: str, suffix: str = ""):  # noqa: ANN201 (a triton Autotuner; Triton is imported lazily)
@@ -60,8 +77,6 @@ def pin_configs(name: str | None, index: int = 0) -> None:
 
 def child(name: str, index: int, rank: int, tokens: int, experts: int, small: bool) -> None:
     """One layer step with config ``index`` of kernel ``name`` and the first config of the others."""
-    import triton
-
     import moe_layer as bench
 
     pin_configs(name, index)
@@ -74,17 +89,19 @@ def child(name: str, index: int, rank: int, tokens: int, experts: int, small: bo
         bench.layer_step(layer, x, "grouped")()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    except triton.runtime.errors.OutOfResources:
-        print(OUT_OF_RESOURCES)
+    except autotuner_skips() as err:
+        print(f"{SKIPPED} ({skip_reason(err)})")
         return
     print(OK)
 
 
 def verdict(result: subprocess.CompletedProcess) -> str:
-    """What one child's run says: clean, out of resources, or the first finding and memcheck's error count."""
+    """What one child's run says: clean, skipped by the autotuner (and why), or the first finding and memcheck's
+    error count."""
     text = result.stdout + result.stderr
-    if OUT_OF_RESOURCES in result.stdout:
-        return "out of resources (the autotuner skips it)"
+    skipped = next((line for line in result.stdout.splitlines() if line.startswith(SKIPPED)), None)
+    if skipped:
+        return skipped
     summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
     errors = int(summary.group(1)) if summary else 0
     if result.returncode == 0 and OK in result.stdout and errors == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
@@ -156,10 +157,38 @@ def test_kernel_memcheck_reads_memchecks_verdicts() -> None:
              "=========     at _weight_grads_kernel+0x5680 in shared_kernels.py:295\nstep ok\n"
              "========= ERROR SUMMARY: 2 errors\n")
     assert run(1, found) == "**2 errors**: Invalid __shared__ read of size 1024 bytes"
-    assert run(0, "out of resources\n========= ERROR SUMMARY: 0 errors\n").startswith("out of resources")
+    skipped = "skipped by the autotuner (OutOfResources: out of resource: shared memory)"
+    assert run(0, f"{skipped}\n========= ERROR SUMMARY: 0 errors\n") == skipped
     crashed = run(1, "", "Traceback ...\ntorch.AcceleratorError: CUDA error: an illegal memory access was encountered")
     assert crashed.startswith("**failed**: torch.AcceleratorError")
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_configs_the_autotuner_skips_are_reported_and_passed_over(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Like Triton's autotuner, ``--each-config`` passes over a config that does not fit (OutOfResources) or that
+    ptxas rejects (PTXASError), naming the reason, and still fails on a wrong result."""
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    check = load_file("check_moe_kernels", ROOT / "benchmarks" / "check_moe_kernels.py")
+    ptxas = PTXASError("Internal Triton PTX codegen error\n`ptxas` stderr:\nptxas fatal   : (C7600) Register "
+                       "allocation failed with register count of '128'.\n")
+    outcomes = iter([ptxas, OutOfResources(262144, 232448, "shared memory"), False])
+
+    def check_layer(*args: object, **kwargs: object) -> bool:
+        outcome = next(outcomes, True)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(check, "check_layer", check_layer)
+    failures = check.check_each_config(argparse.Namespace(expert_types=["mlp"], experts=[4], ranks=[8]))
+    out = capsys.readouterr().out
+    assert "skipped by the autotuner (PTXASError: (C7600) Register allocation failed with register count of " \
+           "'128'.)" in out
+    assert "skipped by the autotuner (OutOfResources: out of resource: shared memory, Required: 262144" in out
+    assert len(failures) == 1 and failures[0].endswith(": mlp E=4 r=8")
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
