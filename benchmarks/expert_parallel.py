@@ -173,13 +173,14 @@ def init_world(smoke: bool) -> tuple[int, int, torch.device]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
     import torch.distributed as dist
+
+    from Uni_MoE.model.moe.deepspeed_backend import init_deepspeed_comm
 
     use_cuda = torch.cuda.is_available() and not smoke
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    init_deepspeed_comm(dist_backend="nccl" if use_cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 

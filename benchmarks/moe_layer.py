@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import shutil
 import socket
@@ -162,17 +163,17 @@ def layer_step(layer: MoELayer, x: torch.Tensor, implementation: str) -> Callabl
 
 def init_world(device: torch.device) -> bool:
     """A one-process torch.distributed world for DeepSpeed-MoE; False when DeepSpeed is not installed."""
-    try:
-        import deepspeed
-    except ImportError:
+    if importlib.util.find_spec("deepspeed") is None:
         return False
+    from Uni_MoE.model.moe.deepspeed_backend import init_deepspeed_comm
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                            LOCAL_RANK="0").items():
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_deepspeed_comm(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return True
 
 

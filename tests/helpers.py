@@ -217,3 +217,9 @@ def run_in_triton_interpreter(code: str, timeout: int) -> str:
                             timeout=timeout, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def torchrun(processes: int) -> list[str]:
+    """The start of a command that runs ``processes`` local ranks under torchrun. ``--standalone`` has its
+    rendezvous bind a free port itself, so no port is picked beforehand that another process could take first."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.model.moe import MoELayer
+from Uni_MoE.model.moe.deepspeed_backend import init_deepspeed_comm
 from Uni_MoE.model.uni_moe import UniMoEForCausalLM
 
 deepspeed = pytest.importorskip("deepspeed") if __name__ != "__main__" else __import__("deepspeed")
@@ -31,7 +33,7 @@ def dist_world():
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm(dist_backend="gloo")
     yield
     groups._get_expert_parallel_group_dict().clear()
     groups._get_expert_data_parallel_group_dict().clear()
@@ -338,8 +340,7 @@ def test_expert_parallel_over_two_processes(tmp_path):
     """ep_size=2 on two gloo ranks: each holds half the experts, outputs and input gradients equal the
     local backend's, and local_layout_state_dict gathers the full stacked experts."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), __file__]
+    cmd = [*torchrun(2), __file__]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
@@ -351,8 +352,7 @@ def test_expert_parallel_over_four_processes(tmp_path):
     """ep_size=4 on four gloo ranks (rows for three other ranks per piece, one rank without tokens): outputs
     and gradients equal the local backend's."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT_DIR": str(tmp_path), "EP_WORKER": "ep4"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
-           str(free_port()), __file__]
+    cmd = [*torchrun(4), __file__]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in range(4):
@@ -389,7 +389,7 @@ def _ep4_worker() -> None:
 
     from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm(dist_backend="gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     local = MoELayer(**{**LAYER, "num_experts": 8}, implementation="reference")
@@ -410,7 +410,7 @@ def _ep2_worker() -> None:
 
     from Uni_MoE.model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_dict
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm(dist_backend="gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     local = _local_layer()

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_file
+from helpers import load_file, torchrun
 
-from Uni_MoE.eval.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "expert_parallel.py"
@@ -54,8 +53,7 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2",
+    cmd = [*torchrun(2), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2",
            "--timed_steps", "1", "--native_deepspeed"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -89,8 +87,7 @@ def test_smoke_exact_pass_with_activation_checkpointing(tmp_path, recompute):
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2", "--skip_speed",
+    cmd = [*torchrun(2), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2", "--skip_speed",
            recompute]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import pope_by_hand
+from helpers import pope_by_hand, torchrun
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data.schema import SampleError, read_records
 from Uni_MoE.eval.__main__ import main
-from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.eval.fixtures import BUILDERS, write_benchmark_files
 
 FAST_DECODING = ["--max_new_tokens", "3", "--min_new_tokens", "0", "--num_beams", "1", "--do_sample", "False"]
@@ -103,8 +102,7 @@ def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
     local_rows, _ = _run(workspace, "mmbench_audio", "--dtype", "float32")
     out = tmp_path / "mm.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "Uni_MoE.eval", "--model_path", str(model), "--data_path",
+    cmd = [*torchrun(2), "-m", "Uni_MoE.eval", "--model_path", str(model), "--data_path",
            str(files["mmbench_audio"]["data"]), "--data_type", "mmbench_audio", "--output_dir", str(out),
            "--batch_size", "3", *FAST_DECODING, "--dtype", "float32", "--enable_deepspeed_moe", "True",
            "--eval_ep_size", "2", "--deepspeed", "zero2.json"]
@@ -120,10 +118,12 @@ def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
 
 
 _GROUP_ENDS = """
-import os, torch
+import os, sys, torch
+from deepspeed.comm import comm
 from Uni_MoE.eval.distributed import end_expert_parallel, free_port, init_expert_parallel
 ranks = init_expert_parallel(1)
 assert ranks.owns_group and torch.distributed.is_initialized()
+assert comm.cdb.shm_comm_op is None  # DeepSpeed's CPU all-reduce op was not built
 end_expert_parallel(ranks)
 assert not torch.distributed.is_initialized()
 os.environ["MASTER_PORT"] = str(free_port())
@@ -136,11 +136,16 @@ assert torch.distributed.is_initialized()
 
 
 @pytest.mark.slow
-def test_expert_parallel_ends_only_the_process_group_it_started():
+def test_expert_parallel_ends_only_the_process_group_it_started(tmp_path):
+    """The process group that init_expert_parallel starts is ended after the run, one it found is left alone,
+    and DeepSpeed compiles nothing on the CPU (no build under TORCH_EXTENSIONS_DIR, whose lock a killed
+    build would leave for every later start to wait on)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["DS_ACCELERATOR"] = "cpu"
+    env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
     done = subprocess.run([sys.executable, "-c", _GROUP_ENDS], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "extensions").exists()
+
 
 def test_missing_media_is_named_or_skipped(workspace, tmp_path):
     model, files, _ = workspace

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import load_file
+from helpers import load_file, torchrun
 
 from Uni_MoE.eval.__main__ import build_parser as eval_parser
-from Uni_MoE.eval.distributed import free_port
 from Uni_MoE.train.arguments import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,9 +141,8 @@ def test_expert_parallel_chat_over_two_processes_answers_as_one_process(tmp_path
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     decoding = ["--max_new_tokens", "8", "--temperature", "1.0", "--seed", "3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "Uni_MoE_v2" / "chat_expert_parallel.py"), "--model_path", str(model), "--eval_ep_size", "2",
-           *decoding]
+    cmd = [*torchrun(2), str(ROOT / "Uni_MoE_v2" / "chat_expert_parallel.py"), "--model_path", str(model),
+           "--eval_ep_size", "2", *decoding]
     done = subprocess.run(cmd, env=env, cwd=ROOT, input="What is this?\nAgain?\n\n", capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -43,14 +43,14 @@ def init_expert_parallel(ep_size: int) -> RankInfo:
 
     Started without a launcher (no ``RANK`` in the environment) it becomes a one-process world.
     """
-    import deepspeed
+    from ..model.moe.deepspeed_backend import init_deepspeed_comm
 
     if "RANK" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     owns_group = not torch.distributed.is_initialized()
     if owns_group:
-        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+        init_deepspeed_comm(dist_backend=None if torch.cuda.is_available() else "gloo")
     info = RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                     int(os.environ.get("LOCAL_RANK", 0)), owns_group)
     if ep_size < 1 or info.world_size % ep_size:

@@ -120,6 +120,10 @@ class TrainingArguments(transformers.TrainingArguments):
             self.llm_lora_enable = self.lora_enable
         if self.profile_steps:
             parse_steps(self.profile_steps)  # a bad range stops the run before the model loads
+        if self.deepspeed:  # before transformers starts torch.distributed through DeepSpeed
+            from ..model.moe.deepspeed_backend import skip_cpu_shared_memory_op
+
+            skip_cpu_shared_memory_op()
         super().__post_init__()
 
 

@@ -30,7 +30,7 @@ from ..checkpoint.io import load_state_dict
 from ..checkpoint.loader import load_checkpoint
 from ..checkpoint.v2_experts import load_v2_expert_bases
 from ..config import UniMoEConfig
-from ..model.moe.deepspeed_backend import DeepSpeedMoELayer, local_layout_state_dict
+from ..model.moe.deepspeed_backend import DeepSpeedMoELayer, init_deepspeed_comm, local_layout_state_dict
 from ..model.uni_moe import UniMoEForCausalLM
 from ..processing_uni_moe import UniMoEProcessor
 from .arguments import ModelArguments, TrainingArguments
@@ -191,9 +191,7 @@ def _backend_overrides(model_args: ModelArguments, config: UniMoEConfig) -> dict
     if model_args.stage != 3:
         raise ValueError("--enable_deepspeed_moe applies to stage 3 (the MoE stage)")
     if not torch.distributed.is_initialized():  # the layers create their expert-parallel groups when built
-        import deepspeed
-
-        deepspeed.init_distributed()
+        init_deepspeed_comm()
     return {"moe_backend": "deepspeed", "ep_size": model_args.ep_size or config.ep_size}
 
 

@@ -12,8 +12,8 @@ the local backend's layout (``router.weight``, stacked ``experts.*``), gathering
 expert-parallel ranks, for ``save_pretrained(state_dict=...)``. Loading takes either layout (keeping
 this rank's experts) and the original v2 names (``deepspeed_moe.gate.wg.weight``,
 ``deepspeed_moe.experts.deepspeed_experts.<local>.<proj>...``). ``torch.distributed`` must be
-initialised (``deepspeed.init_distributed()``) on every rank before the layer is built, since building
-creates the expert-parallel process groups.
+initialised (:func:`init_deepspeed_comm`, or ``deepspeed.init_distributed()``) on every rank before the layer is
+built, since building creates the expert-parallel process groups.
 """
 
 from __future__ import annotations
@@ -76,12 +76,34 @@ def deepspeed_moe_class() -> type:
     return ReentrantMoE
 
 
-def _join_deepspeed_comm() -> None:
-    """Let deepspeed.comm (whose groups DeepSpeed-MoE creates) use the initialised torch.distributed world;
-    a no-op when it already does, as after ``deepspeed.init_distributed()``."""
+def skip_cpu_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU accelerator from compiling its shared-memory all-reduce op when torch.distributed
+    starts through DeepSpeed.
+
+    That op (``deepspeed_shm_comm``) serves only DeepSpeed-Inference's tensor-parallel all-reduce, which
+    nothing here calls (DeepSpeed-MoE exchanges tokens by all-to-all; gloo does the rest). DeepSpeed builds it
+    with ninja under ``~/.cache/torch_extensions`` at the first start of every environment, a minute or more
+    on a small CPU machine, and a start killed while building leaves the build's lock file behind, on which
+    every later start waits without end. A no-op on GPU accelerators, which have no such op.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def init_deepspeed_comm(dist_backend: str | None = None) -> None:
+    """``deepspeed.init_distributed`` (torch.distributed, and deepspeed.comm, whose groups DeepSpeed-MoE
+    creates), without the CPU op above; a no-op where both are already up."""
     import deepspeed
 
-    deepspeed.init_distributed()
+    skip_cpu_shared_memory_op()
+    deepspeed.init_distributed(dist_backend=dist_backend)
 
 
 def noisy_gate_policy(router_jitter: float) -> str | None:
@@ -122,7 +144,7 @@ class DeepSpeedMoELayer(nn.Module):
             raise ValueError(f"expert_type={expert_type!r}: the deepspeed backend gives every expert its own MLP")
         if not dist.is_initialized():
             raise RuntimeError("moe_backend='deepspeed' needs torch.distributed initialised before the model is "
-                               "built (deepspeed.init_distributed())")
+                               "built (init_deepspeed_comm() or deepspeed.init_distributed())")
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
         self.num_experts = num_experts
@@ -133,7 +155,7 @@ class DeepSpeedMoELayer(nn.Module):
         expert = LoRAExpert(hidden_size, intermediate_size, **expert_options)
         self.expert_names = BASE_NAMES + (LORA_NAMES if expert.has_lora else ())
         moe_cls = deepspeed_moe_class()
-        _join_deepspeed_comm()
+        init_deepspeed_comm()
         self.moe = moe_cls(hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=top_k,
                            capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
                            min_capacity=MIN_CAPACITY, use_residual=False,
