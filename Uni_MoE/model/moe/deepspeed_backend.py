@@ -93,8 +93,9 @@ def skip_cpu_shared_memory_op() -> None:
     if accelerator.device_name() != "cpu":
         return
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # what DeepSpeed checks before building
+    if builder is not None and compatible is not None:
+        compatible[builder.NAME] = False
 
 
 def init_deepspeed_comm(dist_backend: str | None = None) -> None:
