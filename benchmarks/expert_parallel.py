@@ -41,7 +41,6 @@ import gc
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 import time
@@ -168,14 +167,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def init_world(smoke: bool) -> tuple[int, int, torch.device]:
     """Join (or, run as a plain script, create) the process group; returns rank, world size, device."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import torch.distributed as dist
 
+    from Uni_MoE.eval.distributed import free_port
     from Uni_MoE.model.moe.deepspeed_backend import init_deepspeed_comm
+
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
 
     use_cuda = torch.cuda.is_available() and not smoke
     if use_cuda:

@@ -45,12 +45,17 @@ def autotuner_skips() -> tuple[type[Exception], ...]:
     return OutOfResources, CompileTimeAssertionFailure, PTXASError
 
 
+def telling_line(text: str) -> str:
+    """The line of a failed compile's message that says why: ptxas's fatal line where there is one (the rest
+    says only that ptxas failed), else the first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    fatal = [line.split(":", 1)[-1].strip() for line in lines if "fatal" in line]
+    return (fatal or lines or ["?"])[0][:120]
+
+
 def skip_reason(err: Exception) -> str:
-    """One line for a config the autotuner would skip: the error's kind and ptxas's fatal line where there is one
-    (a PTXASError's first line says only that ptxas failed), else its first line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    fatal = [line.split(":", 1)[-1].strip() for line in lines if line.startswith("ptxas fatal")]
-    return f"{type(err).__name__}: {(fatal or lines or ['?'])[0][:120]}"
+    """One line for a config the autotuner would skip: the error's kind and its telling line."""
+    return f"{type(err).__name__}: {telling_line(str(err))}"
 
 
 def autotuned(name: str, suffix: str = ""):  # noqa: ANN201 (a triton Autotuner; Triton is imported lazily)

@@ -104,15 +104,14 @@ def describe(config: object) -> str:
 def row(name: str, rank: int, kernel: object, config: object, experts: int) -> str:
     """One table row: the config's counts, or why it does not compile (ptxas's fatal line; the autotuner skips such a
     config on the GPU)."""
+    from kernel_memcheck import telling_line
     from triton.runtime.errors import PTXASError
 
     try:
         s = compile_stats(kernel, config, rank, experts)
     except (PTXASError, subprocess.CalledProcessError) as error:
-        text = str(error) + str(getattr(error, "stderr", "") or "")
-        fatal = [line.split(":", 1)[-1].strip() for line in text.splitlines() if "fatal" in line]
-        reason = fatal[0] if fatal else text.strip().splitlines()[0]
-        return f"| {name} | {rank} | {describe(config)} | does not compile: {reason[:120]} | | | | |"
+        reason = telling_line(str(error) + str(getattr(error, "stderr", "") or ""))
+        return f"| {name} | {rank} | {describe(config)} | does not compile: {reason} | | | | |"
     return (f"| {name} | {rank} | {describe(config)} | {s['registers']} | {s['spilled']} | {s['async_copies']} "
             f"| {s['b16_loads']} | {s['v4_loads']} |")
 

@@ -25,7 +25,6 @@ import datetime
 import importlib.util
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import time
@@ -165,12 +164,10 @@ def init_world(device: torch.device) -> bool:
     """A one-process torch.distributed world for DeepSpeed-MoE; False when DeepSpeed is not installed."""
     if importlib.util.find_spec("deepspeed") is None:
         return False
+    from Uni_MoE.eval.distributed import free_port
     from Uni_MoE.model.moe.deepspeed_backend import init_deepspeed_comm
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                            LOCAL_RANK="0").items():
         os.environ.setdefault(key, value)
     init_deepspeed_comm(dist_backend="nccl" if device.type == "cuda" else "gloo")

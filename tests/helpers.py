@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -223,3 +224,9 @@ def torchrun(processes: int) -> list[str]:
     """The start of a command that runs ``processes`` local ranks under torchrun. ``--standalone`` has its
     rendezvous bind a free port itself, so no port is picked beforehand that another process could take first."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+
+
+def without_rank_vars(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``env`` without the rank and port variables that an in-process test's one-rank world may have set, so a
+    launched child starts its own world."""
+    return {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

@@ -222,6 +222,7 @@ def test_kernel_ptx_smoke_compiles_every_expert_kernel_for_sm90() -> None:
 def test_kernel_ptx_lists_a_config_that_does_not_compile_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     from triton.runtime.errors import PTXASError
 
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     ptx = load_file("kernel_ptx", ROOT / "benchmarks" / "kernel_ptx.py")
     message = ("Internal Triton PTX codegen error\n`ptxas` stderr:\nptxas info    : (C7512) Potential Performance Loss\n"
                "ptxas fatal   : (C7600) Register allocation failed with register count of '128'.\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_file, torchrun
+from helpers import load_file, torchrun, without_rank_vars
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_smoke_run_over_two_ranks_compares_backends_and_writes_reports(tmp_path)
     """Two gloo ranks: the exact pass holds local, ep_size 1 and ep_size 2 to float32 rounding (greedy,
     first-step gradients, losses, logits); the speed pass times all three and DeepSpeed-MoE's own layer."""
     pytest.importorskip("deepspeed")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = without_rank_vars()
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [*torchrun(2), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2",
            "--timed_steps", "1", "--native_deepspeed"]
@@ -85,7 +85,7 @@ def test_smoke_exact_pass_with_activation_checkpointing(tmp_path, recompute):
     exchanges too); --moe_recompute: only the experts' gate/up projections. The float32 comparison still holds
     to rounding."""
     pytest.importorskip("deepspeed")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = without_rank_vars()
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [*torchrun(2), str(SCRIPT), "--smoke", "--out", str(tmp_path), "--train_steps", "2", "--skip_speed",
            recompute]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import pope_by_hand, torchrun
+from helpers import pope_by_hand, torchrun, without_rank_vars
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.data.schema import SampleError, read_records
@@ -118,7 +118,7 @@ def test_expert_parallel_eval_over_two_ranks_matches_local(workspace, tmp_path):
 
 
 _GROUP_ENDS = """
-import os, sys, torch
+import os, torch
 from deepspeed.comm import comm
 from Uni_MoE.eval.distributed import end_expert_parallel, free_port, init_expert_parallel
 ranks = init_expert_parallel(1)
@@ -140,7 +140,7 @@ def test_expert_parallel_ends_only_the_process_group_it_started(tmp_path):
     """The process group that init_expert_parallel starts is ended after the run, one it found is left alone,
     and DeepSpeed compiles nothing on the CPU (no build under TORCH_EXTENSIONS_DIR, whose lock a killed
     build would leave for every later start to wait on)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = without_rank_vars()
     env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
     done = subprocess.run([sys.executable, "-c", _GROUP_ENDS], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

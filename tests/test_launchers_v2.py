@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import load_file, torchrun
+from helpers import load_file, torchrun, without_rank_vars
 
 from Uni_MoE.eval.__main__ import build_parser as eval_parser
 from Uni_MoE.train.arguments import parse_args
@@ -138,7 +138,7 @@ def test_expert_parallel_chat_over_two_processes_answers_as_one_process(tmp_path
     reply equals the single-process CLI's on the same seed; a greedy float32 --question reply too."""
     pytest.importorskip("deepspeed")
     model = tiny_moe_checkpoint(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = without_rank_vars()
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     decoding = ["--max_new_tokens", "8", "--temperature", "1.0", "--seed", "3"]
     cmd = [*torchrun(2), str(ROOT / "Uni_MoE_v2" / "chat_expert_parallel.py"), "--model_path", str(model),

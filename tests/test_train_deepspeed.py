@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun
+from helpers import torchrun, without_rank_vars
 
 from Uni_MoE.checkpoint.tiny import build_tiny
 from Uni_MoE.eval.distributed import free_port
@@ -30,7 +30,7 @@ def _train_stage3(tmp_path: Path, *extra: str, processes: int = 1, experts: int 
     launch = [sys.executable, "-m", "Uni_MoE.train"]
     if processes > 1:
         launch = [*torchrun(processes), "-m", "Uni_MoE.train", "--use_cpu", "True"]
-        env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+        env = without_rank_vars(env)
     cmd = [*launch, "--stage", "3", "--model_name_or_path", str(tiny), "--num_experts", str(experts), "--data_path", str(SAMPLES), "--data_root", str(SAMPLES.parent),
            "--output_dir", str(out), "--deepspeed", str(ROOT / "scripts" / "zero2.json"), "--ddp_backend", "gloo",
            "--per_device_train_batch_size", "2", "--max_steps", "3", "--save_steps", "3", "--logging_steps", "1",
