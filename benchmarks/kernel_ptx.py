@@ -50,13 +50,15 @@ def constants(names: list[str], rank: int, experts: int, config_kwargs: dict, di
     """Values of a kernel's compile-time (``tl.constexpr``) arguments ``names`` at these shapes (LoRA on, no
     dropout, fused weight gradients or stored slot rows as the rank decides; the tile height of the rank for a
     ``distinct`` block's kernel). Other integers stay runtime arguments."""
+    import torch
+
     from Uni_MoE.model.moe.shared_kernels import slot_rows_pay
     from Uni_MoE.model.moe.swiglu_lora_kernels import BLOCK_M, _block_r, block_m, fuses_weight_grads
 
     values = dict(n_cols=N_COLS, rank=rank, n_experts=experts, K=2, SPLIT=8, HAS_LORA=True, HAS_KEEP=False,
                   STORE_H=False, WGRAD=fuses_weight_grads(rank), NEED_W=True, SLOT_ROWS=slot_rows_pay(rank),
                   WIDE=False, TRANSPOSE=True, PREC="tf32", INTERPRET=False,
-                  BLOCK_M=block_m(rank) if distinct else BLOCK_M, BLOCK_R=_block_r(rank))
+                  BLOCK_M=block_m(rank, torch.bfloat16) if distinct else BLOCK_M, BLOCK_R=_block_r(rank))
     values.update(config_kwargs)
     return {name: values[name] for name in names if name in values}
 

@@ -71,6 +71,15 @@ def test_expert_gemm_smoke_times_three_ways_on_equal_products(tmp_path: Path) ->
         assert difference < 1e-5  # float32: one GEMM per expert computes the grouped product
 
 
+def test_factor_transpose_smoke_times_both_copies_of_equal_results(tmp_path: Path) -> None:
+    stdout, table = run_smoke("factor_transpose.py", tmp_path)
+    rows = [line for line in table.splitlines() if line.startswith("| 4 | 128 | 8 |")]
+    assert len(rows) == 1 and rows[0] in stdout
+    mb, base, ours, ratio = (float(c.strip(" *")) for c in rows[0].strip("|").split("|")[3:7])
+    assert min(base, ours) > 0 and abs(ratio - base / ours) <= 0.01 + 0.1 * ratio / min(base, ours)  # us rounded
+    assert rows[0].rstrip(" |").endswith("yes")
+
+
 def test_moe_layer_ncu_step_runs_one_warmed_up_step() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--smoke", "--ncu-step",

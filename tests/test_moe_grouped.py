@@ -10,6 +10,7 @@ from Uni_MoE.model.moe import grouped, segments
 from Uni_MoE.model.moe.decode import experts_all_dense
 from Uni_MoE.model.moe.grouped import experts_grouped
 from Uni_MoE.model.moe.implementations import DECODE_TOKENS
+from Uni_MoE.model.moe.lora_blocks import mix_slots
 
 H, I, T = 32, 48, 40
 
@@ -279,3 +280,12 @@ def test_segment_products_equal_per_expert_products(grouped_mm: bool, monkeypatc
     for e, r in enumerate(rows):
         torch.testing.assert_close(tn[e], a[r].t() @ c[r])
     assert tn[2].abs().max() == 0
+
+
+def test_mix_slots_puts_each_weighted_slot_in_its_experts_block() -> None:
+    """[T, k, r] down LoRA-A outputs -> [T, E*r]: w_j zd_j in block e_j, zeros in the other blocks."""
+    zd = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])  # T=2, k=2, r=2
+    weights = torch.tensor([[0.5, 0.25], [2.0, 1.0]])
+    indices = torch.tensor([[2, 0], [1, 2]])  # E=3
+    expected = torch.tensor([[0.75, 1.0, 0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 10.0, 12.0, 7.0, 8.0]])
+    assert torch.equal(mix_slots(zd, weights, indices, 3), expected)

@@ -127,6 +127,40 @@ def test_grouping_kernels_in_the_interpreter_equal_the_stable_sort() -> None:
     assert run_in_triton_interpreter(_GROUPING_CHECK, timeout=600).strip() == "ok"
 
 
+_SWAP_CHECK = """
+import torch
+from Uni_MoE.model.moe.factor_layout import kernel_factors, swap_last_two
+from Uni_MoE.model.moe.lora_blocks import stack_b
+torch.manual_seed(0)
+for shape in [(3, 70, 5), (2, 130, 129), (64, 64), (4, 1, 3), (2, 3, 65, 2)]:  # partial tiles, >1 tile each way
+    t = torch.randn(*shape)
+    out = swap_last_two(t)
+    assert out.is_contiguous() and torch.equal(out, t.transpose(-1, -2)), shape
+b = torch.randn(3, 70, 5)  # LoRA-B [E, out, r]
+assert torch.equal(stack_b(b), b.permute(0, 2, 1).reshape(-1, 70))
+a = torch.randn(3, 70, 5).transpose(1, 2)  # a non-contiguous LoRA-A [E, r, I]
+bg, bu, da = kernel_factors(b, b + 1, a)
+assert torch.equal(bg, b.transpose(1, 2)) and torch.equal(bu, (b + 1).transpose(1, 2))
+assert da.is_contiguous() and torch.equal(da, a)
+print("ok")
+"""
+
+
+@INTERPRETER
+def test_transposed_factor_copies_in_the_interpreter_equal_torchs() -> None:
+    """The tiled transpose behind the kernels' LoRA-B layout and ``stack_b``: tiles cut at every edge, batches."""
+    assert run_in_triton_interpreter(_SWAP_CHECK, timeout=300).strip() == "ok"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_128_row_tiles_only_where_a_row_of_r_wide_blocks_fits_256_bytes() -> None:
+    """float32 at r = 128 found no config of the 128-row backward within an H200's shared memory."""
+    from Uni_MoE.model.moe.swiglu_lora_kernels import block_m
+
+    assert [block_m(r, torch.bfloat16) for r in (0, 8, 32, 64, 128, 256)] == [64, 64, 64, 128, 128, 64]
+    assert [block_m(r, torch.float32) for r in (8, 64, 100, 128)] == [64, 128, 64, 64]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 def test_autotuning_configs_cap_registers_only_where_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     from Uni_MoE.model.moe import swiglu_lora_kernels as kernels
@@ -242,7 +276,7 @@ for rank, dropout in ((8, 0.1), (64, 0.0)):
     got = {}
     for wide_from in (rank, rank + 1):  # 128-row tiles, then 64-row ones
         kernels.WIDE_MIN_RANK = wide_from
-        got[kernels.block_m(rank)] = run(layer, x, "grouped", seed=1)
+        got[kernels.block_m(rank, torch.float32)] = run(layer, x, "grouped", seed=1)
     loop = run(layer, x, "reference", seed=1) if dropout == 0 else got[64]
     assert set(got[128]) == set(loop) and len(loop) > 5, sorted(loop)
     worst = max(rel(got[128][k], loop[k]) for k in loop)

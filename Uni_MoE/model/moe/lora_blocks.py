@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .segments import SlotGrouping
+from .factor_layout import swap_last_two
 
 
 def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -20,7 +21,7 @@ def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.
 
 def stack_b(lora_b: torch.Tensor) -> torch.Tensor:
     """LoRA B [E, out, r] -> [E*r, out], row e*r + i is expert e's column i."""
-    return lora_b.permute(0, 2, 1).reshape(-1, lora_b.shape[1])
+    return swap_last_two(lora_b).view(-1, lora_b.shape[1])
 
 
 def unstack_b(stacked: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -45,11 +46,12 @@ def keep_block(z_all: torch.Tensor, expert: torch.Tensor, num_experts: int) -> t
 
 
 def mix_slots(zd: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Per-slot r-wide down LoRA-A outputs zd [T, k, r] -> sum_j w_j zd_j in the slot's expert block, [T, E*r]."""
-    mix = spread(zd[:, 0] * weights[:, :1], indices[:, 0], num_experts)
-    for j in range(1, weights.shape[1]):
-        mix += spread(zd[:, j] * weights[:, j : j + 1], indices[:, j], num_experts)
-    return mix
+    """Per-slot r-wide down LoRA-A outputs zd [T, k, r] -> sum_j w_j zd_j in the slot's expert block, [T, E*r]
+    (one scatter of the weighted slots into zeros)."""
+    t, k, r = zd.shape
+    mix = zd.new_zeros(t, num_experts, r)
+    mix.scatter_add_(1, indices[:, :, None].expand(t, k, r), zd * weights[:, :, None])
+    return mix.view(t, num_experts * r)
 
 
 def own_blocks(z_all: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -16,11 +16,11 @@ import torch
 
 from .distinct import LoRASettings
 from . import shared_kernels as kernels
+from .factor_layout import kernel_factors
 from .lora_blocks import keep_block, mix_slots, own_blocks, own_lora_inputs, stack_b, unstack_b, za_blocks
 from .rank_grad_kernels import rank_grad
 from .segments import SlotGrouping, group_slots
 from .swiglu import dropout_mask, row_dot, swiglu_backward, swiglu_forward
-from .swiglu_lora_kernels import kernel_factors
 
 
 def _slot_deltas(

@@ -70,8 +70,8 @@ if triton is not None:
 
     @triton.jit
     def _r_tile(ptr, e, cols, col_ok, rk, r_ok, rank, n_cols: tl.constexpr):
-        """[R, N] tile of expert e's r-wide factor stored [E, r, I]: LoRA-A as it is, LoRA-B as ``b_rows`` gives it
-        (B[e]^T)."""
+        """[R, N] tile of expert e's r-wide factor stored [E, r, I]: LoRA-A as it is, LoRA-B as
+        ``factor_layout.kernel_factors`` gives it (B[e]^T)."""
         return tl.load(ptr + e * rank * n_cols + rk[:, None] * n_cols + cols[None, :],
                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
 

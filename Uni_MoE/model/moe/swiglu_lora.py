@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import swiglu_lora_kernels as kernels
+from .factor_layout import kernel_factors
 from .lora_blocks import spread, stack_b
 from .segments import SlotGrouping, segment_mm
 from .swiglu import swiglu_backward, swiglu_forward
@@ -32,13 +33,13 @@ class SwiGLULoRA:
     def __init__(self, gate: torch.Tensor, g: SlotGrouping, scale: float) -> None:
         self.g, self.scale = g, scale
         self.fused = kernels.available(gate)
-        self.rows = gate.shape[0]
+        self.rows, self.dtype = gate.shape[0], gate.dtype
         self._scheds: dict[int, torch.Tensor] = {}  # tile schedules by rows a tile, made on first use
         self._weights: tuple | None = None  # the LoRA weights in the kernels' layout, made on first use
 
     def _sched(self, rank: int) -> torch.Tensor:
         """The kernels' tile schedule at the tile height of this LoRA rank (``kernels.block_m``)."""
-        block_m = kernels.block_m(rank)
+        block_m = kernels.block_m(rank, self.dtype)
         if block_m not in self._scheds:
             self._scheds[block_m] = kernels.tile_schedule(self.g.counts, self.g.offs, self.rows, block_m)
         return self._scheds[block_m]
@@ -49,7 +50,7 @@ class SwiGLULoRA:
         if lora is None:
             return None
         if self._weights is None:
-            self._weights = kernels.kernel_factors(*lora[2:])
+            self._weights = kernel_factors(*lora[2:])
         return (*lora[:2], *self._weights)
 
     def forward(
@@ -94,7 +95,7 @@ class SwiGLULoRA:
         if self.fused:
             rank = _rank(lora)
             wgrad = kernels.fuses_weight_grads(rank)
-            ranges = kernels.expert_tile_ranges(self.g.counts, kernels.block_m(rank)) if wgrad else None
+            ranges = kernels.expert_tile_ranges(self.g.counts, kernels.block_m(rank, self.dtype)) if wgrad else None
             need_h = need_h or (lora is not None and not wgrad)
             return kernels.swiglu_lora_backward(dh, gate, up, self._kernel_lora(lora), dzd, keep, keep_scale,
                                                 self.scale, self._sched(rank), need_h, ranges, in_place)

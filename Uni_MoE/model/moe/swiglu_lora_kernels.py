@@ -33,6 +33,9 @@ BLOCK_M = 64
 # factor tiles (r x the tile's columns each, as many bytes as 64 rows of gate at r = 64) from L2 half as often per
 # row; below it the taller tiles' registers cost more than they save (setting_ab_h200.md).
 WIDE_MIN_RANK = 64
+# ... as long as a row of the tile's r-wide blocks stays within this many bytes: beyond it (float32 at r = 128) no
+# config of the 128-row backward fits in shared memory (an H200's 227 KB); bfloat16 takes them up to r = 128.
+WIDE_MAX_ROW_BYTES = 256
 WGRAD_MAX_RANK = 16  # fused LoRA weight gradients up to this rank: partials of 12 r bytes per row-tile column
 CAPPED_REGS = 128  # four programs of four warps a SM
 CAPPED_MAX_RZ = 128 * 64  # the largest [BLOCK_M, BLOCK_R] tile compiled with capped registers
@@ -71,9 +74,10 @@ def expert_tile_ranges(counts: torch.Tensor, block_m: int = BLOCK_M) -> torch.Te
     return torch.stack([cum - tiles, cum]).to(torch.int32).contiguous()
 
 
-def block_m(rank: int) -> int:
-    """Rows of a distinct kernel's tile at this LoRA rank (0: no LoRA)."""
-    return 2 * BLOCK_M if rank >= WIDE_MIN_RANK else BLOCK_M
+def block_m(rank: int, dtype: torch.dtype) -> int:
+    """Rows of a distinct kernel's tile at this LoRA rank (0: no LoRA) for gate/up of this dtype."""
+    wide = rank >= WIDE_MIN_RANK and dtype.itemsize * _block_r(rank) <= WIDE_MAX_ROW_BYTES
+    return 2 * BLOCK_M if wide else BLOCK_M
 
 
 def fuses_weight_grads(rank: int) -> bool:
@@ -292,20 +296,6 @@ if triton is not None:
         tl.store(out_ptr + (f * n_experts + e) * width + cols, acc, mask=ok)
 
 
-def b_rows(b: torch.Tensor) -> torch.Tensor:
-    """A LoRA-B factor [E, I, r] stored as [E, r, I], like LoRA-A: a kernel's [R, N] tile of it is then whole
-    16-byte vectors, which Triton prefetches a few column steps ahead instead of waiting on r-strided loads."""
-    return b.transpose(1, 2).contiguous()
-
-
-def kernel_factors(gate_b: torch.Tensor, up_b: torch.Tensor, down_a: torch.Tensor) -> tuple:
-    """The LoRA weights in the kernels' layout: gate-B and up-B [E, I, r] as [E, r, I] (``b_rows``) and down-A
-    [E, r, I] contiguous. The expert blocks make them once a call and keep them from forward to backward
-    (2 E r I elements a layer, 22.5 MB at E = 8, r = 64, I = 11008 in bf16): each transposed copy costs 39 us
-    on an H200 at that size."""
-    return b_rows(gate_b), b_rows(up_b), down_a.contiguous()
-
-
 def _lora_args(gate: torch.Tensor, lora: tuple | None) -> tuple:
     """(zg, zu, Bg, Bu, Ad, rank) made contiguous, or dummies without LoRA."""
     if lora is None:
@@ -318,8 +308,9 @@ def swiglu_lora_forward(
     gate: torch.Tensor, up: torch.Tensor, lora: tuple | None, keep: torch.Tensor | None, keep_scale: float,
     scale: float, sched: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h [S, I] and zd [S, r] (None without LoRA). ``lora`` = (zg, zu [S, r], Bg, Bu, Ad as ``kernel_factors``
-    gives them, [E, r, I] each); ``sched``: ``tile_schedule`` at ``block_m`` of the rank."""
+    """h [S, I] and zd [S, r] (None without LoRA). ``lora`` = (zg, zu [S, r], Bg, Bu, Ad as
+    ``factor_layout.kernel_factors`` gives them, [E, r, I] each); ``sched``: ``tile_schedule`` at ``block_m`` of
+    the rank."""
     rows, n_cols = gate.shape
     h = torch.empty_like(gate)
     zg, zu, bg, bu, da, rank = _lora_args(gate, lora)
@@ -330,7 +321,7 @@ def swiglu_lora_forward(
         gate, up, h, zg, zu, bg, bu, da, zd if zd is not None else gate, keep if keep is not None else gate,
         sched, n_tiles, rows, max(rank, 1), scale, keep_scale, n_cols=n_cols, SPLIT=split,
         HAS_LORA=lora is not None, HAS_KEEP=keep is not None, PREC=_precision(gate.dtype),
-        BLOCK_M=block_m(rank), BLOCK_R=_block_r(rank),
+        BLOCK_M=block_m(rank, gate.dtype), BLOCK_R=_block_r(rank),
     )
     return h, None if zd is None else zd.sum(0).to(gate.dtype)
 
@@ -381,7 +372,7 @@ def swiglu_lora_backward(
         part if part is not None else gate,
         n_tiles, rows, max(rank, 1), scale, keep_scale, n_cols=n_cols, SPLIT=split,
         HAS_LORA=lora is not None, HAS_KEEP=keep is not None, STORE_H=store_h, WGRAD=wgrad,
-        PREC=_precision(gate.dtype), BLOCK_M=block_m(rank), BLOCK_R=_block_r(rank),
+        PREC=_precision(gate.dtype), BLOCK_M=block_m(rank, gate.dtype), BLOCK_R=_block_r(rank),
     )
     if dzs is None:
         return d_gate, d_up, h, None, None, None
