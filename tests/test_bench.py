@@ -222,7 +222,9 @@ def test_kernel_ptx_smoke_compiles_every_expert_kernel_for_sm90() -> None:
                          "shared weight gradients", "rank gradients"}
     for name, cells in rows.items():
         registers, async_copies, b16_loads = int(cells[3]), int(cells[5]), int(cells[6])
+        shared_kb = int(cells[8].strip(" |"))
         assert 0 < registers <= 255 and async_copies > 0  # the three-stage configs prefetch their tiles
+        assert 0 < shared_kb <= 227  # staged tiles, within what a block may take
         if name.startswith("distinct") or name == "rank gradients":
             assert b16_loads == 0  # every tile, the LoRA factors too, is read as whole vectors
 
@@ -243,7 +245,7 @@ def test_kernel_ptx_lists_a_config_that_does_not_compile_and_goes_on(monkeypatch
     config = type("Config", (), dict(kwargs={"BLOCK_N": 16}, num_warps=4, num_stages=1, maxnreg=128))()
     assert ptx.row("shared forward", 128, None, config, 4) == (
         "| shared forward | 128 | BLOCK_N 16, 4 warps, 1 stages, max 128 registers | does not compile: (C7600) "
-        "Register allocation failed with register count of '128'. | | | | |")
+        "Register allocation failed with register count of '128'. | | | | | |", False)
 
 
 def test_docs_list_every_benchmark_script_and_its_results_file() -> None:
