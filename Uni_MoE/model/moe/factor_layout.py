@@ -2,8 +2,8 @@
 
 The MoE blocks transpose LoRA-B factors every call: [E, out, r] into the kernels' [E, r, out] layout
 (``kernel_factors``) and into the stacked [E*r, out] matrix of ``lora_blocks.stack_b``. torch copies a transposed
-view through its generic strided elementwise kernel; ``swap_last_two`` moves square tiles instead, each read and
-written in whole rows (a Triton kernel, where the MoE kernels run).
+view through its generic strided elementwise kernel; ``swap_last_two`` moves tiles instead, each read and written
+in whole rows (a Triton kernel, where the MoE kernels run).
 """
 
 from __future__ import annotations

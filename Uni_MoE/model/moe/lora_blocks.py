@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .segments import SlotGrouping
 from .factor_layout import swap_last_two
+from .segments import SlotGrouping
 
 
 def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
