@@ -1,5 +1,6 @@
 """The distinct-expert block's frozen-base GEMMs: one grouped GEMM per product (what the block runs,
-``segments.segment_mm``) against one cuBLAS GEMM per expert on its row slice, and against the floor of one
+``segments.segment_mm``) against one cuBLAS GEMM per expert on its row slice (what the block runs from
+``segments.PER_EXPERT_MIN_ROWS`` rows an expert, ``segments.expert_products``), and against the floor of one
 cuBLAS GEMM over all slot rows with a single weight (the same FLOPs, as a dense MLP runs them), one process.
 
 The per-expert way needs every expert's row count on the host, so it pays one device-to-host copy (a
@@ -27,22 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import median_ms  # noqa: E402
 from report import device_name, emit_table, relative_difference  # noqa: E402
 
-from Uni_MoE.model.moe.segments import group_slots, segment_mm  # noqa: E402
+from Uni_MoE.model.moe.segments import expert_products, group_slots, segment_mm  # noqa: E402
 
 TOP_K = 2
-
-
-def per_expert(pairs: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor, width: int) -> torch.Tensor:
-    """sum_i a_i[rows of e] @ b_i[e] for every expert e, written into one [S, width] tensor."""
-    out = pairs[0][0].new_empty(pairs[0][0].shape[0], width)
-    start = 0
-    for e, n in enumerate(counts.tolist()):  # the host synchronisation
-        rows = slice(start, start + n)
-        torch.mm(pairs[0][0][rows], pairs[0][1][e], out=out[rows])
-        for a, b in pairs[1:]:
-            out[rows].addmm_(a[rows], b[e])
-        start += n
-    return out
 
 
 def products(tokens: int, experts: int, hidden: int, inter: int, device: torch.device,
@@ -61,17 +49,22 @@ def products(tokens: int, experts: int, hidden: int, inter: int, device: torch.d
     gate_w, up_w = rand(experts, inter, hidden, scale=0.02), rand(experts, inter, hidden, scale=0.02)
     down_w = rand(experts, hidden, inter, scale=0.02)
     gate_t, up_t, down_t = (w.transpose(1, 2) for w in (gate_w, up_w, down_w))
-    c = g.counts
+
+    def per_expert(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The block's per-expert way, with its host copy of the counts (made once per grouping) each call."""
+        g.host_counts = None
+        return expert_products(pairs, g, per_expert=True)[0]
+
     return {
         "forward gate + up": (lambda: (segment_mm(xs, gate_t, g), segment_mm(xs, up_t, g)),
-                              lambda: (per_expert([(xs, gate_t)], c, inter), per_expert([(xs, up_t)], c, inter)),
+                              lambda: (per_expert([(xs, gate_t)]), per_expert([(xs, up_t)])),
                               lambda: (xs @ gate_t[0], xs @ up_t[0])),
-        "forward down": (lambda: segment_mm(hs, down_t, g), lambda: per_expert([(hs, down_t)], c, hidden),
+        "forward down": (lambda: segment_mm(hs, down_t, g), lambda: per_expert([(hs, down_t)]),
                          lambda: hs @ down_t[0]),
-        "backward d h": (lambda: segment_mm(dys, down_w, g), lambda: per_expert([(dys, down_w)], c, inter),
+        "backward d h": (lambda: segment_mm(dys, down_w, g), lambda: per_expert([(dys, down_w)]),
                          lambda: dys @ down_w[0]),
         "backward d x (gate + up)": (lambda: segment_mm(dg, gate_w, g).add_(segment_mm(du, up_w, g)),
-                                     lambda: per_expert([(dg, gate_w), (du, up_w)], c, hidden),
+                                     lambda: per_expert([(dg, gate_w), (du, up_w)]),
                                      lambda: (dg @ gate_w[0]).add_(du @ up_w[0])),
     }
 

@@ -282,6 +282,49 @@ def test_segment_products_equal_per_expert_products(grouped_mm: bool, monkeypatc
     assert tn[2].abs().max() == 0
 
 
+def test_expert_products_one_gemm_per_expert_equal_the_grouped_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From PER_EXPERT_MIN_ROWS rows an expert the bases' products run one GEMM per expert on its row slice (two
+    pairs accumulated into one tensor), with the counts copied to the host once; the same products as the grouped
+    GEMMs, an expert without rows included."""
+    torch.manual_seed(0)
+    indices = torch.randint(0, 4, (30, 2))
+    indices[indices == 2] = 3
+    g = segments.group_slots(indices, 4)
+    a, b = torch.randn(60, 24), torch.randn(60, 16)
+    wa, wb = torch.randn(4, 24, 5), torch.randn(4, 16, 5)
+    assert not segments.per_expert_pays(60, g)  # 15 rows an expert on average
+    grouped_terms = segments.expert_products([(a, wa), (b, wb)], g)
+    assert len(grouped_terms) == 2 and g.host_counts is None  # no host copy for the grouped GEMMs
+    monkeypatch.setattr(segments, "PER_EXPERT_MIN_ROWS", 15)
+    assert segments.per_expert_pays(60, g)
+    (summed,) = segments.expert_products([(a, wa), (b, wb)], g)
+    torch.testing.assert_close(summed, grouped_terms[0] + grouped_terms[1])
+    assert g.host_counts == [int(c) for c in torch.bincount(indices.flatten(), minlength=4)] and g.host_counts[2] == 0
+    (single,) = segments.expert_products([(a, wa)], g)
+    torch.testing.assert_close(single, grouped_terms[0])
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_block_with_one_gemm_per_expert_matches_reference(recompute: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The distinct block with every base product as one GEMM per expert (forward, recomputed projections, d h
+    and the input gradient) against the reference loop: output and every gradient."""
+    monkeypatch.setattr(segments, "PER_EXPERT_MIN_ROWS", 1)
+    layer = make_layer(4, 2, "mlp", lora_r=4)
+    layer.experts.recompute_projections = recompute
+    x = torch.rand(2, T // 2, H)
+    ref = run_layer(layer, x, "reference")
+    copies = []  # per call for host counts: whether it had to copy them
+    counts_on_host = segments.SlotGrouping.counts_on_host
+    monkeypatch.setattr(segments.SlotGrouping, "counts_on_host",
+                        lambda g: copies.append(g.host_counts is None) or counts_on_host(g))
+    ours = run_layer(layer, x, "grouped")
+    products = 7 if recompute else 5  # gate, up, down; d h, (gate, up again,) the input gradient
+    assert copies == [True] + [False] * (products - 1)  # one copy for the forward and the backward
+    assert set(ours) == set(ref)
+    for name in ref:
+        assert_close(ours[name], ref[name])
+
+
 def test_mix_slots_puts_each_weighted_slot_in_its_experts_block() -> None:
     """[T, k, r] down LoRA-A outputs -> [T, E*r]: w_j zd_j in block e_j, zeros in the other blocks."""
     zd = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])  # T=2, k=2, r=2

@@ -19,7 +19,7 @@ import torch
 
 from .lora_blocks import mix_slots, own_blocks, own_lora_inputs, slot_pairs, stack_b, unstack_b, za_blocks
 from .rank_grad_kernels import rank_grad
-from .segments import SlotGrouping, segment_mm, segment_mm_tn
+from .segments import SlotGrouping, expert_products, segment_mm_tn
 from .slot_kernels import combine, slot_grads, token_sum
 from .swiglu import dropout_mask
 from .swiglu_lora import SwiGLULoRA
@@ -43,7 +43,7 @@ def _base_projections(x: torch.Tensor, g: SlotGrouping, gate_w: torch.Tensor,
     """The frozen bases' gate and up of every sorted slot [S, I] each: the forward's, and with ``recompute``
     the backward's again, by the same GEMMs."""
     xs = x[g.token]  # [S, H]
-    return segment_mm(xs, gate_w.transpose(1, 2), g), segment_mm(xs, up_w.transpose(1, 2), g)
+    return tuple(expert_products([(xs, w.transpose(1, 2))], g)[0] for w in (gate_w, up_w))
 
 
 class DistinctExperts(torch.autograd.Function):
@@ -75,7 +75,7 @@ class DistinctExperts(torch.autograd.Function):
         act = SwiGLULoRA(gate, g, lora.scale)
         factors = (zg, zu, gate_b, up_b, down_a) if za is not None else None
         h, zd, gate, up = act.forward(gate, up, factors, keep, keep_scale)  # h [S, I], zd [S, r]
-        ys = segment_mm(h, down_w.transpose(1, 2), g)  # [S, H], the down bases only
+        ys = expert_products([(h, down_w.transpose(1, 2))], g)[0]  # [S, H], the down bases only
         del h
         out = combine(ys, g, weights)
         zd_slots = zd_mix = None
@@ -103,7 +103,7 @@ class DistinctExperts(torch.autograd.Function):
         factors = (zg, zu, gate_b, up_b, down_a) if has_lora else None
         grad_out = grad_out.contiguous()
         dys, grad_w = slot_grads(grad_out, ys, g, weights)  # [S, H], [T, k] or None (the down bases' part)
-        dh = segment_mm(dys, down_w, g)  # [S, I]
+        dh = expert_products([(dys, down_w)], g)[0]  # [S, I]
         if not need[5]:
             dys = None  # only a trainable down base reads it again: freed before the [S, I] work below
         grads_lora: list[torch.Tensor | None] = [None] * 4
@@ -134,7 +134,8 @@ class DistinctExperts(torch.autograd.Function):
             grad_za = za_blocks(slot_pairs(dzg, dzu, g, k), experts, num_experts)
         grad_x = None
         if need[0]:
-            grad_x = token_sum(segment_mm(d_gate, gate_w, g), segment_mm(d_up, up_w, g), g, k)
+            terms = expert_products([(d_gate, gate_w), (d_up, up_w)], g)  # two, or their sum
+            grad_x = token_sum(terms[0], terms[1] if len(terms) > 1 else None, g, k)
         grads_base: list[torch.Tensor | None] = [None] * 3
         if any(need[3:6]):
             xs = x[g.token]

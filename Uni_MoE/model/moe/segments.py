@@ -3,11 +3,15 @@
 A slot is one (token, chosen expert) pair; S = T * k slots. Sorting them by expert once lets every
 per-expert product run as one grouped GEMM (``grouped_mm``), with a padded ``bmm`` where this torch
 build or dtype has no grouped kernel. Both give every expert exactly its own rows: no wasted FLOPs.
+The frozen bases' wide products (``expert_products``) run instead as one GEMM per expert on its row slice
+where the experts' slices are long (``PER_EXPERT_MIN_ROWS``), for the row counts copied to the host once
+per grouping.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +20,9 @@ import torch.nn.functional as F
 from . import group_kernels
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# From this many slot rows per expert (on average) the frozen bases' products are one GEMM per expert: at 8,192
+# rows an expert torch's grouped GEMM is level with them or faster, at 16,384 they are faster (expert_gemm_h200.md).
+PER_EXPERT_MIN_ROWS = 16384
 
 
 @dataclass
@@ -28,6 +35,13 @@ class SlotGrouping:
     expert: torch.Tensor  # [S] expert of each sorted row (non-decreasing)
     counts: torch.Tensor  # [E] rows per expert
     offs: torch.Tensor  # [E] int32 end offset of each expert's rows
+    host_counts: list[int] | None = None  # ``counts`` on the host, once ``counts_on_host`` copied them
+
+    def counts_on_host(self) -> list[int]:
+        """The rows per expert as Python ints: one device-to-host copy (a synchronisation) per grouping."""
+        if self.host_counts is None:
+            self.host_counts = self.counts.tolist()
+        return self.host_counts
 
 
 def group_slots(indices: torch.Tensor, num_experts: int) -> SlotGrouping:
@@ -105,3 +119,29 @@ def segment_mm_tn(a: torch.Tensor, b: torch.Tensor, g: SlotGrouping) -> torch.Te
     pos = _row_positions(g)
     width = int(g.counts.max())
     return torch.bmm(_pad(a, g, pos, width).transpose(1, 2), _pad(b, g, pos, width))
+
+
+def per_expert_pays(rows: int, g: SlotGrouping) -> bool:
+    """Whether the frozen bases' products over ``rows`` sorted slot rows run as one GEMM per expert."""
+    return rows >= PER_EXPERT_MIN_ROWS * max(g.counts.numel(), 1)
+
+
+def expert_products(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], g: SlotGrouping,
+                    per_expert: bool | None = None) -> list[torch.Tensor]:
+    """sum_i a_i [S, K_i] (sorted by expert) times the rows' expert's b_i [E, K_i, N], for the frozen bases:
+    the grouped GEMM of each pair (``segment_mm``; their sum left to the caller), or, with ``per_expert``
+    (by default where ``per_expert_pays``), one tensor from one GEMM per expert and pair, the pairs accumulated
+    into the expert's rows."""
+    first, weight = pairs[0]
+    if not (per_expert_pays(first.shape[0], g) if per_expert is None else per_expert):
+        return [segment_mm(a, b, g) for a, b in pairs]
+    out = first.new_empty(first.shape[0], weight.shape[-1])
+    start = 0
+    for e, n in enumerate(g.counts_on_host()):
+        rows = out[start:start + n]
+        if n:
+            torch.mm(first[start:start + n], weight[e], out=rows)
+        for a, b in pairs[1:] if n else ():
+            rows.addmm_(a[start:start + n], b[e])
+        start += n
+    return [out]
