@@ -1,6 +1,6 @@
 """The distinct-expert block's frozen-base GEMMs: one grouped GEMM per product (what the block runs,
 ``segments.segment_mm``) against one cuBLAS GEMM per expert on its row slice (what the block runs from
-``segments.PER_EXPERT_MIN_ROWS`` rows an expert, ``segments.expert_products``), and against the floor of one
+``segments.PER_EXPERT_MIN_SLOTS`` slot rows, ``segments.expert_products``), and against the floor of one
 cuBLAS GEMM over all slot rows with a single weight (the same FLOPs, as a dense MLP runs them), one process.
 
 The per-expert way needs every expert's row count on the host, so it pays one device-to-host copy (a

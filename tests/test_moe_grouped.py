@@ -292,11 +292,14 @@ def test_expert_products_one_gemm_per_expert_equal_the_grouped_ones(monkeypatch:
     g = segments.group_slots(indices, 4)
     a, b = torch.randn(60, 24), torch.randn(60, 16)
     wa, wb = torch.randn(4, 24, 5), torch.randn(4, 16, 5)
-    assert not segments.per_expert_pays(60, g)  # 15 rows an expert on average
+    assert not segments.per_expert_pays(60, g)
     grouped_terms = segments.expert_products([(a, wa), (b, wb)], g)
     assert len(grouped_terms) == 2 and g.host_counts is None  # no host copy for the grouped GEMMs
+    monkeypatch.setattr(segments, "PER_EXPERT_MIN_SLOTS", 60)
+    monkeypatch.setattr(segments, "PER_EXPERT_MIN_ROWS", 16)
+    assert not segments.per_expert_pays(60, g)  # 15 rows an expert on average
     monkeypatch.setattr(segments, "PER_EXPERT_MIN_ROWS", 15)
-    assert segments.per_expert_pays(60, g)
+    assert segments.per_expert_pays(60, g) and not segments.per_expert_pays(59, g)
     (summed,) = segments.expert_products([(a, wa), (b, wb)], g)
     torch.testing.assert_close(summed, grouped_terms[0] + grouped_terms[1])
     assert g.host_counts == [int(c) for c in torch.bincount(indices.flatten(), minlength=4)] and g.host_counts[2] == 0
@@ -308,6 +311,7 @@ def test_expert_products_one_gemm_per_expert_equal_the_grouped_ones(monkeypatch:
 def test_block_with_one_gemm_per_expert_matches_reference(recompute: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The distinct block with every base product as one GEMM per expert (forward, recomputed projections, d h
     and the input gradient) against the reference loop: output and every gradient."""
+    monkeypatch.setattr(segments, "PER_EXPERT_MIN_SLOTS", 1)
     monkeypatch.setattr(segments, "PER_EXPERT_MIN_ROWS", 1)
     layer = make_layer(4, 2, "mlp", lora_r=4)
     layer.experts.recompute_projections = recompute

@@ -4,8 +4,8 @@ A slot is one (token, chosen expert) pair; S = T * k slots. Sorting them by expe
 per-expert product run as one grouped GEMM (``grouped_mm``), with a padded ``bmm`` where this torch
 build or dtype has no grouped kernel. Both give every expert exactly its own rows: no wasted FLOPs.
 The frozen bases' wide products (``expert_products``) run instead as one GEMM per expert on its row slice
-where the experts' slices are long (``PER_EXPERT_MIN_ROWS``), for the row counts copied to the host once
-per grouping.
+where the slices are long enough (``PER_EXPERT_MIN_SLOTS``, ``PER_EXPERT_MIN_ROWS``) to pay for the row
+counts' copy to the host, made once per grouping.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from . import group_kernels
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# From this many slot rows per expert (on average) the frozen bases' products are one GEMM per expert: at 8,192
-# rows an expert torch's grouped GEMM is level with them or faster, at 16,384 they are faster (expert_gemm_h200.md).
-PER_EXPERT_MIN_ROWS = 16384
+# From this many slot rows in all, and this many an expert on average, the frozen bases' products are one cuBLAS
+# GEMM per expert: distinct-block steps at E = 4 and 8 were 2-9 % faster that way from 8,192 slot rows (4,096
+# tokens, top-2; 1,024 rows an expert at E = 8) to 65,536, and 10-30 % slower at 4,096, where the host copy of the
+# counts holds up the launches (setting_ab_h200.md).
+PER_EXPERT_MIN_SLOTS = 8192
+PER_EXPERT_MIN_ROWS = 1024
 
 
 @dataclass
@@ -123,7 +126,7 @@ def segment_mm_tn(a: torch.Tensor, b: torch.Tensor, g: SlotGrouping) -> torch.Te
 
 def per_expert_pays(rows: int, g: SlotGrouping) -> bool:
     """Whether the frozen bases' products over ``rows`` sorted slot rows run as one GEMM per expert."""
-    return rows >= PER_EXPERT_MIN_ROWS * max(g.counts.numel(), 1)
+    return rows >= max(PER_EXPERT_MIN_SLOTS, PER_EXPERT_MIN_ROWS * g.counts.numel())
 
 
 def expert_products(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], g: SlotGrouping,
