@@ -224,7 +224,7 @@ def test_shared_kernels_give_the_same_gradients_with_64_bit_row_offsets() -> Non
 
 _SLOT_ROWS_CHECK = """
 import torch
-from Uni_MoE.model.moe import MoELayer, segments, shared, shared_kernels
+from Uni_MoE.model.moe import MoELayer, shared, shared_kernels
 ran = []
 grouped = shared._grouped_weight_grads
 shared._grouped_weight_grads = lambda *args: ran.append(1) or grouped(*args)
@@ -237,24 +237,21 @@ for top_k, dropout in ((2, 0.0), (2, 0.3), (1, 0.0)):
         layer.router.weight[3] = -10.0  # with positive inputs expert 3 gets no slot
     x = torch.randn(70, 32).abs()
     results = []
-    # the fused weight-gradient kernel, then the stored slot rows with 32-bit and with 64-bit offsets, and with
-    # one GEMM per expert for their input-gradient products
-    for min_rank, wide, per_expert in ((9, False, False), (8, False, False), (8, True, False), (8, False, True)):
+    # the fused weight-gradient kernel, then the stored slot rows with 32-bit and with 64-bit offsets
+    for min_rank, wide in ((9, False), (8, False), (8, True)):
         shared_kernels.SLOT_ROWS_MIN_RANK = min_rank
         shared_kernels._wide = lambda *sizes, wide=wide: wide
-        segments.PER_EXPERT_MIN_SLOTS = segments.PER_EXPERT_MIN_ROWS = 1 if per_expert else 10**9
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(1)  # the same dropout masks
         layer(xi).sum().backward()
         results.append([xi.grad, layer.router.weight.grad] + [p.grad for p in layer.experts.lora_parameters()])
-    for i, (fused, rows, wide_rows, per_expert_rows) in enumerate(zip(*results)):
+    for i, (fused, rows, wide_rows) in enumerate(zip(*results)):
         assert torch.allclose(fused, rows, rtol=1e-5, atol=1e-6), (i, (fused - rows).abs().max())
         assert torch.equal(rows, wide_rows), i
-        assert torch.allclose(per_expert_rows, rows, rtol=1e-5, atol=1e-6), (i, (per_expert_rows - rows).abs().max())
         assert i == 1 or fused.abs().max() > 0, i  # with top-1 the routing weights are all 1: no router gradient
     assert results[0][-3][3].abs().max() == 0  # the empty expert's gradient is zero either way
-assert len(ran) == 9
+assert len(ran) == 6
 print("same")
 """
 
@@ -262,8 +259,8 @@ print("same")
 @INTERPRETER
 def test_shared_weight_gradients_from_stored_slot_rows_equal_the_fused_kernel() -> None:
     """From SLOT_ROWS_MIN_RANK the backward kernel stores each slot's rows for grouped weight-gradient GEMMs:
-    every gradient equals the fused kernel's (top-2 and top-1, with down dropout, an expert without slots), is the
-    same with 64-bit row offsets, and with one GEMM per expert for the LoRA input gradients."""
+    every gradient equals the fused kernel's (top-2 and top-1, with down dropout, an expert without slots), and
+    is the same with 64-bit row offsets."""
     assert run_in_triton_interpreter(_SLOT_ROWS_CHECK, timeout=600).strip() == "same"
 
 

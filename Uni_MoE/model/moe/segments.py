@@ -3,8 +3,8 @@
 A slot is one (token, chosen expert) pair; S = T * k slots. Sorting them by expert once lets every
 per-expert product run as one grouped GEMM (``grouped_mm``), with a padded ``bmm`` where this torch
 build or dtype has no grouped kernel. Both give every expert exactly its own rows: no wasted FLOPs.
-The blocks' products over full-width rows (``expert_products``) run instead as one GEMM per expert on its row
-slice where the slices are long enough (``PER_EXPERT_MIN_SLOTS``, ``PER_EXPERT_MIN_ROWS``) to pay for the row
+The frozen bases' wide products (``expert_products``) run instead as one GEMM per expert on its row slice
+where the slices are long enough (``PER_EXPERT_MIN_SLOTS``, ``PER_EXPERT_MIN_ROWS``) to pay for the row
 counts' copy to the host, made once per grouping.
 """
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from . import group_kernels
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# From this many slot rows in all, and this many an expert on average, ``expert_products`` runs one cuBLAS GEMM
-# per expert: distinct-block steps at E = 4 and 8 were 2-9 % faster that way from 8,192 slot rows (4,096
+# From this many slot rows in all, and this many an expert on average, the frozen bases' products are one cuBLAS
+# GEMM per expert: distinct-block steps at E = 4 and 8 were 2-9 % faster that way from 8,192 slot rows (4,096
 # tokens, top-2; 1,024 rows an expert at E = 8) to 65,536, and 10-30 % slower at 4,096, where the host copy of the
 # counts holds up the launches (setting_ab_h200.md).
 PER_EXPERT_MIN_SLOTS = 8192
@@ -131,8 +131,7 @@ def per_expert_pays(rows: int, g: SlotGrouping) -> bool:
 
 def expert_products(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], g: SlotGrouping,
                     per_expert: bool | None = None) -> list[torch.Tensor]:
-    """sum_i a_i [S, K_i] (sorted by expert) times the rows' expert's b_i [E, K_i, N], for the blocks' products
-    over [S, I] or [S, H] rows (the frozen bases', and the shared block's LoRA input gradients from stored rows):
+    """sum_i a_i [S, K_i] (sorted by expert) times the rows' expert's b_i [E, K_i, N], for the frozen bases:
     the grouped GEMM of each pair (``segment_mm``; their sum left to the caller), or, with ``per_expert``
     (by default where ``per_expert_pays``), one tensor from one GEMM per expert and pair, the pairs accumulated
     into the expert's rows."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .lora_blocks import slot_pairs
-from .segments import SlotGrouping, expert_products, group_slots
+from .segments import SlotGrouping, group_slots, segment_mm
 from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule,
                                   triton)
 
@@ -455,11 +455,10 @@ def mix_backward(
 def _row_lora_grads(slot_rows: tuple, bg: torch.Tensor, bu: torch.Tensor, slots: SlotGrouping, scale: float,
                     k: int) -> torch.Tensor:
     """The gate/up LoRA input gradients [T, k, 2, r], s d gate_j Bg and s d up_j Bu, from the stored slot rows
-    (sorted by expert) as two grouped GEMMs (``expert_products``: one GEMM per expert over long slices), instead of
-    four r-wide products a column step in the backward kernel, whose fp32 accumulators would hold registers for the
-    whole pass."""
+    (sorted by expert) as two grouped GEMMs, instead of four r-wide products a column step in the backward kernel,
+    whose fp32 accumulators would hold registers for the whole pass."""
     d_gate, d_up, _ = slot_rows
-    return slot_pairs(*(expert_products([(d, b.transpose(1, 2))], slots)[0] for d, b in ((d_gate, bg), (d_up, bu))),
+    return slot_pairs(segment_mm(d_gate, bg.transpose(1, 2), slots), segment_mm(d_up, bu.transpose(1, 2), slots),
                       slots, k) * scale
 
 
