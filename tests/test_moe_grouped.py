@@ -283,9 +283,9 @@ def test_segment_products_equal_per_expert_products(grouped_mm: bool, monkeypatc
 
 
 def test_expert_products_one_gemm_per_expert_equal_the_grouped_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From PER_EXPERT_MIN_ROWS rows an expert the bases' products run one GEMM per expert on its row slice (two
-    pairs accumulated into one tensor), with the counts copied to the host once; the same products as the grouped
-    GEMMs, an expert without rows included."""
+    """From PER_EXPERT_MIN_SLOTS slot rows and PER_EXPERT_MIN_ROWS an expert on average the bases' products run one
+    GEMM per expert on its row slice (two pairs accumulated into one tensor), with the counts copied to the host once;
+    the same products as the grouped GEMMs, an expert without rows included."""
     torch.manual_seed(0)
     indices = torch.randint(0, 4, (30, 2))
     indices[indices == 2] = 3

@@ -21,8 +21,8 @@ from . import group_kernels
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 # From this many slot rows in all, and this many an expert on average, the frozen bases' products are one cuBLAS
-# GEMM per expert: distinct-block steps at E = 4 and 8 were 2-9 % faster that way from 8,192 slot rows (4,096
-# tokens, top-2; 1,024 rows an expert at E = 8) to 65,536, and 10-30 % slower at 4,096, where the host copy of the
+# GEMM per expert: distinct-block steps at E = 4 and 8 were 1.7-9 % faster that way from 8,192 slot rows (4,096
+# tokens, top-2; 1,024 rows an expert at E = 8) to 65,536, and 10-31 % slower at 4,096, where the host copy of the
 # counts holds up the launches (setting_ab_h200.md).
 PER_EXPERT_MIN_SLOTS = 8192
 PER_EXPERT_MIN_ROWS = 1024
@@ -141,10 +141,10 @@ def expert_products(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], g: SlotG
     out = first.new_empty(first.shape[0], weight.shape[-1])
     start = 0
     for e, n in enumerate(g.counts_on_host()):
-        rows = out[start:start + n]
         if n:
-            torch.mm(first[start:start + n], weight[e], out=rows)
-        for a, b in pairs[1:] if n else ():
-            rows.addmm_(a[start:start + n], b[e])
+            rows = slice(start, start + n)
+            torch.mm(first[rows], weight[e], out=out[rows])
+            for a, b in pairs[1:]:
+                out[rows].addmm_(a[rows], b[e])
         start += n
     return [out]
