@@ -322,3 +322,42 @@ def test_rank_grad_kernel_in_the_interpreter_matches_per_expert_float64_products
     """Per expert z^T d over its sorted rows, in both output layouts and scaled: partial row steps, partial
     column blocks, ranks below the 16-wide tile and at 64, an expert without rows."""
     assert run_in_triton_interpreter(_RANK_GRAD_CHECK, timeout=600).strip() == "ok"
+
+
+_ROW_RANK_CHECK = """
+import torch
+from Uni_MoE.model.moe import row_rank_kernels
+from Uni_MoE.model.moe.segments import group_slots
+torch.manual_seed(0)
+for tokens, k, experts, rank, cols in ((70, 2, 5, 12, 300), (33, 2, 3, 64, 40), (40, 1, 4, 5, 150)):
+    indices = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
+    indices[indices == 1] = 0  # expert 1 gets no rows
+    g = group_slots(indices, experts)
+    d_gate, d_up = torch.randn(k * tokens, cols), torch.randn(k * tokens, cols)
+    bg, bu = torch.randn(experts, rank, cols), torch.randn(experts, rank, cols)  # [E, r, I]: B transposed
+    assert row_rank_kernels.usable(d_gate, rank)
+    split = row_rank_kernels._split(-(-k * tokens // 64) + experts, cols)
+    assert split == (2 if cols == 300 else 1), split  # depth chunks, with a partial last one
+    got = row_rank_kernels.lora_input_grads(d_gate, d_up, bg, bu, g, 0.5, k)
+    assert got.shape == (tokens, k, 2, rank), got.shape
+    for t in range(tokens):
+        for j in range(k):
+            s = g.inverse[t * k + j]  # the slot's sorted row
+            e = indices[t, j]
+            for i, (d, b) in enumerate(((d_gate, bg), (d_up, bu))):
+                want = 0.5 * d[s].double() @ b[e].double().t()
+                torch.testing.assert_close(got[t, j, i].double(), want, rtol=1e-5, atol=1e-5)
+    row_rank_kernels.MAX_RANK = 0  # the grouped-GEMM path gives the same
+    torch.testing.assert_close(row_rank_kernels.lora_input_grads(d_gate, d_up, bg, bu, g, 0.5, k), got,
+                               rtol=1e-5, atol=1e-5)
+    row_rank_kernels.MAX_RANK = 128
+print("ok")
+"""
+
+
+@INTERPRETER
+def test_lora_input_grad_kernel_in_the_interpreter_matches_per_slot_float64_products() -> None:
+    """Each sorted slot row of d gate and d up times its expert's LoRA-B, scaled, lands at the slot's place in
+    token order: top-1 and top-2, ranks below the 16-wide tile and at 64, depth chunks with a partial last one, an
+    expert without rows; the grouped-GEMM fallback agrees."""
+    assert run_in_triton_interpreter(_ROW_RANK_CHECK, timeout=600).strip() == "ok"

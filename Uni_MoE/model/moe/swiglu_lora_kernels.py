@@ -115,6 +115,13 @@ if triton is not None:
                               maxnreg=regs)
                 for group, regs in ((choices, None), (capped, CAPPED_REGS)) for c in group]
 
+    @triton.jit
+    def scheduled_tile(sched_ptr, n_tiles):
+        """(group, first row, end row) of this program's row tile in a ``tile_schedule``-made schedule."""
+        pid = tl.program_id(0)
+        group = tl.load(sched_ptr + pid).to(tl.int64)
+        return group, tl.load(sched_ptr + n_tiles + pid), tl.load(sched_ptr + 2 * n_tiles + pid)
+
     _CONFIGS = configs(((32, 8, 3), (64, 8, 3), (64, 4, 3), (64, 4, 1), (32, 4, 1)),
                        capped=((16, 4, 1), (32, 4, 1), (16, 4, 2)))
 
@@ -139,10 +146,7 @@ if triton is not None:
         HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        e = tl.load(sched_ptr + pid).to(tl.int64)
-        start = tl.load(sched_ptr + n_tiles + pid)
-        end = tl.load(sched_ptr + 2 * n_tiles + pid)
+        e, start, end = scheduled_tile(sched_ptr, n_tiles)
         if start >= end:
             return
         rows = start + tl.arange(0, BLOCK_M)
@@ -195,9 +199,7 @@ if triton is not None:
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        e = tl.load(sched_ptr + pid).to(tl.int64)
-        start = tl.load(sched_ptr + n_tiles + pid)
-        end = tl.load(sched_ptr + 2 * n_tiles + pid)
+        e, start, end = scheduled_tile(sched_ptr, n_tiles)
         if start >= end:
             return
         rows = start + tl.arange(0, BLOCK_M)
