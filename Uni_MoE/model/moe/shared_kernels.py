@@ -10,8 +10,9 @@ need no gathered copy.
   sum_j w_j h_j (one [T, I] write, for the single down GEMM) and zd_j = dropout(h_j) Ad^T;
 - ``mix_backward``: sum_j d gate_j and sum_j d up_j (for the base input gradient), the gate/up LoRA
   input gradients s dg_j Bg and s du_j Bu, and <h_j, d mixed> for the routing-weight gradient; from rank
-  SLOT_ROWS_MIN_RANK it also stores each slot's d gate, d up and dropout(h) in expert order, and the LoRA input
-  and weight gradients are per-expert products over them instead (row_rank_kernels.py, rank_grad_kernels.py);
+  SLOT_ROWS_MIN_RANK it also stores each slot's d gate, d up and dropout(h) in expert order, the LoRA input
+  gradients are grouped GEMMs over them instead, and the LoRA weight gradients per-expert products over them
+  (shared.py, rank_grad_kernels.py);
 - ``lora_weight_grads`` (lower ranks): per expert and block of I columns, over that expert's slots (sorted by
   expert), the LoRA weight gradients accumulated in registers: no per-slot [T, I] tensor reaches memory.
 
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .row_rank_kernels import lora_input_grads
-from .segments import SlotGrouping, group_slots
+from .lora_blocks import slot_pairs
+from .segments import SlotGrouping, group_slots, segment_mm
 from .swiglu_lora_kernels import (_INTERPRET, BLOCK_M, _block_r, _precision, _split, available, tile_schedule,
                                   triton)
 
@@ -441,8 +442,18 @@ def mix_backward(
     if dz is not None:
         dz = dz.sum(0).to(gate.dtype)
     elif lora is not None:  # the stored rows give them
-        dz = lora_input_grads(slot_rows[0], slot_rows[1], bg, bu, slots, scale, k)
+        dz = _row_lora_grads(slot_rows, bg, bu, slots, scale, k)
     return sum_gate, sum_up, dz, None if gw is None else gw.sum(0), slot_rows if slots is not None else None
+
+
+def _row_lora_grads(slot_rows: tuple, bg: torch.Tensor, bu: torch.Tensor, slots: SlotGrouping, scale: float,
+                    k: int) -> torch.Tensor:
+    """The gate/up LoRA input gradients [T, k, 2, r], s d gate_j Bg and s d up_j Bu, from the stored slot rows
+    (sorted by expert) as two grouped GEMMs, instead of four r-wide products a column step in the backward kernel,
+    whose fp32 accumulators would hold registers for the whole pass."""
+    d_gate, d_up, _ = slot_rows
+    return slot_pairs(segment_mm(d_gate, bg.transpose(1, 2), slots), segment_mm(d_up, bu.transpose(1, 2), slots),
+                      slots, k) * scale
 
 
 def lora_weight_grads(
