@@ -182,6 +182,16 @@ if triton is not None:
         return dg, du, silu * u
 
     @triton.jit
+    def _token_tiles(dm_ptr, gate_ptr, up_ptr, tok, cols, row_ok, col_ok, n_cols: tl.constexpr):
+        """[M, N] tiles of d mixed, gate and up at rows ``tok``, columns ``cols``. With stored slot rows the backward
+        kernel reads them a column step ahead itself: Triton's pipeliner prefetches only loads whose values reach a
+        ``tl.dot``, and then none of these does (without stored rows the LoRA input-gradient products take them)."""
+        mask = row_ok[:, None] & col_ok[None, :]
+        off = tok[:, None] * n_cols + cols[None, :]
+        return (tl.load(dm_ptr + off, mask=mask, other=0.0), tl.load(gate_ptr + off, mask=mask, other=0.0),
+                tl.load(up_ptr + off, mask=mask, other=0.0))
+
+    @triton.jit
     def _store_slot_row(rg_ptr, ru_ptr, rh_ptr, row, dg, du, h, keep_ptr, off, mask, cols, keep_scale,
                         n_cols: tl.constexpr, HAS_KEEP: tl.constexpr):
         """A slot's d gate, d up and dropout(h) at its sorted row, for the grouped LoRA weight-gradient GEMMs."""
@@ -238,14 +248,22 @@ if triton is not None:
         chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
         part = tl.program_id(1)
         low = da_ptr.dtype.element_ty
+        if SLOT_ROWS:
+            first = part * chunk + tl.arange(0, BLOCK_N)
+            tiles = _token_tiles(dm_ptr, gate_ptr, up_ptr, tok, first, row_ok, first < n_cols, n_cols)
         for c in range(0, chunk, BLOCK_N):
             cols = part * chunk + c + tl.arange(0, BLOCK_N)
             col_ok = cols < n_cols
             mask = row_ok[:, None] & col_ok[None, :]
             off = tok[:, None] * n_cols + cols[None, :]
-            dm = tl.load(dm_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if SLOT_ROWS:  # this step's tiles came a step ahead; read the next step's while this one computes
+                dm, g, u = tiles
+                ahead = cols + BLOCK_N
+                tiles = _token_tiles(dm_ptr, gate_ptr, up_ptr, tok, ahead, row_ok,
+                                     (ahead < n_cols) & (c + BLOCK_N < chunk), n_cols)
+            else:
+                dm, g, u = _token_tiles(dm_ptr, gate_ptr, up_ptr, tok, cols, row_ok, col_ok, n_cols)
+            dm, g, u = dm.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
             sg, su, h = _backward_slot(dm, g, u, zg0, zu0, dzo0, e0, w0, keep_ptr, off, mask, bg_ptr, bu_ptr, da_ptr,
                                        cols, col_ok, rk, r_ok, rank, scale, keep_scale, n_cols, HAS_LORA, HAS_KEEP,
                                        PREC)
