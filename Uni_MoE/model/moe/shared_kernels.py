@@ -308,26 +308,11 @@ if triton is not None:
                 tl.store(gw_ptr + part.to(tl.int64) * n_rows * K + tok * K + 1, gw1, mask=row_ok)
 
     @triton.jit
-    def _dm_rows(dm_ptr, order_ptr, s0, end, cols, col_ok, n_cols: tl.constexpr, K: tl.constexpr,
-                 WIDE: tl.constexpr, BLOCK_M: tl.constexpr):
-        """The [M, N] tile of d mixed at the tokens of sorted slot rows s0.. (zeros past ``end``)."""
-        pos = s0 + tl.arange(0, BLOCK_M)
-        row_ok = pos < end
-        flat = tl.load(order_ptr + pos, mask=row_ok, other=0)
-        if WIDE:
-            flat = flat.to(tl.int64)
-        off = (flat // K)[:, None] * n_cols + cols[None, :]
-        return tl.load(dm_ptr + off, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-
-    @triton.jit
-    def _grad_rows(s0, end, acc_g, acc_u, acc_a, dm, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
-                   order_ptr, bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
+    def _grad_rows(s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr, order_ptr,
+                   bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
                    n_cols: tl.constexpr, K: tl.constexpr, HAS_KEEP: tl.constexpr, WIDE: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Add BLOCK_M sorted slot rows of expert e from s0 to the three weight-gradient accumulators, given their
-        d mixed tile ``dm``; also return the next step's, read now: Triton's pipeliner prefetches gate and up (their
-        values reach a dot), not d mixed."""
-        dm_next = _dm_rows(dm_ptr, order_ptr, s0 + BLOCK_M, end, cols, col_ok, n_cols, K, WIDE, BLOCK_M)
+        """Add BLOCK_M sorted slot rows of expert e from s0 to the three weight-gradient accumulators."""
         low = da.dtype
         pos = s0 + tl.arange(0, BLOCK_M)
         row_ok = pos < end
@@ -346,7 +331,7 @@ if triton is not None:
         keep_off = (flat % K)[:, None] * plane + off
         g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        dm = dm.to(tl.float32)
+        dm = tl.load(dm_ptr + off, mask=mask, other=0.0).to(tl.float32)
         g += scale * tl.dot(zg, bg, input_precision=PREC)
         u += scale * tl.dot(zu, bu, input_precision=PREC)
         dh = dm + _dropped(tl.dot(dzo, da, input_precision=PREC), keep_ptr, keep_off, mask, keep_scale, HAS_KEEP)
@@ -359,7 +344,7 @@ if triton is not None:
         acc_g += tl.dot(tl.trans(dg), zg, input_precision=PREC)
         acc_u += tl.dot(tl.trans(du), zu, input_precision=PREC)
         acc_a += tl.dot(tl.trans(hd), (dzo.to(tl.float32) * w[:, None]).to(low), input_precision=PREC)
-        return acc_g, acc_u, acc_a, dm_next
+        return acc_g, acc_u, acc_a
 
     @triton.autotune(configs=_GRAD_CONFIGS, key=["n_cols", "rank", "K", "HAS_KEEP"], prune_configs_by=_PRUNE)
     @triton.jit
@@ -383,19 +368,18 @@ if triton is not None:
         acc_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         acc_a = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)  # transposed, like the others
-        dm = _dm_rows(dm_ptr, order_ptr, start, end, cols, col_ok, n_cols, K, WIDE, BLOCK_M)
         if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
             s0 = start
             while s0 < end:
-                acc_g, acc_u, acc_a, dm = _grad_rows(
-                    s0, end, acc_g, acc_u, acc_a, dm, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
+                acc_g, acc_u, acc_a = _grad_rows(
+                    s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
                     order_ptr, bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
                     n_cols, K, HAS_KEEP, WIDE, PREC, BLOCK_M)
                 s0 += BLOCK_M
         else:
             for s0 in range(start, end, BLOCK_M):
-                acc_g, acc_u, acc_a, dm = _grad_rows(
-                    s0, end, acc_g, acc_u, acc_a, dm, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
+                acc_g, acc_u, acc_a = _grad_rows(
+                    s0, end, acc_g, acc_u, acc_a, dm_ptr, gate_ptr, up_ptr, za_ptr, dzo_ptr, w_ptr, keep_ptr,
                     order_ptr, bg, bu, da, e, cols, col_ok, rk, r_ok, plane, rank, n_experts, scale, keep_scale,
                     n_cols, K, HAS_KEEP, WIDE, PREC, BLOCK_M)
         b_off = e * n_cols * rank + cols[:, None] * rank + rk[None, :]  # [N, R] of [E, I, r]
