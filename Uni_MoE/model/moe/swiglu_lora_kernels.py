@@ -191,15 +191,6 @@ if triton is not None:
             tl.store(zd_ptr + part * n_rows * rank + z_off, zd, mask=z_mask)
 
     @triton.jit
-    def _dh_tiles(dh_ptr, keep_ptr, rows, cols, row_ok, col_ok, n_cols: tl.constexpr, HAS_KEEP: tl.constexpr):
-        """[M, N] tiles of dh and, with dropout, of its keep mask (else a dummy) at ``rows``, ``cols``."""
-        mask = row_ok[:, None] & col_ok[None, :]
-        off = rows[:, None] * n_cols + cols[None, :]
-        dh = tl.load(dh_ptr + off, mask=mask, other=0.0)
-        kp = tl.load(keep_ptr + off, mask=mask, other=0) if HAS_KEEP else mask
-        return dh, kp
-
-    @triton.jit
     def _backward_body(
         dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, zg_ptr, zu_ptr, bg_ptr, bu_ptr, dzd_ptr, da_ptr,
         dzg_ptr, dzu_ptr, keep_ptr, sched_ptr, part_ptr,
@@ -226,9 +217,6 @@ if triton is not None:
             dzd = tl.load(dzd_ptr + z_off, mask=z_mask, other=0.0)
         chunk: tl.constexpr = (n_cols + SPLIT * BLOCK_N - 1) // (SPLIT * BLOCK_N) * BLOCK_N
         part = tl.program_id(1)
-        # dh and the dropout mask are read a column step ahead: Triton's pipeliner prefetches only gate and up
-        first = part * chunk + tl.arange(0, BLOCK_N)
-        dh_next, kp_next = _dh_tiles(dh_ptr, keep_ptr, rows64, first, row_ok, first < n_cols, n_cols, HAS_KEEP)
         for c in range(0, chunk, BLOCK_N):
             cols = part * chunk + c + tl.arange(0, BLOCK_N)
             col_ok = cols < n_cols
@@ -236,10 +224,9 @@ if triton is not None:
             off = rows64[:, None] * n_cols + cols[None, :]
             g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            dh, kp = dh_next.to(tl.float32), kp_next
-            ahead = cols + BLOCK_N
-            dh_next, kp_next = _dh_tiles(dh_ptr, keep_ptr, rows64, ahead, row_ok,
-                                         (ahead < n_cols) & (c + BLOCK_N < chunk), n_cols, HAS_KEEP)
+            dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_KEEP:
+                kp = tl.load(keep_ptr + off, mask=mask, other=0)
             if HAS_LORA:
                 b_mask = r_ok[:, None] & col_ok[None, :]
                 b_off = e * rank * n_cols + rk[:, None] * n_cols + cols[None, :]  # [R, N] tile of B[e] as [r, I]
