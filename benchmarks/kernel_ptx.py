@@ -11,7 +11,11 @@ autotuner would try (its pruning applied) is compiled by Triton for sm_90a at LL
   them; a tile read along a runtime-strided axis compiles to these;
 - 128-bit global loads: whole 16-byte vectors read directly;
 - shared memory a program takes: above SHARED_LIMIT (227 KB, what one block may take on an H100/H200) the config
-  cannot launch, and where no config of a kernel fits, the layer raises ``OutOfResources`` at that rank and dtype.
+  cannot launch, and where no config of a kernel fits, the layer raises ``OutOfResources`` at that rank and dtype;
+- tile loads waited on: global loads of 2-D tiles in a loop that are neither asynchronous copies nor read a step
+  ahead by the kernel (their values carried to the next step), so each loop step waits for them. Triton's pipeliner
+  prefetches only loads whose values reach a ``tl.dot``; a kernel whose loop holds no such product must read its
+  tiles ahead itself (the shared backward kernel with stored slot rows took 27 % less time on an H200 once it did).
 
     python benchmarks/kernel_ptx.py --ranks 8 64 --out FILE   # needs Triton (no GPU)
     python benchmarks/kernel_ptx.py --ranks 128 256 --dtype float32
@@ -49,7 +53,7 @@ N_COLS = 11008
 SHARED_LIMIT = 232448  # bytes of shared memory one block may take on SM90
 DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
 HEADER = ("| kernel | r | config | registers | spilled bytes | async copies | 16-bit global loads "
-          "| 128-bit global loads | shared KB |\n|---|---|---|---|---|---|---|---|---|")
+          "| 128-bit global loads | shared KB | tile loads waited on |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def constants(names: list[str], rank: int, experts: int, config_kwargs: dict, distinct: bool = False,
@@ -93,6 +97,18 @@ def tried_configs(kernel: object, rank: int, experts: int, dtype: str) -> list:
     return prune(configs, named, **consts)
 
 
+def waited_tile_loads(ttgir: str) -> int:
+    """2-D global loads inside the TTGIR's loops whose values the loop does not carry to its next step (a load read a
+    step ahead shows up in its loop's ``scf.yield``); asynchronous copies are not ``tt.load``s."""
+    start = ttgir.find("scf.for")
+    if start < 0:
+        return 0
+    body = ttgir[start:]
+    carried = " ".join(line for line in body.splitlines() if "scf.yield" in line)
+    loads = re.findall(r"(%[\w.]+) = tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr", body)
+    return sum(1 for name in loads if not re.search(re.escape(name) + r"(?![\w.])", carried))
+
+
 def compile_stats(kernel: object, config: object, rank: int, experts: int, dtype: str = "bfloat16") -> dict:
     """Compile one config of an autotuned kernel for sm_90a and count what its PTX and TTGIR hold."""
     import triton
@@ -126,6 +142,7 @@ def compile_stats(kernel: object, config: object, rank: int, experts: int, dtype
         b16_loads=len(re.findall(r"ld\.global\S*\.b16\b", ptx)),
         v4_loads=len(re.findall(r"ld\.global\S*\.v4\.", ptx)),
         shared=compiled.metadata.shared,
+        waited=waited_tile_loads(ttgir),
     )
 
 
@@ -146,11 +163,11 @@ def row(name: str, rank: int, kernel: object, config: object, experts: int,
         s = compile_stats(kernel, config, rank, experts, dtype)
     except (PTXASError, subprocess.CalledProcessError) as error:
         reason = telling_line(str(error) + str(getattr(error, "stderr", "") or ""))
-        return f"| {name} | {rank} | {describe(config)} | does not compile: {reason} | | | | | |", False
+        return f"| {name} | {rank} | {describe(config)} | does not compile: {reason} | | | | | | |", False
     fits = s["shared"] <= SHARED_LIMIT
     shared = f"{s['shared'] / 1024:.0f}" + ("" if fits else " (over 227)")
     return (f"| {name} | {rank} | {describe(config)} | {s['registers']} | {s['spilled']} | {s['async_copies']} "
-            f"| {s['b16_loads']} | {s['v4_loads']} | {shared} |"), fits
+            f"| {s['b16_loads']} | {s['v4_loads']} | {shared} | {s['waited']} |"), fits
 
 
 def main() -> None:

@@ -229,6 +229,48 @@ def test_kernel_ptx_smoke_compiles_every_expert_kernel_for_sm90() -> None:
             assert b16_loads == 0  # every tile, the LoRA factors too, is read as whole vectors
 
 
+_LOOP_TTGIR = """
+    %a = tt.load %p0, %m0 : tensor<64x32x!tt.ptr<bf16>, #blocked>
+    %r:3 = scf.for %i = %c0 to %c8 step %c1 iter_args(%x = %a, %y = %cst) -> (tensor<64x32xbf16, #blocked>, f32) {
+      %next = tt.load %p1, %m1 : tensor<64x32x!tt.ptr<bf16>, #blocked>
+      %now = tt.load %p2, %m2 : tensor<64x32x!tt.ptr<bf16>, #blocked>
+      %now.1 = tt.load %p2, %m2 : tensor<64x32x!tt.ptr<bf16>, #blocked>
+      %row = tt.load %p3, %m3 : tensor<64x!tt.ptr<i32>, #ttg.slice<{dim = 1, parent = #blocked}>>
+      %c = ttg.async_copy_global_to_local %p4, %buf mask %m4 : tensor<64x32x!tt.ptr<bf16>, #blocked> -> <64x32xbf16>
+      scf.yield %next, %now.10 : tensor<64x32xbf16, #blocked>, f32
+    }
+    %after = tt.load %p5, %m5 : tensor<64x32x!tt.ptr<bf16>, #blocked>
+"""
+
+
+def test_kernel_ptx_counts_the_tile_loads_a_loop_step_waits_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of the 2-D loads from the first loop on, those whose values the loop carries to its next step are read ahead;
+    1-D loads, asynchronous copies and loads before the loop are not counted, and a name that is a prefix of a
+    carried one (%now.1 of %now.10) is still waited on."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    ptx = load_file("kernel_ptx", ROOT / "benchmarks" / "kernel_ptx.py")
+    assert ptx.waited_tile_loads(_LOOP_TTGIR) == 3  # %now, %now.1 and the load after the loop
+    assert ptx.waited_tile_loads(_LOOP_TTGIR.replace("%next, %now.10", "%next, %now.1")) == 2
+    assert ptx.waited_tile_loads("%a = tt.load %p : tensor<64x32x!tt.ptr<bf16>, #blocked>") == 0  # no loop
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_shared_backward_kernel_with_stored_slot_rows_waits_on_no_tile_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled for SM90 at r = 64 (stored slot rows, so no LoRA product consumes the d mixed, gate and up tiles and
+    Triton's pipeliner leaves them alone), the backward kernel's loop reads those tiles a step ahead itself."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ptx = load_file("kernel_ptx", ROOT / "benchmarks" / "kernel_ptx.py")
+    from Uni_MoE.model.moe import shared_kernels
+
+    kernel = shared_kernels._backward_kernel
+    config = ptx.tried_configs(kernel, 64, 8, "bfloat16")[0]
+    assert config.num_stages > 1
+    stats = ptx.compile_stats(kernel, config, 64, 8)
+    assert stats["waited"] == 0 and stats["async_copies"] > 0, stats
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernel_ptx_lists_a_config_that_does_not_compile_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     from triton.runtime.errors import PTXASError
@@ -245,7 +287,7 @@ def test_kernel_ptx_lists_a_config_that_does_not_compile_and_goes_on(monkeypatch
     config = type("Config", (), dict(kwargs={"BLOCK_N": 16}, num_warps=4, num_stages=1, maxnreg=128))()
     assert ptx.row("shared forward", 128, None, config, 4) == (
         "| shared forward | 128 | BLOCK_N 16, 4 warps, 1 stages, max 128 registers | does not compile: (C7600) "
-        "Register allocation failed with register count of '128'. | | | | | |", False)
+        "Register allocation failed with register count of '128'. | | | | | | |", False)
 
 
 def test_docs_list_every_benchmark_script_and_its_results_file() -> None:
