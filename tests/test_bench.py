@@ -259,15 +259,14 @@ def test_kernel_ptx_counts_the_tile_loads_a_loop_step_waits_for(monkeypatch: pyt
 def test_shared_backward_kernel_with_stored_slot_rows_waits_on_no_tile_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled for SM90 at r = 64 (stored slot rows, so no LoRA product consumes the d mixed, gate and up tiles and
     Triton's pipeliner leaves them alone), the backward kernel's loop reads those tiles a step ahead itself."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    ptx = load_file("kernel_ptx", ROOT / "benchmarks" / "kernel_ptx.py")
+    import triton
+
     from Uni_MoE.model.moe import shared_kernels
 
-    kernel = shared_kernels._backward_kernel
-    config = ptx.tried_configs(kernel, 64, 8, "bfloat16")[0]
-    assert config.num_stages > 1
-    stats = ptx.compile_stats(kernel, config, 64, 8)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    ptx = load_file("kernel_ptx", ROOT / "benchmarks" / "kernel_ptx.py")
+    config = triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3)  # the autotuner's pick on the H200
+    stats = ptx.compile_stats(shared_kernels._backward_kernel, config, 64, 8)
     assert stats["waited"] == 0 and stats["async_copies"] > 0, stats
 
 
