@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,30 @@ def test_kernel_ptx_lists_a_config_that_does_not_compile_and_goes_on(monkeypatch
     assert ptx.row("shared forward", 128, None, config, 4) == (
         "| shared forward | 128 | BLOCK_N 16, 4 warps, 1 stages, max 128 registers | does not compile: (C7600) "
         "Register allocation failed with register count of '128'. | | | | | | |", False)
+
+
+@pytest.mark.slow
+def test_tree_ab_smoke_times_each_tree_and_names_the_package_it_ran(tmp_path: Path) -> None:
+    """Two trees (here the same one twice, and a copy of its package): each round runs both, the first tree's step is
+    the reference (1.000), every layer of moe_layer.py's table appears, and a tree whose package a process would not
+    import is refused."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "Uni_MoE", copy / "Uni_MoE", ignore=shutil.ignore_patterns("__pycache__"))
+    stdout, table = run_smoke("tree_ab.py", tmp_path, "--trees", str(ROOT), str(copy), "--rounds", "1")
+    assert f"- tree 1: `{ROOT}` (its `Uni_MoE` imported)" in table and f"- tree 2: `{copy}`" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
+    assert len(rows) == 2 and {row.split(" | ")[0] for row in rows} == {"| mlp", "| shared"}
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert cells[1:5] == ["4", "8", "64", "1"], cells  # E, r, T (the smoke shapes) and the round
+        first, second = (cell.split(", ") for cell in cells[5:7])
+        assert first[2] == "1.000" and float(first[0].split()[0]) > 0 and float(second[2]) > 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tree_ab.py"), "--smoke", "--trees", str(ROOT),
+                             str(empty)], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert result.returncode != 0 and f"--trees {empty}" in result.stderr
 
 
 def test_docs_list_every_benchmark_script_and_its_results_file() -> None:
