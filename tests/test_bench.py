@@ -290,6 +290,47 @@ def test_kernel_ptx_lists_a_config_that_does_not_compile_and_goes_on(monkeypatch
         "Register allocation failed with register count of '128'. | | | | | | |", False)
 
 
+_STEP_KERNELS_TABLE = """# Where a layer step's time goes (NVIDIA H200)
+
+| kind | dense | shared E=8 r=64 |
+|---|---|---|
+| grouped GEMM | 0, 0.000 | 4, 0.326 |
+| Triton | 0, 0.000 | 14, 2.313 |
+| all | 23, 6.346 | 150, 9.358 |
+| span ms | 7.079 | 10.133 |
+
+## dense: kernels of at least 0 us in launch order
+
+| us | kind | kernel |
+|---|---|---|
+| 933.0 | GEMM | `nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN` |
+
+## shared E=8 r=64: kernels of at least 0 us in launch order
+
+| us | kind | kernel |
+|---|---|---|
+| 800.1 | Triton | `_forward_kernel` |
+| 93.5 | Triton | `_rank_grad_kernel` |
+| 1157.5 | Triton | `_backward_kernel` |
+| 91.5 | Triton | `_rank_grad_kernel` |
+| 44.9 | rest | `void at::native::reduce_kernel<512, 1>` |
+"""
+
+
+def test_tree_ab_reads_kind_totals_and_each_triton_kernel_from_a_step_kernels_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per layer: each kind's summed ms (as us) from the summary, and each Triton kernel's time summed over its
+    launches; the span row, GEMMs and the rest are not listed one by one."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    rows = load_file("tree_ab", ROOT / "benchmarks" / "tree_ab.py").kernel_rows(_STEP_KERNELS_TABLE)
+    got = {key: round(us, 1) for key, (us, _) in rows.items()}
+    assert got == {("dense", "every grouped GEMM kernel"): 0.0, ("shared E=8 r=64", "every grouped GEMM kernel"): 326.0,
+                   ("dense", "every Triton kernel"): 0.0, ("shared E=8 r=64", "every Triton kernel"): 2313.0,
+                   ("dense", "every kernel"): 6346.0, ("shared E=8 r=64", "every kernel"): 9358.0,
+                   ("shared E=8 r=64", "_forward_kernel"): 800.1, ("shared E=8 r=64", "_rank_grad_kernel"): 185.0,
+                   ("shared E=8 r=64", "_backward_kernel"): 1157.5}
+
+
 @pytest.mark.slow
 def test_tree_ab_smoke_times_each_tree_and_names_the_package_it_ran(tmp_path: Path) -> None:
     """Two trees (here the same one twice, and a copy of its package): each round runs both, the first tree's step is
@@ -306,6 +347,12 @@ def test_tree_ab_smoke_times_each_tree_and_names_the_package_it_ran(tmp_path: Pa
         assert cells[1:5] == ["4", "8", "64", "1"], cells  # E, r, T (the smoke shapes) and the round
         first, second = (cell.split(", ") for cell in cells[5:7])
         assert first[2] == "1.000" and float(first[0].split()[0]) > 0 and float(second[2]) > 0
+    _, table = run_smoke("tree_ab.py", tmp_path, "--kernels", "--trees", str(ROOT), str(copy), "--rounds", "1",
+                         "--experts", "4", "--ranks", "8")
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ") and " | 1 | " in line]
+    assert {(row[0], row[1]) for row in rows} >= {(layer, "every kernel") for layer in ("dense", "mlp E=4 r=8",
+                                                                                          "shared E=4 r=8")}
+    assert all(row[3].endswith(", 1.000") or row[3].endswith("—") for row in rows)  # tree 1 is the reference
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
