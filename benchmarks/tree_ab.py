@@ -3,9 +3,10 @@
 A kernel change has no module-level setting that one process could flip (``setting_ab.py``), so this compares whole
 trees: each is a directory holding a ``Uni_MoE`` package, e.g. ``git archive REV Uni_MoE | tar -x -C DIR``. Per
 round, each tree in turn runs ``moe_layer.py --back-to-back --no-deepspeed`` in a new process with the tree first on
-``PYTHONPATH`` (whose ``Uni_MoE`` it imports is checked first and printed). The table gives, per layer and round, each
-tree's step, its ratio to the dense baseline timed just before it, and the step relative to the first tree's in the
-same round; alternating the order of the trees' runs across rounds keeps the GPU's warm-up from favouring one.
+``PYTHONPATH`` (a tree whose processes would import another ``Uni_MoE`` stops the run first). The table gives, per
+layer and round, each tree's step, its ratio to the dense baseline timed just before it, and the step relative to the
+first tree's in the same round; alternating the order of the trees' runs across rounds keeps the GPU's warm-up from
+favouring one.
 With ``--kernels`` each run is ``step_kernels.py`` instead (both kinds of layer at each E and r, one token count):
 per layer, the step's kernel time by kind and each Triton kernel's, summed over the step, for each tree. A step's
 time moves with the GPU's clock from one process to the next; a kernel's time is the firmer measure of a kernel
@@ -27,10 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit_table  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from report import emit_table  # noqa: E402
 
 
 def tree_env(tree: Path) -> dict[str, str]:
@@ -39,9 +39,8 @@ def tree_env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), rest) if p)}
 
 
-def imported_package(tree: Path) -> Path:
-    """The ``Uni_MoE`` directory a process with ``tree_env(tree)`` imports; exits when it is not the tree's own (an
-    installed copy, or none)."""
+def check_package(tree: Path) -> None:
+    """Exit unless a process with ``tree_env(tree)`` imports the tree's own ``Uni_MoE`` (not an installed copy)."""
     result = subprocess.run([sys.executable, "-c", "import Uni_MoE; print(Uni_MoE.__file__)"], capture_output=True,
                             text=True, env=tree_env(tree), cwd=tempfile.gettempdir())  # as the script would
     if result.returncode != 0:
@@ -49,7 +48,6 @@ def imported_package(tree: Path) -> Path:
     package = Path(result.stdout.strip()).resolve().parent
     if package != (tree / "Uni_MoE").resolve():
         raise SystemExit(f"--trees {tree}: a process with it first on PYTHONPATH imports {package} instead")
-    return package
 
 
 def layer_rows(table: str) -> dict[tuple[str, ...], tuple[float, float]]:
@@ -135,7 +133,7 @@ def main() -> None:
     if len(args.trees) < 2:
         raise SystemExit("--trees: give at least two")
     for tree in args.trees:
-        imported_package(tree)
+        check_package(tree)
     script, run_args = script_args(args)
     names = [f"tree {i + 1}" for i in range(len(args.trees))]
     what = ("each cell: the kernel time summed over one profiled step (a kind's, all its kernels'), and relative to "
