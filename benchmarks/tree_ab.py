@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args()
+    args.trees = [tree.resolve() for tree in args.trees]  # the runs' processes start elsewhere
     if len(args.trees) < 2:
         raise SystemExit("--trees: give at least two")
     for tree in args.trees:

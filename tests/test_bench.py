@@ -335,10 +335,10 @@ def test_tree_ab_reads_kind_totals_and_each_triton_kernel_from_a_step_kernels_ta
 def test_tree_ab_smoke_times_each_tree_and_names_the_package_it_ran(tmp_path: Path) -> None:
     """Two trees (here the same one twice, and a copy of its package): each round runs both, the first tree's step is
     the reference (1.000), every layer of moe_layer.py's table appears, and a tree whose package a process would not
-    import is refused."""
+    import is refused. A tree given relative to the working directory is found."""
     copy = tmp_path / "copy"
     shutil.copytree(ROOT / "Uni_MoE", copy / "Uni_MoE", ignore=shutil.ignore_patterns("__pycache__"))
-    stdout, table = run_smoke("tree_ab.py", tmp_path, "--trees", str(ROOT), str(copy), "--rounds", "1")
+    stdout, table = run_smoke("tree_ab.py", tmp_path, "--trees", ".", os.path.relpath(copy, ROOT), "--rounds", "1")
     assert f"- tree 1: `{ROOT}` (its `Uni_MoE` imported)" in table and f"- tree 2: `{copy}`" in table
     rows = [line for line in table.splitlines() if line.startswith(("| mlp", "| shared"))]
     assert len(rows) == 2 and {row.split(" | ")[0] for row in rows} == {"| mlp", "| shared"}
