@@ -15,6 +15,14 @@ from Uni_MoE.model.moe.lora_blocks import mix_slots
 H, I, T = 32, 48, 40
 
 
+@pytest.fixture(autouse=True, params=["lora_a_outside", "lora_a_in_block"])
+def lora_a_place(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the distinct block's gate/up LoRA-A products computed outside it for all experts
+    and, where there is no input dropout, inside it for each slot's own expert."""
+    monkeypatch.setattr(grouped, "OWN_LORA_A_MIN_WIDTH", 10**9 if request.param == "lora_a_outside" else 1)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def no_reference_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused path must not hand SiLU experts to the loop it is compared with."""
@@ -336,3 +344,22 @@ def test_mix_slots_puts_each_weighted_slot_in_its_experts_block() -> None:
     indices = torch.tensor([[2, 0], [1, 2]])  # E=3
     expected = torch.tensor([[0.75, 1.0, 0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 10.0, 12.0, 7.0, 8.0]])
     assert torch.equal(mix_slots(zd, weights, indices, 3), expected)
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.2])
+def test_lora_a_products_run_where_the_place_says(lora_a_place: str, lora_dropout: float,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-block LoRA-A products replace the all-experts GEMM for distinct experts without input dropout only."""
+    calls = []
+    outside = grouped._lora_input_acts
+    monkeypatch.setattr(grouped, "_lora_input_acts", lambda *args: calls.append(1) or outside(*args))
+    for expert_type in ("mlp", "shared"):
+        layer = MoELayer(H, I, 4, 2, expert_type=expert_type, lora_r=4, lora_dropout=lora_dropout)
+        with torch.no_grad():
+            layer.experts.up_lora_B.normal_(0.0, 0.1)
+        layer(torch.randn(T, H)).sum().backward()
+        in_block = expert_type == "mlp" and lora_dropout == 0.0 and lora_a_place == "lora_a_in_block"
+        assert grouped.own_lora_a_pays(layer.experts) == in_block
+        assert len(calls) == (0 if in_block else 1), (expert_type, calls)
+        assert layer.experts.gate_lora_A.grad is not None and layer.experts.up_lora_A.grad.abs().sum() > 0
+        calls.clear()

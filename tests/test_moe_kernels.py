@@ -54,7 +54,7 @@ def test_shared_kernels_in_the_interpreter_pass_the_grouped_tests() -> None:
     block's backward kernel then writes its gradients over gate and up), with the Triton kernels run by the
     interpreter."""
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                             "shared or recompute_projections",
+                             "(shared and lora_a_outside) or recompute_projections",
                              str(ROOT / "tests" / "test_moe_grouped.py")], capture_output=True, text=True,
                             env=interpreter_env(), timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -313,6 +313,13 @@ for tokens, experts, rank, cols in ((70, 5, 12, 150), (33, 3, 64, 40), (9, 4, 5,
             assert got.shape == (rank, cols), (got.shape, rank, cols)
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         assert out[1].abs().max() == 0
+    x = torch.randn(tokens, cols)  # gathered: sorted row i reads x[g.token[i]]
+    out = rank_grad(z, x, g, rows=g.token)
+    for e in range(experts):
+        rows = g.order.new_tensor((g.expert == e).nonzero().flatten())
+        want = z[rows].double().t() @ x[g.token[rows]].double()
+        torch.testing.assert_close(out[e].double(), want, rtol=1e-5, atol=1e-5)
+    assert out[1].abs().max() == 0
 print("ok")
 """
 
@@ -320,5 +327,6 @@ print("ok")
 @INTERPRETER
 def test_rank_grad_kernel_in_the_interpreter_matches_per_expert_float64_products() -> None:
     """Per expert z^T d over its sorted rows, in both output layouts and scaled: partial row steps, partial
-    column blocks, ranks below the 16-wide tile and at 64, an expert without rows."""
+    column blocks, ranks below the 16-wide tile and at 64, an expert without rows, and the wide rows gathered by
+    token."""
     assert run_in_triton_interpreter(_RANK_GRAD_CHECK, timeout=600).strip() == "ok"

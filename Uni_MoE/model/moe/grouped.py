@@ -4,8 +4,11 @@
 (``distinct.py``); ``"shared"`` (LoRA experts on one frozen MLP) computes one dense MLP plus low-rank
 terms (``shared.py``). The gate/up LoRA-A products of all experts are one dense GEMM per token outside
 the fused block, so LoRA dropout on the expert input and the A gradients are plain autograd; dropout on
-the down LoRA's input is drawn inside. The input dropout mask is drawn once per token and shared by the
-token's k slots (the reference loop draws one per slot); without dropout both compute the same function.
+the down LoRA's input is drawn inside. Distinct experts without input dropout and with E * r of at least
+``OWN_LORA_A_MIN_WIDTH`` instead take the A factors into the block, which computes each slot's own k
+products from the slot rows it gathers anyway (the dense GEMM computes E a token, mostly discarded). The
+input dropout mask is drawn once per token and shared by the token's k slots (the reference loop draws one
+per slot); without dropout both compute the same function.
 Activations other than SiLU run the reference loop. With ``recompute_projections`` the blocks keep no gate/up
 activations for backward and compute them again there. Under autocast the block computes in autocast's
 dtype, with explicit (differentiable) casts of its inputs and parameters.
@@ -23,6 +26,10 @@ from .segments import group_slots
 from .shared import SharedBaseExperts
 
 SILU = ("silu", "swish")
+# From this E * r on, a token's own k experts' LoRA-A products over the slot rows (k H-wide rows read, 2 r k
+# columns) cost less than all E experts' over the token row (one row read, 2 r E columns): at bfloat16 rates of
+# about 700 TFLOP/s and 4.8 TB/s on an H200 the dense GEMM turns compute-bound near E * r = 150.
+OWN_LORA_A_MIN_WIDTH = 256
 
 
 def _frozen(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -38,10 +45,20 @@ def _lora_input_acts(x: torch.Tensor, experts: MoEExperts, dtype: torch.dtype) -
     return experts.lora_dropout(x) @ a.t()
 
 
-def _lora_settings(experts: MoEExperts) -> LoRASettings:
+def _dropout_p(experts: MoEExperts) -> float:
+    """The LoRA dropout probability in effect (0 in eval mode or without dropout)."""
     dropout = experts.lora_dropout
-    p = dropout.p if isinstance(dropout, nn.Dropout) and experts.training else 0.0
-    return LoRASettings(experts.lora_scaling, p)
+    return dropout.p if isinstance(dropout, nn.Dropout) and experts.training else 0.0
+
+
+def _lora_settings(experts: MoEExperts) -> LoRASettings:
+    return LoRASettings(experts.lora_scaling, _dropout_p(experts))
+
+
+def own_lora_a_pays(experts: MoEExperts) -> bool:
+    """Whether the distinct block computes the gate/up LoRA-A products of each slot's own expert itself."""
+    return (experts.expert_type != "shared" and experts.has_lora and _dropout_p(experts) == 0.0
+            and experts.num_experts * experts.lora_r >= OWN_LORA_A_MIN_WIDTH)
 
 
 def experts_grouped(
@@ -70,11 +87,15 @@ def _fused(
     x, weights = x.to(dtype), weights.to(dtype)
     lora = [cast(getattr(experts, name, None)) for name in ("gate_lora_B", "up_lora_B", "down_lora_A", "down_lora_B")]
     bases = [cast(p) for p in experts.base_parameters()]
-    za = _lora_input_acts(x, experts, dtype)
     recompute = experts.recompute_projections
     if experts.expert_type == "shared":
-        return SharedBaseExperts.apply(x, weights, indices, za, *(b[0] for b in bases), *lora, _lora_settings(experts),
-                                       recompute)
+        return SharedBaseExperts.apply(x, weights, indices, _lora_input_acts(x, experts, dtype), *(b[0] for b in bases),
+                                       *lora, _lora_settings(experts), recompute)
+    za = lora_a = None
+    if own_lora_a_pays(experts):
+        lora_a = torch.cat([experts.gate_lora_A, experts.up_lora_A], 1).to(dtype)  # [E, 2r, H]
+    else:
+        za = _lora_input_acts(x, experts, dtype)
     grouping = group_slots(indices, experts.num_experts)
-    return DistinctExperts.apply(x, weights, za, *bases, *lora, grouping, _lora_settings(experts), recompute)
+    return DistinctExperts.apply(x, weights, za, lora_a, *bases, *lora, grouping, _lora_settings(experts), recompute)
 
