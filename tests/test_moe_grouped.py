@@ -349,7 +349,8 @@ def test_mix_slots_puts_each_weighted_slot_in_its_experts_block() -> None:
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.2])
 def test_lora_a_products_run_where_the_place_says(lora_a_place: str, lora_dropout: float,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-block LoRA-A products replace the all-experts GEMM for distinct experts without input dropout only."""
+    """Without input dropout the blocks take the LoRA-A factors: the shared block always, distinct experts from
+    OWN_LORA_A_MIN_WIDTH (here 1 or never); with dropout the activations come from outside."""
     calls = []
     outside = grouped._lora_input_acts
     monkeypatch.setattr(grouped, "_lora_input_acts", lambda *args: calls.append(1) or outside(*args))
@@ -358,8 +359,9 @@ def test_lora_a_products_run_where_the_place_says(lora_a_place: str, lora_dropou
         with torch.no_grad():
             layer.experts.up_lora_B.normal_(0.0, 0.1)
         layer(torch.randn(T, H)).sum().backward()
-        in_block = expert_type == "mlp" and lora_dropout == 0.0 and lora_a_place == "lora_a_in_block"
-        assert grouped.own_lora_a_pays(layer.experts) == in_block
+        own = expert_type == "mlp" and lora_dropout == 0.0 and lora_a_place == "lora_a_in_block"
+        assert grouped.own_lora_a_pays(layer.experts) == own
+        in_block = own or (expert_type == "shared" and lora_dropout == 0.0)
         assert len(calls) == (0 if in_block else 1), (expert_type, calls)
         assert layer.experts.gate_lora_A.grad is not None and layer.experts.up_lora_A.grad.abs().sum() > 0
         calls.clear()

@@ -8,6 +8,9 @@ direction, with the LoRA-B products on registers, plus one pass for the LoRA wei
 ``SLOT_ROWS_MIN_RANK`` instead per-expert products over per-slot rows the backward kernel stores); elsewhere
 PyTorch does one fused SwiGLU pass per slot with block-masked LoRA products. Backward recomputes the
 per-slot activations from the saved base gate/up, so saved memory is that of a dense MLP plus r-wide terms.
+Given the gate/up LoRA-A factors of all experts (``lora_a``, without input dropout) in place of their
+activations ``za``, the block computes za = x A^T itself and adds its input gradient into the block's own
+(one accumulation of x's gradient less).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class SharedBaseExperts(torch.autograd.Function):
         weights: torch.Tensor,
         indices: torch.Tensor,
         za: torch.Tensor | None,
+        lora_a: torch.Tensor | None,
         gate_w: torch.Tensor,
         up_w: torch.Tensor,
         down_w: torch.Tensor,
@@ -63,26 +67,30 @@ class SharedBaseExperts(torch.autograd.Function):
         lora: LoRASettings,
         recompute: bool = False,
     ) -> torch.Tensor:
+        if lora_a is not None:
+            za = x @ lora_a.t()  # [T, 2*E*r]
         gate, up = x @ gate_w.t(), x @ up_w.t()  # [T, I], once per token
         num_experts = gate_b.shape[0] if za is not None else 1
         ctx.fused = kernels.supported(x, weights.shape[1], num_experts)
         ctx.lora = lora
         path = _fused_forward if ctx.fused else _torch_forward
         mixed, zd_mix, kept = path(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora)
-        y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
-        if za is not None:
-            y.addmm_(zd_mix, stack_b(down_b), alpha=lora.scale)
+        if za is None:
+            y = mixed @ down_w.t()  # [T, H]: one down projection for all slots
+        else:  # the down LoRA-B products first, so that the down projection's GEMM accumulates onto them
+            y = zd_mix @ (stack_b(down_b) * lora.scale)
+            y.addmm_(mixed, down_w.t())
         if recompute:  # backward computes them again from x
             gate = up = None
         # intermediates too go through save_for_backward, so activation checkpointing can drop them
-        ctx.save_for_backward(x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
-                              gate, up, zd_mix, mixed if ctx.needs_input_grad[6] else None, *kept)
+        ctx.save_for_backward(x, weights, indices, za, lora_a, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b,
+                              gate, up, zd_mix, mixed if ctx.needs_input_grad[7] else None, *kept)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (x, weights, indices, za, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, zd_mix, mixed,
-         *kept) = ctx.saved_tensors
+        (x, weights, indices, za, lora_a, gate_w, up_w, down_w, gate_b, up_b, down_a, down_b, gate, up, zd_mix,
+         mixed, *kept) = ctx.saved_tensors
         need, s = ctx.needs_input_grad, ctx.lora.scale
         dy = grad_out.contiguous()
         d_mixed = dy @ down_w  # [T, I]
@@ -96,17 +104,22 @@ class SharedBaseExperts(torch.autograd.Function):
         path = _fused_backward if ctx.fused else _torch_backward
         sum_gate, sum_up, grad_w, grad_za, grads_lora[:3] = path(
             ctx, d_mixed, dz_mix, weights, indices, za, gate_b, up_b, down_a, gate, up, need, *kept)
-        grad_x = None
+        grad_x = grad_lora_a = None
         if need[0]:
             grad_x = sum_gate @ gate_w
             grad_x.addmm_(sum_up, up_w)
+            if lora_a is not None:
+                grad_x.addmm_(grad_za, lora_a)
+        if lora_a is not None:
+            grad_lora_a = grad_za.t() @ x if need[4] else None
+            grad_za = None
         grads_base = [
-            sum_gate.t() @ x if need[4] else None,
-            sum_up.t() @ x if need[5] else None,
-            dy.t() @ mixed if need[6] else None,
+            sum_gate.t() @ x if need[5] else None,
+            sum_up.t() @ x if need[6] else None,
+            dy.t() @ mixed if need[7] else None,
         ]
         grad_w = grad_w.to(weights.dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, grad_za, *grads_base, *grads_lora, None, None
+        return grad_x, grad_w, None, grad_za, grad_lora_a, *grads_base, *grads_lora, None, None
 
 
 def _fused_forward(ctx, gate, up, weights, indices, za, gate_b, up_b, down_a, lora):
