@@ -46,7 +46,7 @@ KERNELS = {  # name -> (module, attribute)
 POINTERS = {  # argument -> element type, where it is not bf16
     "zd_ptr": "fp32", "dzg_ptr": "fp32", "dzu_ptr": "fp32", "part_ptr": "fp32", "dz_ptr": "fp32", "gw_ptr": "fp32",
     "keep_ptr": "i8", "sched_ptr": "i32", "order_ptr": "i32", "perm_ptr": "i32", "offs_ptr": "i32",
-    "counts_ptr": "i64", "row_ptr": "i64",
+    "counts_ptr": "i64", "row_ptr": "i64", "rows_ptr": "i64",
 }
 FLOATS = ("scale", "keep_scale")
 N_COLS = 11008
@@ -69,7 +69,7 @@ def constants(names: list[str], rank: int, experts: int, config_kwargs: dict, di
     torch_dtype = getattr(torch, dtype)
     values = dict(n_cols=N_COLS, rank=rank, n_experts=experts, K=2, SPLIT=8, HAS_LORA=True, HAS_KEEP=False,
                   STORE_H=False, WGRAD=fuses_weight_grads(rank), NEED_W=True, SLOT_ROWS=slot_rows_pay(rank),
-                  WIDE=False, TRANSPOSE=True, PREC=_precision(torch_dtype), INTERPRET=False,
+                  WIDE=False, TRANSPOSE=True, GATHER=False, PREC=_precision(torch_dtype), INTERPRET=False,
                   BLOCK_M=block_m(rank, torch_dtype) if distinct else BLOCK_M, BLOCK_R=_block_r(rank))
     values.update(config_kwargs)
     return {name: values[name] for name in names if name in values}

@@ -5,10 +5,13 @@ power-capped GPU sits at that step's own clock, and then once under the profiler
 grouped GEMMs (torch's CUTLASS kernels over expert segments, with their setup kernels), other GEMMs (cuBLAS),
 Triton kernels (the project's, named after their Python functions) and the rest (torch's elementwise, copies,
 reductions); the span is the first kernel's start to the last one's end. ``--list`` also lists every kernel of
-at least ``--min-us`` in launch order, the raw material for a per-kernel comparison. On the CPU (``--smoke``) the
-rows are the step's top-level operators and their CPU time.
+at least ``--min-us`` in launch order, the raw material for a per-kernel comparison. ``--owners`` profiles each step
+once more with the CPU operators recorded and sums its kernels by the operators that launched them (for example
+``aten::mm < DistinctExperts``: a cuBLAS GEMM, with its memsets, of the distinct block's forward). On the CPU
+(``--smoke``) the rows are the step's top-level operators and their CPU time, and there are no owners to list.
 
     python benchmarks/step_kernels.py --layers mlp:8:64 shared:8:64 --tokens 8192 --list --out FILE
+    python benchmarks/step_kernels.py --layers mlp:8:64 --tokens 8192 --owners --out FILE
     python benchmarks/step_kernels.py --smoke
 """
 
@@ -62,6 +65,33 @@ def step_kernels(step: Callable[[], None], device: torch.device, settle_s: float
     return sorted(rows, key=lambda row: row[1])
 
 
+def owner_of(event: object, depth: int = 3) -> str:
+    """The operator that launched a kernel and up to ``depth - 1`` of its callers, innermost first."""
+    chain = []
+    while event is not None and len(chain) < depth:
+        chain.append(event.name)
+        event = event.cpu_parent
+    return " < ".join(chain)
+
+
+def launched_kernels(step: Callable[[], None]) -> list[tuple[str, str, float]]:
+    """(owner, kernel name, us) of every kernel (memsets and copies included) of one profiled CUDA ``step``."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    return [(owner_of(e), k.name, k.duration) for e in prof.events() for k in getattr(e, "kernels", [])]
+
+
+def by_owner(kernels: list[tuple[str, str, float]]) -> list[tuple[str, int, float, str]]:
+    """(owner, kernel count, summed us, the longest kernel's name) per owner, the most time first."""
+    groups: dict[str, list[tuple[float, str]]] = {}
+    for owner, name, us in kernels:
+        groups.setdefault(owner, []).append((us, name))
+    rows = [(owner, len(ks), sum(us for us, _ in ks), max(ks)[1]) for owner, ks in groups.items()]
+    return sorted(rows, key=lambda row: -row[2])
+
+
 def summary(rows: list[tuple[str, float, float]]) -> dict[str, tuple[int, float]]:
     """Per kind (and "all"): (kernel count, summed ms)."""
     out = {kind: (0, 0.0) for kind in (*KINDS, "all")}
@@ -86,6 +116,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--list", action="store_true", help="also list each layer's kernels in launch order")
     parser.add_argument("--min-us", type=float, default=20.0, help="shortest kernel --list shows")
+    parser.add_argument("--owners", action="store_true", help="also sum each step's kernels by launching operator")
     args = parser.parse_args()
     layers = [parse_layer(text) for text in args.layers]
     if args.smoke:
@@ -94,10 +125,16 @@ def main() -> None:
         device, shapes, tokens, settle = torch.device("cuda"), bench.FULL, args.tokens, args.settle
     torch.manual_seed(0)
     x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
-    steps = {"dense": step_kernels(bench.dense_step(x, shapes), device, settle)}
+    owners = args.owners and device.type == "cuda"
+    dense = bench.dense_step(x, shapes)
+    steps = {"dense": step_kernels(dense, device, settle)}
+    owned = {"dense": launched_kernels(dense)} if owners else {}
     for kind, experts, rank in layers:
         layer = bench.make_layer(shapes, experts, rank, kind, device)
-        steps[f"{kind} E={experts} r={rank}"] = step_kernels(bench.layer_step(layer, x, "grouped"), device, settle)
+        name, step = f"{kind} E={experts} r={rank}", bench.layer_step(layer, x, "grouped")
+        steps[name] = step_kernels(step, device, settle)
+        if owners:
+            owned[name] = launched_kernels(step)
         del layer
     sums = {name: summary(rows) for name, rows in steps.items()}
     unit = "kernels, ms" if device.type == "cuda" else "top-level operators, CPU ms"
@@ -114,6 +151,11 @@ def main() -> None:
             lines += ["", f"## {name}: kernels of at least {args.min_us:g} us in launch order", "",
                       "| us | kind | kernel |", "|---|---|---|"]
             lines += [f"| {us:.1f} | {kind_of(k)} | `{k[:100]}` |" for k, _, us in rows if us >= args.min_us]
+    for name, kernels in owned.items():
+        lines += ["", f"## {name}: kernel time by the operator that launched it", "",
+                  "| operator < callers | kernels | us | longest kernel |", "|---|---|---|---|"]
+        lines += [f"| {owner} | {count} | {us:.1f} | `{longest[:60]}` |"
+                  for owner, count, us, longest in by_owner(kernels)]
     emit_table("\n".join(lines) + "\n", args.out)
 
 

@@ -439,6 +439,23 @@ def test_step_kernels_sorts_kernels_by_kind() -> None:
     assert kind_of("Memset (Device)") == "rest"
 
 
+def test_step_kernels_sums_kernels_by_the_operator_chain_that_launched_them() -> None:
+    module = load_file("step_kernels", ROOT / "benchmarks" / "step_kernels.py")
+
+    class Op:
+        def __init__(self, name: str, parent: "Op | None" = None) -> None:
+            self.name, self.cpu_parent = name, parent
+
+    block = Op("DistinctExperts", Op("Module", Op("step")))
+    mm = Op("aten::mm", block)
+    assert module.owner_of(mm) == "aten::mm < DistinctExperts < Module"
+    assert module.owner_of(mm, depth=1) == "aten::mm"
+    kernels = [("aten::mm < DistinctExperts", "Memset (Device)", 0.7), ("aten::mm < DistinctExperts", "nvjet_a", 260.0),
+               ("aten::index", "gather", 68.0), ("aten::mm < DistinctExperts", "nvjet_b", 270.5)]
+    assert module.by_owner(kernels) == [("aten::mm < DistinctExperts", 3, pytest.approx(531.2), "nvjet_b"),
+                                        ("aten::index", 1, 68.0, "gather")]
+
+
 def test_step_kernels_smoke_sums_every_step_by_kind(tmp_path: Path) -> None:
     stdout, table = run_smoke("step_kernels.py", tmp_path, "--layers", "mlp:4:8", "shared:4:8", "--list",
                               "--min-us", "0")
