@@ -7,11 +7,15 @@ Triton kernels (the project's, named after their Python functions) and the rest 
 reductions); the span is the first kernel's start to the last one's end. ``--list`` also lists every kernel of
 at least ``--min-us`` in launch order, the raw material for a per-kernel comparison. ``--owners`` profiles each step
 once more with the CPU operators recorded and sums its kernels by the operators that launched them (for example
-``aten::mm < DistinctExperts``: a cuBLAS GEMM, with its memsets, of the distinct block's forward). On the CPU
-(``--smoke``) the rows are the step's top-level operators and their CPU time, and there are no owners to list.
+``aten::mm < DistinctExperts``: a cuBLAS GEMM, with its memsets, of the distinct block's forward). ``--gaps`` profiles
+each step once more the same way and sums the time the GPU sat idle within it, each stretch by the operators that
+launched the kernel it then waited for (the host's launches running behind the GPU), and the host's lead: the
+step's first operator to its first kernel. On the CPU (``--smoke``) the rows are the step's top-level operators and
+their CPU time, and there are no owners or gaps.
 
     python benchmarks/step_kernels.py --layers mlp:8:64 shared:8:64 --tokens 8192 --list --out FILE
     python benchmarks/step_kernels.py --layers mlp:8:64 --tokens 8192 --owners --out FILE
+    python benchmarks/step_kernels.py --layers mlp:8:64 shared:4:8 --tokens 8192 --gaps --out FILE
     python benchmarks/step_kernels.py --smoke
 """
 
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -92,6 +98,59 @@ def by_owner(kernels: list[tuple[str, str, float]]) -> list[tuple[str, int, floa
     return sorted(rows, key=lambda row: -row[2])
 
 
+def _enclosing(ops: list[dict], call: dict, depth: int) -> str:
+    """The CPU operators around a launch call of the same thread, innermost first, up to ``depth``."""
+    around = sorted((op for op in ops if op["tid"] == call["tid"] and op["ts"] <= call["ts"] <= op["ts"] + op["dur"]),
+                    key=lambda op: op["dur"])
+    return " < ".join(op["name"] for op in around[:depth]) or call["name"]
+
+
+def trace_gaps(trace: dict, depth: int = 3) -> tuple[float, list[tuple[float, str, str]]]:
+    """From a Chrome trace of one step (torch.profiler's, CPU operators recorded): (the host's lead, us from the first
+    CPU operator to the first kernel; [(idle us, owner, kernel)] for each stretch within the step on which the GPU
+    ran nothing, with the kernel that ended it and the operators around that kernel's launch call)."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
+                     key=lambda e: e["ts"])
+    calls = {e["args"]["correlation"]: e for e in events
+             if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("cat") == "cpu_op"]
+    if not kernels:
+        return 0.0, []
+    lead = kernels[0]["ts"] - min((op["ts"] for op in ops), default=kernels[0]["ts"])
+    gaps, busy_until = [], kernels[0]["ts"]
+    for kernel in kernels:
+        if kernel["ts"] > busy_until:
+            call = calls.get(kernel.get("args", {}).get("correlation"))
+            owner = _enclosing(ops, call, depth) if call is not None else "(no launch call)"
+            gaps.append((kernel["ts"] - busy_until, owner, kernel["name"]))
+        busy_until = max(busy_until, kernel["ts"] + kernel["dur"])
+    return lead, gaps
+
+
+def step_gaps(step: Callable[[], None]) -> tuple[float, list[tuple[float, str, str]]]:
+    """``trace_gaps`` of one profiled CUDA ``step``."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        return trace_gaps(json.loads(Path(f.name).read_text()))
+
+
+def gap_lines(name: str, lead: float, gaps: list[tuple[float, str, str]], top: int = 25) -> list[str]:
+    """A markdown section of a step's idle GPU time, summed by owner, the most first."""
+    groups: dict[str, list[float]] = {}
+    for us, owner, _ in gaps:
+        groups.setdefault(owner, []).append(us)
+    rows = sorted(((sum(v), len(v), owner) for owner, v in groups.items()), reverse=True)
+    lines = ["", f"## {name}: idle GPU time, {sum(us for us, _, _ in gaps):.1f} us in {len(gaps)} stretches "
+             f"(host lead before the first kernel {lead:.1f} us)", "",
+             "| waiting for a kernel launched by | stretches | idle us |", "|---|---|---|"]
+    return lines + [f"| {owner} | {count} | {us:.1f} |" for us, count, owner in rows[:top]]
+
+
 def summary(rows: list[tuple[str, float, float]]) -> dict[str, tuple[int, float]]:
     """Per kind (and "all"): (kernel count, summed ms)."""
     out = {kind: (0, 0.0) for kind in (*KINDS, "all")}
@@ -117,6 +176,7 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="also list each layer's kernels in launch order")
     parser.add_argument("--min-us", type=float, default=20.0, help="shortest kernel --list shows")
     parser.add_argument("--owners", action="store_true", help="also sum each step's kernels by launching operator")
+    parser.add_argument("--gaps", action="store_true", help="also sum each step's idle GPU time by launching operator")
     args = parser.parse_args()
     layers = [parse_layer(text) for text in args.layers]
     if args.smoke:
@@ -125,16 +185,19 @@ def main() -> None:
         device, shapes, tokens, settle = torch.device("cuda"), bench.FULL, args.tokens, args.settle
     torch.manual_seed(0)
     x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
-    owners = args.owners and device.type == "cuda"
+    owners, gaps = (flag and device.type == "cuda" for flag in (args.owners, args.gaps))
     dense = bench.dense_step(x, shapes)
     steps = {"dense": step_kernels(dense, device, settle)}
     owned = {"dense": launched_kernels(dense)} if owners else {}
+    idle = {"dense": step_gaps(dense)} if gaps else {}
     for kind, experts, rank in layers:
         layer = bench.make_layer(shapes, experts, rank, kind, device)
         name, step = f"{kind} E={experts} r={rank}", bench.layer_step(layer, x, "grouped")
         steps[name] = step_kernels(step, device, settle)
         if owners:
             owned[name] = launched_kernels(step)
+        if gaps:
+            idle[name] = step_gaps(step)
         del layer
     sums = {name: summary(rows) for name, rows in steps.items()}
     unit = "kernels, ms" if device.type == "cuda" else "top-level operators, CPU ms"
@@ -156,6 +219,8 @@ def main() -> None:
                   "| operator < callers | kernels | us | longest kernel |", "|---|---|---|---|"]
         lines += [f"| {owner} | {count} | {us:.1f} | `{longest[:60]}` |"
                   for owner, count, us, longest in by_owner(kernels)]
+    for name, (lead, stretches) in idle.items():
+        lines += gap_lines(name, lead, stretches)
     emit_table("\n".join(lines) + "\n", args.out)
 
 

@@ -456,6 +456,35 @@ def test_step_kernels_sums_kernels_by_the_operator_chain_that_launched_them() ->
                                         ("aten::index", 1, 68.0, "gather")]
 
 
+def test_step_kernels_finds_where_the_gpu_waited_for_the_host() -> None:
+    """Idle stretches between kernels, each charged to the operators around the launch of the kernel that ended it."""
+    module = load_file("step_kernels", ROOT / "benchmarks" / "step_kernels.py")
+
+    def op(name: str, ts: float, dur: float, tid: int = 1) -> dict:
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def launch(cid: int, ts: float, tid: int = 1, cat: str = "cuda_runtime") -> dict:
+        return {"ph": "X", "cat": cat, "name": "cudaLaunchKernel", "ts": ts, "dur": 3, "tid": tid,
+                "args": {"correlation": cid}}
+
+    def kernel(cid: int, name: str, ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": cid}}
+
+    trace = {"traceEvents": [
+        op("MoE", 0, 200), op("aten::mm", 10, 10), launch(1, 12), kernel(1, "nvjet", 20, 50),
+        op("aten::sort", 30, 20), op("aten::copy_", 60, 8), launch(2, 62), kernel(2, "copy", 65, 10),  # overlaps
+        op("Backward", 100, 100, tid=2), op("aten::add", 110, 20, tid=2), launch(3, 115, tid=2, cat="cuda_driver"),
+        kernel(3, "_kernel", 120, 5), kernel(4, "orphan", 140, 5), {"ph": "i", "name": "marker", "ts": 0},
+    ]}
+    lead, gaps = module.trace_gaps(trace)
+    assert lead == 20  # the first operator at 0, the first kernel at 20
+    assert gaps == [(45.0, "aten::add < Backward", "_kernel"), (15.0, "(no launch call)", "orphan")]
+    lines = module.gap_lines("shared", lead, gaps + [(5.0, "aten::add < Backward", "_kernel")])
+    assert "idle GPU time, 65.0 us in 3 stretches (host lead before the first kernel 20.0 us)" in lines[1]
+    assert lines[-2:] == ["| aten::add < Backward | 2 | 50.0 |", "| (no launch call) | 1 | 15.0 |"]
+    assert module.trace_gaps({"traceEvents": []}) == (0.0, [])
+
+
 def test_step_kernels_smoke_sums_every_step_by_kind(tmp_path: Path) -> None:
     stdout, table = run_smoke("step_kernels.py", tmp_path, "--layers", "mlp:4:8", "shared:4:8", "--list",
                               "--min-us", "0")
