@@ -122,18 +122,30 @@ def gpu_clock(device: torch.device) -> str:
     return f"{fields[0]} MHz {float(fields[1]):.0f} W"
 
 
-def dense_step(x: torch.Tensor, shapes: Shapes) -> Callable[[], None]:
-    """One frozen SwiGLU MLP, no LoRA, gradient to x only."""
+def dense_loss(x: torch.Tensor, shapes: Shapes) -> Callable[[], torch.Tensor]:
+    """The forward of one frozen SwiGLU MLP, no LoRA, to the scalar whose backward gives x its gradient only."""
     h, i = shapes.hidden, shapes.intermediate
     w_gate, w_up = (torch.randn(i, h, device=x.device, dtype=x.dtype) * 0.02 for _ in range(2))
     w_down = torch.randn(h, i, device=x.device, dtype=x.dtype) * 0.02
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         x.grad = None
         y = (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
-        y.float().sum().backward()
+        return y.float().sum()
+
+    return forward
+
+
+def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        forward().backward()
 
     return step
+
+
+def dense_step(x: torch.Tensor, shapes: Shapes) -> Callable[[], None]:
+    """One frozen SwiGLU MLP, no LoRA, gradient to x only: forward and backward."""
+    return _with_backward(dense_loss(x, shapes))
 
 
 def make_layer(shapes: Shapes, experts: int, rank: int, expert_type: str, device: torch.device) -> MoELayer:
@@ -149,15 +161,21 @@ def make_layer(shapes: Shapes, experts: int, rank: int, expert_type: str, device
     return layer
 
 
-def layer_step(layer: MoELayer, x: torch.Tensor, implementation: str) -> Callable[[], None]:
-    def step() -> None:
+def layer_loss(layer: MoELayer, x: torch.Tensor, implementation: str) -> Callable[[], torch.Tensor]:
+    """The layer's forward, its gradients cleared first, to the scalar (output sum plus balance loss) of a step."""
+    def forward() -> torch.Tensor:
         layer.implementation = implementation
         x.grad = None
         layer.zero_grad(set_to_none=True)
         y = layer(x)
-        (y.float().sum() + 0.01 * layer.aux_loss).backward()
+        return y.float().sum() + 0.01 * layer.aux_loss
 
-    return step
+    return forward
+
+
+def layer_step(layer: MoELayer, x: torch.Tensor, implementation: str) -> Callable[[], None]:
+    """One layer step: ``layer_loss`` and its backward."""
+    return _with_backward(layer_loss(layer, x, implementation))
 
 
 def init_world(device: torch.device) -> bool:

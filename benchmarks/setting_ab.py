@@ -53,6 +53,18 @@ def parse_layer(text: str) -> tuple[str, int, int]:
     return parts[0], int(parts[1]), int(parts[2])
 
 
+def timing_setup(args: object, smoke_reps: int) -> tuple[torch.device, bench.Shapes, int, float, torch.Tensor]:
+    """(device, shapes, reps, settle, the input x [T, H]) of a layer timing script's ``timing_parser`` arguments and
+    ``--tokens``: tiny shapes and ``smoke_reps`` steps on the CPU with ``--smoke``, else LLaMA-7B shapes on CUDA."""
+    if args.smoke:
+        device, shapes, tokens, reps, settle = torch.device("cpu"), bench.SMALL, 64, smoke_reps, 0.0
+    else:
+        device, shapes, tokens, reps, settle = torch.device("cuda"), bench.FULL, args.tokens, args.reps, args.settle
+    torch.manual_seed(0)
+    x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
+    return device, shapes, reps, settle, x
+
+
 def measure(module: object, attr: str, values: list[object], layer_spec: tuple[str, int, int], x: torch.Tensor,
             shapes: bench.Shapes, rounds: int, reps: int, settle: float) -> list[str]:
     """One table row per round: each value's ratio to the baseline and its step relative to the first value's."""
@@ -86,12 +98,7 @@ def main() -> None:
     module, attr, values = parse_setting(args.set)
     original = getattr(module, attr)
     layers = [parse_layer(text) for text in args.layers]
-    if args.smoke:
-        device, shapes, tokens, reps, settle = torch.device("cpu"), bench.SMALL, 64, 2, 0.0
-    else:
-        device, shapes, tokens, reps, settle = torch.device("cuda"), bench.FULL, args.tokens, args.reps, args.settle
-    torch.manual_seed(0)
-    x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
+    device, shapes, reps, settle, x = timing_setup(args, smoke_reps=2)
     lines = [f"# {attr} = {', '.join(map(repr, values))} ({device_name(device)})", "",
              f"{datetime.date.today()}, H={shapes.hidden}, I={shapes.intermediate}, top-{bench.TOP_K}, "
              f"{str(shapes.dtype).split('.')[-1]}; each cell: the layer step (mean of {reps} back-to-back steps after "

@@ -485,6 +485,33 @@ def test_step_kernels_finds_where_the_gpu_waited_for_the_host() -> None:
     assert module.trace_gaps({"traceEvents": []}) == (0.0, [])
 
 
+def test_step_phases_times_the_row_count_copy_and_puts_the_method_back() -> None:
+    import torch
+
+    from Uni_MoE.model.moe import segments
+
+    module = load_file("step_phases", ROOT / "benchmarks" / "step_phases.py")
+
+    original = segments.SlotGrouping.counts_on_host
+    waits: list[float] = []
+    grouping = segments.group_slots(torch.tensor([[0, 2], [2, 1]]), 3)
+    with module.counted_waits(waits):
+        assert grouping.counts_on_host() == [1, 1, 2]
+        assert grouping.counts_on_host() == [1, 1, 2]
+    assert len(waits) == 2 and all(w >= 0 for w in waits)
+    assert segments.SlotGrouping.counts_on_host is original
+
+
+@pytest.mark.slow
+def test_step_phases_smoke_gives_host_times_of_both_starts(tmp_path: Path) -> None:
+    stdout, table = run_smoke("step_phases.py", tmp_path, "--layers", "mlp:4:8", "shared:4:8")
+    rows = [line.strip(" |").split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[:2] for r in rows[1:]] == [[step, start] for step in ("dense", "mlp E=4 r=8", "shared E=4 r=8")
+                                          for start in ("idle start", "back to back")]
+    for row in rows[1:]:
+        assert float(row[2]) > 0 and float(row[4]) > 0 and row[5:] == ["—"] * 3  # no GPU times on the CPU
+
+
 def test_step_kernels_smoke_sums_every_step_by_kind(tmp_path: Path) -> None:
     stdout, table = run_smoke("step_kernels.py", tmp_path, "--layers", "mlp:4:8", "shared:4:8", "--list",
                               "--min-us", "0")
