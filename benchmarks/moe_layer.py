@@ -136,7 +136,8 @@ def dense_loss(x: torch.Tensor, shapes: Shapes) -> Callable[[], torch.Tensor]:
     return forward
 
 
-def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+def with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """A step: ``forward`` (to a scalar) and its backward."""
     def step() -> None:
         forward().backward()
 
@@ -145,7 +146,7 @@ def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
 
 def dense_step(x: torch.Tensor, shapes: Shapes) -> Callable[[], None]:
     """One frozen SwiGLU MLP, no LoRA, gradient to x only: forward and backward."""
-    return _with_backward(dense_loss(x, shapes))
+    return with_backward(dense_loss(x, shapes))
 
 
 def make_layer(shapes: Shapes, experts: int, rank: int, expert_type: str, device: torch.device) -> MoELayer:
@@ -175,7 +176,7 @@ def layer_loss(layer: MoELayer, x: torch.Tensor, implementation: str) -> Callabl
 
 def layer_step(layer: MoELayer, x: torch.Tensor, implementation: str) -> Callable[[], None]:
     """One layer step: ``layer_loss`` and its backward."""
-    return _with_backward(layer_loss(layer, x, implementation))
+    return with_backward(layer_loss(layer, x, implementation))
 
 
 def init_world(device: torch.device) -> bool:

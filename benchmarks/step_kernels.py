@@ -7,8 +7,8 @@ Triton kernels (the project's, named after their Python functions) and the rest 
 reductions); the span is the first kernel's start to the last one's end. ``--list`` also lists every kernel of
 at least ``--min-us`` in launch order, the raw material for a per-kernel comparison. ``--owners`` profiles each step
 once more with the CPU operators recorded and sums its kernels by the operators that launched them (for example
-``aten::mm < DistinctExperts``: a cuBLAS GEMM, with its memsets, of the distinct block's forward). ``--gaps`` profiles
-each step once more the same way and sums the time the GPU sat idle within it, each stretch by the operators that
+``aten::mm < DistinctExperts``: a cuBLAS GEMM, with its memsets, of the distinct block's forward). ``--gaps`` reads
+the same profile and sums the time the GPU sat idle within the step, each stretch by the operators that
 launched the kernel it then waited for (the host's launches running behind the GPU), and the host's lead: the
 step's first operator to its first kernel. On the CPU (``--smoke``) the rows are the step's top-level operators and
 their CPU time, and there are no owners or gaps.
@@ -80,12 +80,17 @@ def owner_of(event: object, depth: int = 3) -> str:
     return " < ".join(chain)
 
 
-def launched_kernels(step: Callable[[], None]) -> list[tuple[str, str, float]]:
-    """(owner, kernel name, us) of every kernel (memsets and copies included) of one profiled CUDA ``step``."""
+def profile_with_operators(step: Callable[[], None]) -> torch.profiler.profile:
+    """One CUDA ``step`` profiled with its CPU operators recorded (what ``--owners`` and ``--gaps`` read)."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
+    return prof
+
+
+def launched_kernels(prof: torch.profiler.profile) -> list[tuple[str, str, float]]:
+    """(owner, kernel name, us) of every kernel (memsets and copies included) of a ``profile_with_operators``."""
     return [(owner_of(e), k.name, k.duration) for e in prof.events() for k in getattr(e, "kernels", [])]
 
 
@@ -128,12 +133,8 @@ def trace_gaps(trace: dict, depth: int = 3) -> tuple[float, list[tuple[float, st
     return lead, gaps
 
 
-def step_gaps(step: Callable[[], None]) -> tuple[float, list[tuple[float, str, str]]]:
-    """``trace_gaps`` of one profiled CUDA ``step``."""
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-        torch.cuda.synchronize()
+def step_gaps(prof: torch.profiler.profile) -> tuple[float, list[tuple[float, str, str]]]:
+    """``trace_gaps`` of a ``profile_with_operators``."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         return trace_gaps(json.loads(Path(f.name).read_text()))
@@ -186,18 +187,21 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(tokens, shapes.hidden, device=device, dtype=shapes.dtype, requires_grad=True)
     owners, gaps = (flag and device.type == "cuda" for flag in (args.owners, args.gaps))
-    dense = bench.dense_step(x, shapes)
-    steps = {"dense": step_kernels(dense, device, settle)}
-    owned = {"dense": launched_kernels(dense)} if owners else {}
-    idle = {"dense": step_gaps(dense)} if gaps else {}
+    steps, owned, idle = {}, {}, {}
+
+    def profile(name: str, step: Callable[[], None]) -> None:
+        steps[name] = step_kernels(step, device, settle)
+        if owners or gaps:
+            prof = profile_with_operators(step)
+            if owners:
+                owned[name] = launched_kernels(prof)
+            if gaps:
+                idle[name] = step_gaps(prof)
+
+    profile("dense", bench.dense_step(x, shapes))
     for kind, experts, rank in layers:
         layer = bench.make_layer(shapes, experts, rank, kind, device)
-        name, step = f"{kind} E={experts} r={rank}", bench.layer_step(layer, x, "grouped")
-        steps[name] = step_kernels(step, device, settle)
-        if owners:
-            owned[name] = launched_kernels(step)
-        if gaps:
-            idle[name] = step_gaps(step)
+        profile(f"{kind} E={experts} r={rank}", bench.layer_step(layer, x, "grouped"))
         del layer
     sums = {name: summary(rows) for name, rows in steps.items()}
     unit = "kernels, ms" if device.type == "cuda" else "top-level operators, CPU ms"
